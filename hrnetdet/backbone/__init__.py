@@ -1,0 +1,3 @@
+from .hrnet import HRNet, HRModule
+
+__all__ = ["HRNet", "HRModule"]

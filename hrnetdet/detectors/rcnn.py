@@ -1,0 +1,88 @@
+"""Two-stage detectors (Faster R-CNN, Mask R-CNN) composed from the parts: HRNetV2p backbone ->
+RPN -> RoI heads, in torchvision's GeneralizedRCNN contract."""
+from typing import Any, Dict, List, Optional, Sequence
+
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+
+from ..backbone import HRNet
+from ..heads.anchors import ReferenceAnchorGenerator
+from ..heads.roi_align import ReferenceRoIAlign
+from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
+from ..heads.rpn import ReferenceRPN
+from ..neck import HRFPN, HRNetV2p
+from .transform import ReferenceTransform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ROI_FEATMAPS = ("0", "1", "2", "3")
+
+
+class HRNetDetector(GeneralizedRCNN):
+    """A GeneralizedRCNN that also carries its category names (index 0 is the background) and
+    the input normalisation it expects."""
+
+    def __init__(self, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module,
+                 transform: ReferenceTransform, categories: Optional[Sequence[str]] = None):
+        super().__init__(backbone, rpn, roi_heads, transform)
+        self.categories: List[str] = list(categories) if categories is not None else []
+
+
+def hrnetv2p_backbone(width: int, *, fpn_stride: int = 1, norm_eval: bool = True,
+                      frozen_stages: int = -1) -> HRNetV2p:
+    body = HRNet(width, norm_eval=norm_eval, frozen_stages=frozen_stages)
+    return HRNetV2p(body, HRFPN(body.out_channels, 256, num_outs=5, stride=fpn_stride))
+
+
+def build_transform(min_size=800, max_size: int = 1333, image_mean: Sequence[float] = IMAGENET_MEAN,
+                    image_std: Sequence[float] = IMAGENET_STD, mask_thresh: Optional[float] = 0.5
+                    ) -> ReferenceTransform:
+    return ReferenceTransform(min_size, max_size, list(image_mean), list(image_std), mask_thresh=mask_thresh)
+
+
+def build_rpn(*, cascade: bool = False, rpn_pre_nms_top_n_train: int = 2000,
+              rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: Optional[int] = None,
+              rpn_post_nms_top_n_test: int = 1000, rpn_nms_thresh: float = 0.7,
+              rpn_batch_size_per_image: int = 256) -> ReferenceRPN:
+    """The reference's RPN; ``cascade`` selects the Cascade/HTC training settings (spec §3.2)."""
+    if rpn_post_nms_top_n_train is None:
+        rpn_post_nms_top_n_train = 2000 if cascade else 1000
+    return ReferenceRPN(
+        ReferenceAnchorGenerator(), RPNHead(256, 3),
+        pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+        nms_thresh=rpn_nms_thresh, batch_size_per_image=rpn_batch_size_per_image,
+        box_loss="smooth_l1" if cascade else "l1", allowed_border=0 if cascade else -1,
+    )
+
+
+def build_rcnn(width: int, num_classes: int = 81, *, with_mask: bool = False,
+               categories: Optional[Sequence[str]] = None, norm_eval: bool = True,
+               frozen_stages: int = -1, min_size=800, max_size: int = 1333,
+               image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+               box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
+               box_detections_per_img: int = 100, box_batch_size_per_image: int = 512,
+               mask_thresh: Optional[float] = 0.5, **rpn_kwargs: Any) -> HRNetDetector:
+    """Faster R-CNN (``with_mask=False``) or Mask R-CNN on HRNetV2p-W``width``.
+
+    ``num_classes`` counts the background; keyword names follow torchvision's FasterRCNN.
+    """
+    box_pool = ReferenceRoIAlign(ROI_FEATMAPS, 7)
+    mask_kwargs: Dict[str, Any] = {}
+    if with_mask:
+        mask_kwargs = dict(mask_roi_pool=ReferenceRoIAlign(ROI_FEATMAPS, 14), mask_head=mask_head(),
+                           mask_predictor=MaskRCNNPredictor(256, 256, num_classes))
+    roi_heads = StandardRoIHeads(
+        box_pool, box_head(), FastRCNNPredictor(1024, num_classes),
+        min_pos_iou=0.5 if with_mask else -1.0, score_thresh=box_score_thresh,
+        nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
+        batch_size_per_image=box_batch_size_per_image, **mask_kwargs,
+    )
+    return HRNetDetector(
+        hrnetv2p_backbone(width, norm_eval=norm_eval, frozen_stages=frozen_stages),
+        build_rpn(**rpn_kwargs), roi_heads,
+        build_transform(min_size, max_size, image_mean, image_std, mask_thresh), categories,
+    )

@@ -1,0 +1,61 @@
+"""Anchors as the reference makes them (spec §5.2): float base anchors (torchvision rounds them) and
+fixed strides (torchvision infers ``padded // feature`` and gets 66 for HRFPN's floored stride-64 level)."""
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+
+
+class ReferenceAnchorGenerator(nn.Module):
+    """Anchors centred at ``(x * stride, y * stride)``, ordered (y, x, ratio) with the ratio fastest.
+
+    Args:
+        sizes: one anchor size (sqrt of area) per level.
+        aspect_ratios: height / width ratios, the same on every level.
+        strides: the feature stride of every level.
+    """
+
+    def __init__(self, sizes: Sequence[float] = (32, 64, 128, 256, 512),
+                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                 strides: Sequence[int] = (4, 8, 16, 32, 64)):
+        super().__init__()
+        if len(sizes) != len(strides):
+            raise ValueError(f"{len(sizes)} anchor sizes for {len(strides)} strides")
+        self.strides = [int(s) for s in strides]
+        ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+        h_ratios = torch.sqrt(ratios)
+        w_ratios = 1.0 / h_ratios
+        bases = []
+        for size in sizes:
+            ws = w_ratios * float(size)
+            hs = h_ratios * float(size)
+            bases.append(torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=1))
+        self.cell_anchors = bases
+        self._cache: Dict[str, List[Tensor]] = {}
+
+    def num_anchors_per_location(self) -> List[int]:
+        return [b.shape[0] for b in self.cell_anchors]
+
+    def grid_anchors(self, grid_sizes: List[Tuple[int, int]], dtype: torch.dtype,
+                     device: torch.device) -> List[Tensor]:
+        anchors: List[Tensor] = []
+        for (h, w), stride, base in zip(grid_sizes, self.strides, self.cell_anchors):
+            shift_x = torch.arange(0, w, dtype=torch.int32, device=device).to(dtype) * stride
+            shift_y = torch.arange(0, h, dtype=torch.int32, device=device).to(dtype) * stride
+            yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+            xx, yy = xx.reshape(-1), yy.reshape(-1)
+            shifts = torch.stack((xx, yy, xx, yy), dim=1)
+            anchors.append((shifts.view(-1, 1, 4) + base.to(dtype=dtype, device=device).view(1, -1, 4))
+                           .reshape(-1, 4))
+        return anchors
+
+    def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
+        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        key = f"{grid_sizes}{dtype}{device}"
+        if key not in self._cache:
+            self._cache = {key: self.grid_anchors(grid_sizes, dtype, device)}
+        per_level = self._cache[key]
+        one_image = torch.cat(per_level)
+        return [one_image for _ in range(len(image_list.image_sizes))]

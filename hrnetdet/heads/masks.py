@@ -1,0 +1,64 @@
+"""Mask targets and pasting as the reference computes them (spec §3.2, §5.6)."""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align
+
+
+def mask_targets(gt_masks: List[Tensor], proposals: List[Tensor], matched_idxs: List[Tensor],
+                 size: int) -> Tensor:
+    """Crop each positive proposal's ground-truth mask with aligned RoIAlign and binarise at 0.5."""
+    out = []
+    for masks, boxes, idx in zip(gt_masks, proposals, matched_idxs):
+        if boxes.shape[0] == 0:
+            continue
+        rois = torch.cat([idx[:, None].to(boxes.dtype), boxes], dim=1)
+        crops = roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), spatial_scale=1.0,
+                          sampling_ratio=0, aligned=True)
+        out.append((crops[:, 0] >= 0.5).to(boxes.dtype))
+    if not out:
+        return torch.zeros((0, size, size), device=proposals[0].device)
+    return torch.cat(out, dim=0)
+
+
+def mask_loss(mask_logits: Tensor, labels: List[Tensor], targets: Tensor) -> Tensor:
+    """Mean binary cross-entropy of each positive RoI's own-class mask."""
+    if targets.numel() == 0:
+        return mask_logits.sum() * 0
+    lab = torch.cat(labels)
+    logits = mask_logits[torch.arange(lab.shape[0], device=lab.device), lab]
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int,
+                threshold: Optional[float] = 0.5) -> Tensor:
+    """Paste (N, 1, M, M) mask probabilities into an (N, 1, height, width) image, as the reference:
+    ``grid_sample`` (bilinear, align_corners=False) at pixel centres relative to the float box,
+    restricted to the box's pixels +-1, then ``>= threshold`` (``None`` keeps probabilities)."""
+    n = masks.shape[0]
+    out = masks.new_zeros((n, 1, height, width))
+    for i in range(n):
+        x0, y0, x1, y1 = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3]
+        x0_int = int(torch.clamp(torch.floor(x0) - 1, min=0))
+        y0_int = int(torch.clamp(torch.floor(y0) - 1, min=0))
+        x1_int = int(torch.clamp(torch.ceil(x1) + 1, max=width))
+        y1_int = int(torch.clamp(torch.ceil(y1) + 1, max=height))
+        if x1_int <= x0_int or y1_int <= y0_int:
+            continue
+        img_y = torch.arange(y0_int, y1_int, device=masks.device, dtype=torch.float32) + 0.5
+        img_x = torch.arange(x0_int, x1_int, device=masks.device, dtype=torch.float32) + 0.5
+        img_y = (img_y - y0) / (y1 - y0) * 2 - 1
+        img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+        img_y = torch.nan_to_num(img_y, nan=0.0, posinf=0.0, neginf=0.0)
+        img_x = torch.nan_to_num(img_x, nan=0.0, posinf=0.0, neginf=0.0)
+        gx = img_x[None, :].expand(img_y.shape[0], img_x.shape[0])
+        gy = img_y[:, None].expand(img_y.shape[0], img_x.shape[0])
+        grid = torch.stack([gx, gy], dim=2)[None]
+        pasted = F.grid_sample(masks[i:i + 1].float(), grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=False)
+        out[i, :, y0_int:y1_int, x0_int:x1_int] = pasted[0].to(out.dtype)
+    if threshold is not None:
+        out = (out >= threshold).to(out.dtype)
+    return out

@@ -1,0 +1,96 @@
+"""Region proposal network with the reference's training rules (spec §3.2): L1 or SmoothL1(1/9)
+box loss, MaxIoU low-quality matching with a minimum IoU, and an optional allowed border."""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import boxes as box_ops
+
+from .anchors import ReferenceAnchorGenerator
+from .matcher import ReferenceMatcher
+
+
+def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
+    """Summed box regression loss; ``kind`` is ``"l1"`` or ``"smooth_l1"``."""
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+    raise ValueError(f"unknown box loss {kind!r}; expected 'l1' or 'smooth_l1'")
+
+
+class ReferenceRPN(RegionProposalNetwork):
+    """Args beyond torchvision's:
+        box_loss, box_loss_beta: the reference's RPN box loss (Faster/Mask: ``"l1"``; cascades:
+            ``"smooth_l1"`` with beta 1/9).
+        min_pos_iou: low-quality matches need at least this IoU (0.3 in every reference config).
+        allowed_border: anchors further than this outside the image are ignored in training
+            (-1 keeps all: Faster/Mask; 0 for the cascades).
+    """
+
+    def __init__(self, anchor_generator: ReferenceAnchorGenerator, head: RPNHead, *,
+                 fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3, min_pos_iou: float = 0.3,
+                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
+                 pre_nms_top_n: Dict[str, int], post_nms_top_n: Dict[str, int],
+                 nms_thresh: float = 0.7, box_loss: str = "l1", box_loss_beta: float = 1.0 / 9,
+                 allowed_border: float = -1.0):
+        super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
+                         positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=0.0)
+        self.proposal_matcher = ReferenceMatcher(fg_iou_thresh, bg_iou_thresh, min_pos_iou)
+        self.box_loss = box_loss
+        self.box_loss_beta = box_loss_beta
+        self.allowed_border = allowed_border
+        self._image_sizes: List[Tuple[int, int]] = []
+
+    def assign_targets_to_anchors(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
+                                  ) -> Tuple[List[Tensor], List[Tensor]]:
+        labels: List[Tensor] = []
+        matched: List[Tensor] = []
+        for i, (anchors_i, target) in enumerate(zip(anchors, targets)):
+            gt = target["boxes"]
+            inside = self._inside(anchors_i, i)
+            if gt.numel() == 0:
+                lab = torch.zeros(anchors_i.shape[0], dtype=torch.float32, device=anchors_i.device)
+                matched.append(torch.zeros_like(anchors_i))
+            else:
+                quality = box_ops.box_iou(gt, anchors_i)
+                # Anchors outside the allowed border take no part in the assignment at all.
+                quality = torch.where(inside[None, :], quality, torch.full_like(quality, -1.0))
+                idx = self.proposal_matcher(quality)
+                matched.append(gt[idx.clamp(min=0)])
+                lab = (idx >= 0).to(torch.float32)
+                lab[idx == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
+                lab[idx == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+            lab[~inside] = -1.0
+            labels.append(lab)
+        return labels, matched
+
+    def _inside(self, anchors: Tensor, image_index: int) -> Tensor:
+        if self.allowed_border < 0:
+            return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+        h, w = self._image_sizes[image_index]
+        b = self.allowed_border
+        return ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
+                & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b))
+
+    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: List[Tensor],
+                     regression_targets: List[Tensor]) -> Tuple[Tensor, Tensor]:
+        pos, neg = self.fg_bg_sampler(labels)
+        pos_inds = torch.where(torch.cat(pos, dim=0))[0]
+        neg_inds = torch.where(torch.cat(neg, dim=0))[0]
+        sampled = torch.cat([pos_inds, neg_inds], dim=0)
+        labels_all = torch.cat(labels, dim=0)
+        targets_all = torch.cat(regression_targets, dim=0)
+        num = max(sampled.numel(), 1)
+        box_loss = box_regression_loss(pred_bbox_deltas[pos_inds], targets_all[pos_inds],
+                                       self.box_loss, self.box_loss_beta) / num
+        obj_loss = F.binary_cross_entropy_with_logits(
+            objectness.flatten()[sampled], labels_all[sampled], reduction="sum") / num
+        return obj_loss, box_loss
+
+    def forward(self, images, features: Dict[str, Tensor],
+                targets: Optional[List[Dict[str, Tensor]]] = None):
+        self._image_sizes = list(images.image_sizes)
+        return super().forward(images, features, targets)

@@ -1,0 +1,111 @@
+"""``create_model`` and the generated per-architecture factories (timm's ``_builder`` role)."""
+import logging
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+from torch import nn
+
+from .coco import BACKGROUND, COCO_CATEGORIES
+from .convert import Checkpoint, CheckpointError, load_into, read_checkpoint
+from .registry import (PretrainedCfg, get_arch_pretrained_cfgs, get_family, get_pretrained_cfg,
+                       list_models, split_name)
+
+logger = logging.getLogger("hrnetdet")
+
+
+def _categories(num_classes: int, categories: Optional[Sequence[str]]) -> list:
+    if categories is not None:
+        categories = list(categories)
+        if categories[0] != BACKGROUND:
+            categories = [BACKGROUND] + categories
+        if len(categories) != num_classes:
+            raise ValueError(f"{len(categories)} categories (with background) for num_classes={num_classes}")
+        return categories
+    if num_classes == len(COCO_CATEGORIES):
+        return list(COCO_CATEGORIES)
+    return [BACKGROUND] + [f"class_{i}" for i in range(1, num_classes)]
+
+
+def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes: Optional[int] = None,
+                 checkpoint_path: Optional[str] = None, categories: Optional[Sequence[str]] = None,
+                 **kwargs: Any) -> nn.Module:
+    """Build a detector by name, optionally with weights.
+
+    Args:
+        name: an architecture from ``list_models()``, optionally with a weight tag
+            (``"mask_rcnn_hrnetv2p_w18.coco_2x"``).
+        pretrained: ``True`` loads the tag's (or the default) published weights; a string names a tag.
+        num_classes: classes including the background (COCO: 81). With pretrained weights and a
+            different value, everything but the class-dependent layers is loaded.
+        checkpoint_path: a reference (mmdetection) ``.pth`` or an hrnetdet ``.safetensors`` file.
+        categories: category names (background first, or it is added).
+        **kwargs: passed to the family's builder (``min_size``, ``box_score_thresh``, ...).
+    """
+    arch, tag = split_name(name)
+    if isinstance(pretrained, str):
+        if tag is not None and tag != pretrained:
+            raise ValueError(f"tag {tag!r} in the name and pretrained={pretrained!r} disagree")
+        tag, pretrained = pretrained, True
+    family, width = get_family(arch)
+    cfg: Optional[PretrainedCfg] = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    if pretrained and cfg is None:
+        raise ValueError(f"{arch} has no published weights; hrnetdet.list_models(pretrained=True) lists those that do")
+
+    ckpt: Optional[Checkpoint] = None
+    if checkpoint_path is not None:
+        ckpt = read_checkpoint(checkpoint_path)
+        if ckpt.family is not None and (ckpt.family, ckpt.width) != (family.name, width):
+            raise CheckpointError(
+                f"{checkpoint_path} holds a {ckpt.family}_hrnetv2p_w{ckpt.width} checkpoint, not {arch}")
+    elif pretrained:
+        from .hub import load_pretrained_checkpoint
+        ckpt = load_pretrained_checkpoint(cfg)
+
+    ckpt_classes = (ckpt.num_classes or (len(ckpt.categories) if ckpt.categories else None)) if ckpt else None
+    if num_classes is None:
+        num_classes = ckpt_classes or len(COCO_CATEGORIES)
+    if categories is None and ckpt is not None and ckpt.categories and len(ckpt.categories) == num_classes:
+        categories = ckpt.categories
+    model = family.builder(width, num_classes=num_classes, categories=_categories(num_classes, categories),
+                           **{**family.builder_kwargs, **kwargs})
+    if ckpt is not None:
+        source = checkpoint_path or cfg.name
+        if ckpt_classes is not None and ckpt_classes != num_classes:
+            from .hub import load_except_class_layers
+            load_except_class_layers(model, ckpt.state_dict, source, arch)
+        else:
+            load_into(model, ckpt.state_dict, source, arch)
+    model.pretrained_cfg = cfg
+    model.arch = arch
+    return model
+
+
+def _factory(arch: str) -> Callable[..., nn.Module]:
+    family, width = get_family(arch)
+    cfg = get_pretrained_cfg(arch)
+
+    def factory(pretrained: Union[bool, str] = False, *, num_classes: Optional[int] = None,
+                checkpoint_path: Optional[str] = None, **kwargs: Any) -> nn.Module:
+        return create_model(arch, pretrained, num_classes=num_classes, checkpoint_path=checkpoint_path, **kwargs)
+
+    tags = ", ".join(c.tag for c in get_arch_pretrained_cfgs(arch)) or "none published"
+    metrics = ""
+    if cfg is not None:
+        metrics = (f" Default weights ``{cfg.tag}``: {cfg.metrics.get('box_ap')} box AP"
+                   + (f", {cfg.metrics['mask_ap']} mask AP" if "mask_ap" in cfg.metrics else "")
+                   + " on COCO val2017 (the reference's figures).")
+    factory.__name__ = factory.__qualname__ = arch
+    factory.__doc__ = (
+        f"{family.title} on HRNetV2p-W{width} (HRNet + HRFPN), in torchvision's detection contract.\n\n"
+        f"Weight tags: {tags}.{metrics}\n\n"
+        "Args:\n"
+        "    pretrained: True for the default weights, or a weight tag.\n"
+        "    num_classes: classes including the background; pretrained weights then keep all but the\n"
+        "        class-dependent layers.\n"
+        "    checkpoint_path: a reference (mmdetection) .pth or hrnetdet .safetensors file.\n"
+        "    **kwargs: builder options (min_size, max_size, box_score_thresh, norm_eval, ...).\n"
+    )
+    return factory
+
+
+def build_factories() -> Dict[str, Callable[..., nn.Module]]:
+    return {arch: _factory(arch) for arch in list_models()}
