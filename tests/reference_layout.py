@@ -1,0 +1,54 @@
+"""Reference (mmdetection) checkpoints for tests, built from the spec's key appendix, which was
+checked against a model built by mmdetection 3.3.0."""
+import os
+import re
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import torch
+
+APPENDIX = os.path.join(os.path.dirname(__file__), "data", "mmdet_hrnet_keys_appendix.txt")
+APPENDIX_FAMILY = {"mask_rcnn": "mask", "cascade_rcnn": "cascade", "cascade_mask_rcnn": "cmask",
+                   "htc": "htc", "fcos": "fcos"}
+
+
+def _sections() -> Dict[str, List[Tuple[str, List[int]]]]:
+    sections: Dict[str, List[Tuple[str, List[int]]]] = {}
+    current = None
+    for line in open(APPENDIX):
+        line = line.rstrip("\n")
+        if line.startswith("## ") or (line.startswith("# W") and current is not None and "Neck" in current):
+            current = line.lstrip("# ").strip() if line.startswith("## ") else f"Neck {line[2:].strip()}"
+            sections[current] = []
+            continue
+        m = re.match(r"^(\S+) \[([\d, ]*)\]$", line)
+        if m and current is not None:
+            shape = [int(s) for s in m.group(2).split(",") if s.strip()]
+            sections[current].append((m.group(1), shape))
+    return sections
+
+
+def reference_keys(family: str) -> List[Tuple[str, List[int]]]:
+    """Keys and shapes of a W32 reference checkpoint of ``family``."""
+    sections = _sections()
+    full = next(v for k, v in sections.items() if k.startswith("1. Full key list"))
+    if family == "faster_rcnn":
+        return full
+    body = [(k, s) for k, s in full if k.startswith(("backbone.", "neck."))]
+    head = next(v for k, v in sections.items() if k.startswith("Head keys") and
+                f"family={APPENDIX_FAMILY[family]} " in k + " ")
+    return body + head
+
+
+def reference_checkpoint(family: str, seed: int = 0) -> Dict[str, object]:
+    """A checkpoint dict as the reference publishes it, with random values."""
+    g = torch.Generator().manual_seed(seed)
+    sd = OrderedDict()
+    for key, shape in reference_keys(family):
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(0)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=g) * 0.01
+    return {"meta": {"mmdet_version": "2.0.0"}, "state_dict": sd}
