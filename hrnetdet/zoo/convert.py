@@ -62,12 +62,21 @@ MASK_HEAD_RULES: List[Rule] = [
      prepend_zero_rows(1)),
 ]
 
+# The reference's FCOS was trained on BGR input; hrnetdet's takes RGB (spec §5.1c). The head keeps
+# the reference's layout under ``head.`` (torchvision's FCOSHead cannot take it, spec §5.8).
+FCOS_RULES: List[Rule] = [
+    (r"backbone\.conv1\.weight", r"backbone.body.conv1.weight", flip_input_channels),
+    *BACKBONE_RULES,
+    (r"bbox_head\.(.+)", r"head.\1", None),
+]
+
 # family -> (rules, a key only that family's reference checkpoints have, keys they must not have)
 REFERENCE_LAYOUTS: Dict[str, Tuple[List[Rule], str, Tuple[str, ...]]] = {
     "faster_rcnn": (BACKBONE_RULES + RPN_RULES + BOX_HEAD_RULES,
                     "roi_head.bbox_head.fc_cls.weight", ("roi_head.mask_head.conv_logits.weight",)),
     "mask_rcnn": (BACKBONE_RULES + RPN_RULES + BOX_HEAD_RULES + MASK_HEAD_RULES,
                   "roi_head.mask_head.conv_logits.weight", ()),
+    "fcos": (FCOS_RULES, "bbox_head.conv_centerness.weight", ()),
 }
 
 
@@ -163,6 +172,7 @@ def _foreground_rows(key: str) -> Callable[[Dict[str, Tensor]], int]:
 REFERENCE_NUM_CLASSES: Dict[str, Callable[[Dict[str, Tensor]], int]] = {
     "faster_rcnn": _foreground_rows("roi_head.bbox_head.fc_cls.weight"),
     "mask_rcnn": _foreground_rows("roi_head.bbox_head.fc_cls.weight"),
+    "fcos": lambda sd: sd["bbox_head.conv_cls.weight"].shape[0] + 1,
 }
 
 

@@ -1,11 +1,13 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
 (spec §6). The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
+from ..detectors.fcos import build_fcos
 from ..detectors.rcnn import build_rcnn
 from .registry import Family, PretrainedCfg, register_family, register_pretrained
 
 FAMILIES = (
     Family("faster_rcnn", "Faster R-CNN", build_rcnn),
     Family("mask_rcnn", "Mask R-CNN", build_rcnn, {"with_mask": True}, has_masks=True),
+    Family("fcos", "FCOS", build_fcos),
 )
 
 # (arch, tag, reference checkpoint file, schedule, multi-scale training, published metrics).

@@ -1,0 +1,65 @@
+"""FCOS (GN head) on HRNetV2p with HRFPN stride 2 (levels at strides 8..128), in torchvision's
+detection contract: train mode returns ``classification``, ``bbox_regression`` and ``bbox_ctrness``
+losses; eval mode returns {boxes, labels (1..K), scores} in original-image coordinates.
+
+The reference's FCOS checkpoints were trained on BGR input (spec §3.7, §5.1c); conversion flips
+the first conv's input channels once, so the model takes RGB in [0, 1] with ImageNet mean/std like
+every other hrnetdet model."""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from torch import Tensor, nn
+
+from ..heads.fcos import FCOSHead, fcos_points
+from .rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform, hrnetv2p_backbone
+from .transform import ReferenceTransform
+
+
+class FCOSDetector(nn.Module):
+    """Backbone -> FCOS head, with the reference's resize/pad transform and category names
+    (index 0 is the background)."""
+
+    def __init__(self, backbone: nn.Module, head: FCOSHead, transform: ReferenceTransform,
+                 categories: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.transform = transform
+        self.categories: List[str] = list(categories) if categories is not None else []
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode, targets must be given")
+            for i, t in enumerate(targets):
+                boxes = t["boxes"]
+                if boxes.dim() != 2 or boxes.shape[-1] != 4:
+                    raise ValueError(f"targets[{i}]['boxes'] must have shape [N, 4], got {list(boxes.shape)}")
+        original_sizes: List[Tuple[int, int]] = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features = list(self.backbone(image_list.tensors).values())
+        cls_logits, distances, ctr_logits = self.head(features)
+        points = fcos_points([(int(f.shape[-2]), int(f.shape[-1])) for f in features], self.head.strides,
+                             distances[0].dtype, distances[0].device)
+        if self.training:
+            assert targets is not None
+            return self.head.compute_loss(targets, cls_logits, distances, ctr_logits, points)
+        detections = self.head.postprocess_detections(cls_logits, distances, ctr_logits, points,
+                                                      image_list.image_sizes)
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+def build_fcos(width: int, num_classes: int = 81, *, categories: Optional[Sequence[str]] = None,
+               norm_eval: bool = True, frozen_stages: int = -1, min_size=800, max_size: int = 1333,
+               image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+               score_thresh: float = 0.05, nms_thresh: float = 0.5, topk_candidates: int = 1000,
+               detections_per_img: int = 100, postprocess: str = "v2") -> FCOSDetector:
+    """FCOS on HRNetV2p-W``width``. ``num_classes`` counts the background (COCO: 81); the head has
+    ``num_classes - 1`` sigmoid outputs. ``postprocess`` selects the reference's v2.7 test rule
+    (the published numbers, default) or mmdet 3.3's (``"v3"``, for parity against it)."""
+    backbone = hrnetv2p_backbone(width, fpn_stride=2, norm_eval=norm_eval, frozen_stages=frozen_stages)
+    head = FCOSHead(backbone.out_channels, num_classes - 1, strides=backbone.strides,
+                    score_thresh=score_thresh, nms_thresh=nms_thresh, topk_candidates=topk_candidates,
+                    detections_per_img=detections_per_img, postprocess=postprocess)
+    return FCOSDetector(backbone, head, build_transform(min_size, max_size, image_mean, image_std, None),
+                        categories)
