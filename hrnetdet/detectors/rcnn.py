@@ -81,6 +81,18 @@ def build_rcnn(width: int, num_classes: int = 81, *, with_mask: bool = False,
         nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
         batch_size_per_image=box_batch_size_per_image, **mask_kwargs,
     )
+    return build_detector(width, roi_heads, categories=categories, norm_eval=norm_eval,
+                          frozen_stages=frozen_stages, min_size=min_size, max_size=max_size,
+                          image_mean=image_mean, image_std=image_std, mask_thresh=mask_thresh,
+                          **rpn_kwargs)
+
+
+def build_detector(width: int, roi_heads: nn.Module, *, categories: Optional[Sequence[str]] = None,
+                   norm_eval: bool = True, frozen_stages: int = -1, min_size=800, max_size: int = 1333,
+                   image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                   mask_thresh: Optional[float] = 0.5, **rpn_kwargs: Any) -> HRNetDetector:
+    """HRNetV2p-W``width`` + RPN + the given RoI heads + the reference transform: the assembly
+    every two-stage family shares."""
     return HRNetDetector(
         hrnetv2p_backbone(width, norm_eval=norm_eval, frozen_stages=frozen_stages),
         build_rpn(**rpn_kwargs), roi_heads,

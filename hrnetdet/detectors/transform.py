@@ -12,6 +12,7 @@ from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from ..heads.masks import paste_masks
+from ..heads.semantic import SEMANTIC_KEY
 
 
 def reference_size(height: int, width: int, min_size: float, max_size: float) -> Tuple[int, int]:
@@ -50,6 +51,9 @@ class ReferenceTransform(GeneralizedRCNNTransform):
         if "masks" in target and (new_h, new_w) != (h, w):
             masks = target["masks"]
             target["masks"] = F.interpolate(masks[:, None].float(), size=[new_h, new_w])[:, 0].to(masks.dtype)
+        if SEMANTIC_KEY in target and (new_h, new_w) != (h, w):  # nearest, as the reference
+            seg = target[SEMANTIC_KEY]
+            target[SEMANTIC_KEY] = F.interpolate(seg[None, None].float(), size=[new_h, new_w])[0, 0].to(seg.dtype)
         return image, target
 
     def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],

@@ -33,6 +33,14 @@ def label_masks(mask_logits: Tensor, labels: List[Tensor]) -> List[Tensor]:
     return list(probs.split([len(x) for x in labels], dim=0))
 
 
+def positives(proposals: List[Tensor], matched_idxs: List[Tensor], labels: List[Tensor]
+              ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    """The foreground part of sampled RoIs: their boxes, ground-truth indices and labels."""
+    pos = [torch.where(lab > 0)[0] for lab in labels]
+    return ([p[i] for p, i in zip(proposals, pos)], [m[i] for m, i in zip(matched_idxs, pos)],
+            [lab[i] for lab, i in zip(labels, pos)])
+
+
 class StandardRoIHeads(RoIHeads):
     """Args beyond torchvision's:
         box_loss, box_loss_beta: ``"l1"`` for Faster/Mask, ``"smooth_l1"`` (beta 1) for cascades.
@@ -69,6 +77,12 @@ class StandardRoIHeads(RoIHeads):
                                        self.box_loss_beta) / max(lab.numel(), 1)
         return loss_cls, loss_box
 
+    def mask_losses(self, mask_logits: Tensor, targets: List[Dict[str, Tensor]], proposals: List[Tensor],
+                    matched_idxs: List[Tensor], labels: List[Tensor]) -> Tensor:
+        """Mask loss of the positive RoIs ``proposals`` (see ``positives``)."""
+        tgt = mask_targets([t["masks"] for t in targets], proposals, matched_idxs, self.mask_size)
+        return mask_loss(mask_logits, labels, tgt)
+
     def forward(self, features: Dict[str, Tensor], proposals: List[Tensor],
                 image_shapes: List[Tuple[int, int]],
                 targets: Optional[List[Dict[str, Tensor]]] = None
@@ -84,12 +98,9 @@ class StandardRoIHeads(RoIHeads):
             loss_cls, loss_box = self.box_losses(class_logits, box_regression, labels, regression_targets)
             losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
             if self.has_mask():
-                pos = [torch.where(lab > 0)[0] for lab in labels]
-                mask_props = [p[i] for p, i in zip(proposals, pos)]
+                mask_props, mask_idxs, mask_labels = positives(proposals, matched_idxs, labels)
                 logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_props, image_shapes)))
-                tgt = mask_targets([t["masks"] for t in targets], mask_props,
-                                   [m[i] for m, i in zip(matched_idxs, pos)], self.mask_size)
-                losses["loss_mask"] = mask_loss(logits, [lab[i] for lab, i in zip(labels, pos)], tgt)
+                losses["loss_mask"] = self.mask_losses(logits, targets, mask_props, mask_idxs, mask_labels)
             return result, losses
 
         feats = self.box_head(self.box_roi_pool(features, proposals, image_shapes))

@@ -70,12 +70,48 @@ FCOS_RULES: List[Rule] = [
     (r"bbox_head\.(.+)", r"head.\1", None),
 ]
 
+# Cascades (spec §4.4): per-stage heads ``roi_head.{bbox,mask}_head.{s}.`` -> ``roi_heads.stages.{s}.``;
+# the class-agnostic fc_reg needs no background rows. HTC's mask trunks sit under ``.convs``.
+CASCADE_BOX_RULES: List[Rule] = [
+    (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.0\.(weight|bias)", r"roi_heads.stages.\1.box_head.fc6.\2", None),
+    (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.1\.(weight|bias)", r"roi_heads.stages.\1.box_head.fc7.\2", None),
+    (r"roi_head\.bbox_head\.(\d)\.fc_cls\.(weight|bias)", r"roi_heads.stages.\1.box_predictor.cls_score.\2",
+     background_first),
+    (r"roi_head\.bbox_head\.(\d)\.fc_reg\.(weight|bias)", r"roi_heads.stages.\1.box_predictor.bbox_pred.\2", None),
+]
+
+
+def cascade_mask_rules(trunk: str) -> List[Rule]:
+    return [
+        (r"roi_head\.mask_head\.(\d)\.convs\.(\d)\.conv\.(weight|bias)",
+         rf"roi_heads.stages.\1.mask_head.{trunk}\2.0.\3", None),
+        (r"roi_head\.mask_head\.(\d)\.upsample\.(weight|bias)", r"roi_heads.stages.\1.mask_predictor.conv5_mask.\2",
+         None),
+        (r"roi_head\.mask_head\.(\d)\.conv_logits\.(weight|bias)",
+         r"roi_heads.stages.\1.mask_predictor.mask_fcn_logits.\2", prepend_zero_rows(1)),
+    ]
+
+
+HTC_RULES: List[Rule] = cascade_mask_rules("convs.") + [
+    (r"roi_head\.mask_head\.(\d)\.conv_res\.conv\.(weight|bias)", r"roi_heads.stages.\1.mask_head.conv_res.0.\2",
+     None),
+    (r"roi_head\.semantic_head\.(lateral_convs\.\d|convs\.\d|conv_embedding)\.conv\.(weight|bias)",
+     r"roi_heads.semantic_head.\1.0.\2", None),
+    (r"roi_head\.semantic_head\.conv_logits\.(weight|bias)", r"roi_heads.semantic_head.conv_logits.\1", None),
+]
+
 # family -> (rules, a key only that family's reference checkpoints have, keys they must not have)
 REFERENCE_LAYOUTS: Dict[str, Tuple[List[Rule], str, Tuple[str, ...]]] = {
     "faster_rcnn": (BACKBONE_RULES + RPN_RULES + BOX_HEAD_RULES,
                     "roi_head.bbox_head.fc_cls.weight", ("roi_head.mask_head.conv_logits.weight",)),
     "mask_rcnn": (BACKBONE_RULES + RPN_RULES + BOX_HEAD_RULES + MASK_HEAD_RULES,
                   "roi_head.mask_head.conv_logits.weight", ()),
+    "cascade_rcnn": (BACKBONE_RULES + RPN_RULES + CASCADE_BOX_RULES,
+                     "roi_head.bbox_head.0.fc_cls.weight", ("roi_head.mask_head.0.conv_logits.weight",)),
+    "cascade_mask_rcnn": (BACKBONE_RULES + RPN_RULES + CASCADE_BOX_RULES + cascade_mask_rules(""),
+                          "roi_head.mask_head.0.conv_logits.weight", ("roi_head.mask_head.1.conv_res.conv.weight",)),
+    "htc": (BACKBONE_RULES + RPN_RULES + CASCADE_BOX_RULES + HTC_RULES,
+            "roi_head.mask_head.1.conv_res.conv.weight", ()),
     "fcos": (FCOS_RULES, "bbox_head.conv_centerness.weight", ()),
 }
 
@@ -172,6 +208,9 @@ def _foreground_rows(key: str) -> Callable[[Dict[str, Tensor]], int]:
 REFERENCE_NUM_CLASSES: Dict[str, Callable[[Dict[str, Tensor]], int]] = {
     "faster_rcnn": _foreground_rows("roi_head.bbox_head.fc_cls.weight"),
     "mask_rcnn": _foreground_rows("roi_head.bbox_head.fc_cls.weight"),
+    "cascade_rcnn": _foreground_rows("roi_head.bbox_head.0.fc_cls.weight"),
+    "cascade_mask_rcnn": _foreground_rows("roi_head.bbox_head.0.fc_cls.weight"),
+    "htc": _foreground_rows("roi_head.bbox_head.0.fc_cls.weight"),
     "fcos": lambda sd: sd["bbox_head.conv_cls.weight"].shape[0] + 1,
 }
 

@@ -1,5 +1,6 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
 (spec §6). The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
+from ..detectors.cascade import build_cascade_rcnn, build_htc
 from ..detectors.fcos import build_fcos
 from ..detectors.rcnn import build_rcnn
 from .registry import Family, PretrainedCfg, register_family, register_pretrained
@@ -7,6 +8,9 @@ from .registry import Family, PretrainedCfg, register_family, register_pretraine
 FAMILIES = (
     Family("faster_rcnn", "Faster R-CNN", build_rcnn),
     Family("mask_rcnn", "Mask R-CNN", build_rcnn, {"with_mask": True}, has_masks=True),
+    Family("cascade_rcnn", "Cascade R-CNN", build_cascade_rcnn),
+    Family("cascade_mask_rcnn", "Cascade Mask R-CNN", build_cascade_rcnn, {"with_mask": True}, has_masks=True),
+    Family("htc", "Hybrid Task Cascade", build_htc, has_masks=True),
     Family("fcos", "FCOS", build_fcos),
 )
 
@@ -49,8 +53,7 @@ def _register() -> None:
     for family in FAMILIES:
         register_family(family)
     for arch, tag, file, schedule, ms, metrics in PUBLISHED:
-        if arch.rsplit("_hrnetv2p", 1)[0] in {f.name for f in FAMILIES}:
-            register_pretrained(PretrainedCfg(arch, tag, file, metrics, schedule, ms))
+        register_pretrained(PretrainedCfg(arch, tag, file, metrics, schedule, ms))
 
 
 _register()

@@ -1,0 +1,218 @@
+"""Cascade RoI heads (Cascade R-CNN, Cascade Mask R-CNN, Hybrid Task Cascade) as the reference
+computes them (spec §3.5, §3.6, §5.7).
+
+Each stage is a ``StandardRoIHeads`` (its own IoU threshold, box coder weights, sampler and losses);
+``CascadeRoIHeads`` chains them: proposals are refined by every stage's class-agnostic deltas, the
+test-time score is the softmax of the stages' mean logits, and masks average the mask heads'
+probabilities. HTC adds the interleaved box/mask training, the mask information flow and the fused
+semantic branch.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import boxes as box_ops
+
+from .roi_align import ReferenceRoIAlign
+from .roi_heads import StandardRoIHeads, label_masks, mask_head, positives
+from .semantic import FusedSemanticHead, conv_relu
+
+MASK_ENSEMBLES = ("mean", "last")
+
+
+class ClassAgnosticPredictor(FastRCNNPredictor):
+    """Class scores plus a single box per RoI for every class (the reference's reg_class_agnostic)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, 4)
+
+
+class InfoFlowMaskHead(nn.Module):
+    """HTC's mask trunk: the four 3x3 convs, fed the RoI feature plus, from the second head on,
+    ``conv_res`` (1x1 + ReLU) of the previous head's trunk output (the mask information flow)."""
+
+    def __init__(self, with_conv_res: bool, channels: int = 256):
+        super().__init__()
+        self.convs = mask_head(channels)
+        self.conv_res = conv_relu(channels, channels, 1) if with_conv_res else None
+
+    def forward(self, x: Tensor, previous: Optional[Tensor] = None) -> Tensor:
+        if previous is not None:
+            if self.conv_res is None:
+                raise ValueError("the first HTC mask head takes no previous feature")
+            x = x + self.conv_res(previous)
+        return self.convs(x)
+
+
+class CascadeStage(StandardRoIHeads):
+    """One cascade stage. It also records which of its sampled RoIs are the ground-truth boxes
+    added as proposals, since the reference does not refine those into the next stage."""
+
+    def subsample(self, labels: List[Tensor]) -> List[Tensor]:
+        self._sampled = super().subsample(labels)
+        return self._sampled
+
+    def sample(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
+               ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+        """``select_training_samples`` plus, per image, a mask of the sampled ground-truth boxes."""
+        sampled, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        # torchvision appends the ground truths after the proposals before sampling.
+        is_gt = [inds >= len(p) for inds, p in zip(self._sampled, proposals)]
+        return sampled, matched_idxs, labels, regression_targets, is_gt
+
+    def refine(self, box_regression: Tensor, rois: List[Tensor], image_shapes: List[Tuple[int, int]]
+               ) -> List[Tensor]:
+        """The RoIs moved by this stage's class-agnostic deltas, clipped to their image."""
+        boxes = self.box_coder.decode(box_regression, rois).reshape(-1, 4)
+        return [box_ops.clip_boxes_to_image(b, s)
+                for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes)]
+
+
+class CascadeRoIHeads(nn.Module):
+    """Args:
+        stages: the cascade's stages, first to last; all with masks or all without.
+        stage_loss_weights: each stage's loss multiplier (the reference's [1, 0.5, 0.25]).
+        mask_info_flow: HTC's chained mask heads (the stages' mask heads are ``InfoFlowMaskHead``).
+        interleaved: HTC's training order: each stage's mask branch learns on RoIs re-sampled from
+            the boxes that stage has just refined.
+        semantic_head, semantic_roi_pool: HTC's semantic branch, pooled into box and mask features.
+        mask_ensemble: test-time masks from the ``"mean"`` of all mask heads' probabilities (the
+            reference v2, which produced the published metrics) or the ``"last"`` head only
+            (mmdetection 3.x's HTC).
+    """
+
+    def __init__(self, stages: Sequence[CascadeStage], stage_loss_weights: Sequence[float] = (1.0, 0.5, 0.25),
+                 *, mask_info_flow: bool = False, interleaved: bool = False,
+                 semantic_head: Optional[FusedSemanticHead] = None,
+                 semantic_roi_pool: Optional[ReferenceRoIAlign] = None, mask_ensemble: str = "mean"):
+        super().__init__()
+        if len(stages) != len(stage_loss_weights):
+            raise ValueError(f"{len(stages)} stages for {len(stage_loss_weights)} stage loss weights")
+        if len({s.has_mask() for s in stages}) != 1:
+            raise ValueError("either every cascade stage has a mask branch or none has")
+        if mask_ensemble not in MASK_ENSEMBLES:
+            raise ValueError(f"mask_ensemble={mask_ensemble!r}; expected one of {MASK_ENSEMBLES}")
+        if (semantic_head is None) != (semantic_roi_pool is None):
+            raise ValueError("semantic_head and semantic_roi_pool go together")
+        self.stages = nn.ModuleList(stages)
+        self.stage_loss_weights = list(stage_loss_weights)
+        self.mask_info_flow = mask_info_flow
+        self.interleaved = interleaved
+        self.semantic_head = semantic_head
+        self.semantic_roi_pool = semantic_roi_pool
+        self.mask_ensemble = mask_ensemble
+
+    def has_mask(self) -> bool:
+        return self.stages[0].has_mask()
+
+    def _semantic_rois(self, semantic: Optional[Tensor], boxes: List[Tensor],
+                       image_shapes: List[Tuple[int, int]]) -> Optional[Tensor]:
+        if semantic is None:
+            return None
+        return self.semantic_roi_pool({"0": semantic}, boxes, image_shapes)
+
+    def box_forward(self, stage: int, features: Dict[str, Tensor], boxes: List[Tensor],
+                    image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor]:
+        """Class logits and deltas of stage ``stage``'s box head on ``boxes``."""
+        head = self.stages[stage]
+        x = head.box_roi_pool(features, boxes, image_shapes)
+        sem = self._semantic_rois(semantic, boxes, image_shapes)
+        if sem is not None:
+            x = x + F.adaptive_avg_pool2d(sem, x.shape[-2:])
+        return head.box_predictor(head.box_head(x))
+
+    def mask_forward(self, stage: int, features: Dict[str, Tensor], boxes: List[Tensor],
+                     image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor] = None,
+                     all_heads: bool = False) -> List[Tensor]:
+        """Mask logits of head ``stage`` (and, with ``all_heads``, of every head before it) on
+        ``boxes``; with the information flow, each head also gets the previous trunk's output."""
+        x = self.stages[stage].mask_roi_pool(features, boxes, image_shapes)
+        sem = self._semantic_rois(semantic, boxes, image_shapes)
+        if sem is not None:
+            x = x + sem
+        first = 0 if (self.mask_info_flow or all_heads) else stage
+        previous: Optional[Tensor] = None
+        logits = []
+        for i in range(first, stage + 1):
+            head = self.stages[i]
+            if self.mask_info_flow:
+                previous = head.mask_head(x, previous)
+                feat = previous
+            else:
+                feat = head.mask_head(x)
+            if all_heads or i == stage:
+                logits.append(head.mask_predictor(feat))
+        return logits
+
+    def forward(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                image_shapes: List[Tuple[int, int]],
+                targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        semantic: Optional[Tensor] = None
+        losses: Dict[str, Tensor] = {}
+        if self.semantic_head is not None:
+            seg_logits, semantic = self.semantic_head(list(features.values()))
+            if self.training and targets is not None:
+                loss = self.semantic_head.loss(seg_logits, targets)
+                if loss is not None:
+                    losses["loss_semantic_seg"] = loss
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            losses.update(self._losses(features, proposals, image_shapes, targets, semantic))
+            return [], losses
+        return self._predict(features, proposals, image_shapes, semantic), losses
+
+    def _losses(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                image_shapes: List[Tuple[int, int]], targets: List[Dict[str, Tensor]],
+                semantic: Optional[Tensor]) -> Dict[str, Tensor]:
+        losses: Dict[str, Tensor] = {}
+        last = len(self.stages) - 1
+        for i, (head, weight) in enumerate(zip(self.stages, self.stage_loss_weights)):
+            rois, matched_idxs, labels, regression_targets, is_gt = head.sample(proposals, targets)
+            class_logits, box_regression = self.box_forward(i, features, rois, image_shapes, semantic)
+            loss_cls, loss_box = head.box_losses(class_logits, box_regression, labels, regression_targets)
+            losses[f"loss_classifier_s{i}"] = loss_cls * weight
+            losses[f"loss_box_reg_s{i}"] = loss_box * weight
+            if i < last or self.interleaved:
+                with torch.no_grad():
+                    refined = head.refine(box_regression.detach(), rois, image_shapes)
+                    proposals = [b[~g] for b, g in zip(refined, is_gt)]
+            if self.has_mask():
+                if self.interleaved:
+                    with torch.no_grad():
+                        rois, matched_idxs, labels, _, _ = head.sample(proposals, targets)
+                pos_rois, pos_idxs, pos_labels = positives(rois, matched_idxs, labels)
+                logits = self.mask_forward(i, features, pos_rois, image_shapes, semantic)[0]
+                losses[f"loss_mask_s{i}"] = head.mask_losses(logits, targets, pos_rois, pos_idxs,
+                                                             pos_labels) * weight
+        return losses
+
+    def _predict(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                 image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor]
+                 ) -> List[Dict[str, Tensor]]:
+        rois = proposals
+        stage_logits = []
+        for i, head in enumerate(self.stages):
+            class_logits, box_regression = self.box_forward(i, features, rois, image_shapes, semantic)
+            stage_logits.append(class_logits)
+            if i < len(self.stages) - 1:
+                rois = head.refine(box_regression, rois, image_shapes)
+        last = self.stages[-1]
+        # The reference averages the raw logits (sum, then divide) and decodes the last stage's
+        # single box for every class.
+        mean_logits = sum(stage_logits) / len(stage_logits)
+        tiled = box_regression.repeat(1, mean_logits.shape[1])
+        boxes, scores, labels = last.postprocess_detections(mean_logits, tiled, rois, image_shapes)
+        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        if self.has_mask():
+            logits = self.mask_forward(len(self.stages) - 1, features, boxes, image_shapes, semantic,
+                                       all_heads=self.mask_ensemble == "mean")
+            probs = [label_masks(x, labels) for x in logits]
+            for r, per_head in zip(result, zip(*probs)):
+                r["masks"] = sum(per_head) / len(per_head)
+        return result
