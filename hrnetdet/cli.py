@@ -9,6 +9,9 @@ from typing import List, Optional
 COMMANDS = {
     "models": "hrnetdet.zoo.commands",
     "convert": "hrnetdet.zoo.commands",
+    "download": "hrnetdet.zoo.hub",
+    "push": "hrnetdet.zoo.model_zoo",
+    "zoo-md": "hrnetdet.zoo.model_zoo",
 }
 
 

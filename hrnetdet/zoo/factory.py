@@ -27,6 +27,7 @@ def _categories(num_classes: int, categories: Optional[Sequence[str]]) -> list:
 
 def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes: Optional[int] = None,
                  checkpoint_path: Optional[str] = None, categories: Optional[Sequence[str]] = None,
+                 weights_backbone: Union[bool, str, None] = None, local_files_only: bool = False,
                  **kwargs: Any) -> nn.Module:
     """Build a detector by name, optionally with weights.
 
@@ -38,6 +39,10 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
             different value, everything but the class-dependent layers is loaded.
         checkpoint_path: a reference (mmdetection) ``.pth`` or an hrnetdet ``.safetensors`` file.
         categories: category names (background first, or it is added).
+        weights_backbone: without detector weights, initialise the HRNet from timm's ImageNet
+            weights on the Hub: ``True`` (``hrnet_w{width}.ms_in1k``) or a timm name. Never fetched
+            when detector weights are loaded.
+        local_files_only: use cached files only (as ``HF_HUB_OFFLINE=1`` does).
         **kwargs: passed to the family's builder (``min_size``, ``box_score_thresh``, ...).
     """
     arch, tag = split_name(name)
@@ -58,7 +63,7 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
                 f"{checkpoint_path} holds a {ckpt.family}_hrnetv2p_w{ckpt.width} checkpoint, not {arch}")
     elif pretrained:
         from .hub import load_pretrained_checkpoint
-        ckpt = load_pretrained_checkpoint(cfg)
+        ckpt = load_pretrained_checkpoint(cfg, local_files_only=local_files_only)
 
     ckpt_classes = (ckpt.num_classes or (len(ckpt.categories) if ckpt.categories else None)) if ckpt else None
     if num_classes is None:
@@ -74,6 +79,12 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
             load_except_class_layers(model, ckpt.state_dict, source, arch)
         else:
             load_into(model, ckpt.state_dict, source, arch)
+        if weights_backbone:
+            logger.info("weights_backbone=%r not fetched: %s has the whole detector's weights",
+                        weights_backbone, source)
+    elif weights_backbone:
+        from .hub import load_backbone_weights
+        load_backbone_weights(model, weights_backbone, width, local_files_only=local_files_only)
     model.pretrained_cfg = cfg
     model.arch = arch
     return model
@@ -102,6 +113,8 @@ def _factory(arch: str) -> Callable[..., nn.Module]:
         "    num_classes: classes including the background; pretrained weights then keep all but the\n"
         "        class-dependent layers.\n"
         "    checkpoint_path: a reference (mmdetection) .pth or hrnetdet .safetensors file.\n"
+        "    weights_backbone: without detector weights, True or a timm name (hrnet_w32.ms_in1k) loads\n"
+        "        ImageNet HRNet weights into the backbone.\n"
         "    **kwargs: builder options (min_size, max_size, box_score_thresh, norm_eval, ...).\n"
     )
     return factory

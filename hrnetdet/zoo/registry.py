@@ -10,6 +10,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from ..detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD
+from .coco import COCO_CATEGORIES
+
 
 @dataclass(frozen=True)
 class Family:
@@ -33,11 +36,16 @@ class PretrainedCfg:
     multiscale_train: bool = False
     hf_hub_id: Optional[str] = None
     hf_filename: str = "model.safetensors"
-    hf_revision: Optional[str] = None
+    hf_revision: Optional[str] = None  # a full 40-hex commit: downloads are pinned to it
     sha256: Optional[str] = None   # of our converted safetensors file, once published
-    parity: Optional[Dict[str, float]] = None
+    parity: Optional[Dict[str, float]] = None  # our measured figures (parity harness), same keys as metrics
     license: str = "Apache-2.0"
     dataset: str = "COCO"
+    categories: Tuple[str, ...] = COCO_CATEGORIES
+    # What our weights expect: RGB in [0, 1], normalised as (x - mean) / std inside the model.
+    input_format: str = "RGB"
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
 
     @property
     def name(self) -> str:
@@ -49,7 +57,20 @@ class PretrainedCfg:
 
     @property
     def reference_url(self) -> str:
-        return f"{REFERENCE_URL_ROOT}/{self.reference_dir}/{self.reference_file}"
+        return self.reference_url_at(REFERENCE_URL_ROOT)
+
+    def reference_url_at(self, root: str) -> str:
+        """The reference checkpoint's URL under another root (a mirror)."""
+        return f"{root.rstrip('/')}/{self.reference_dir}/{self.reference_file}"
+
+    @property
+    def reference_input_format(self) -> str:
+        """The channel order the reference checkpoint was trained on: BGR where converting it flips
+        the first convolution's input channels (FCOS, spec §3.7), else RGB."""
+        from .convert import REFERENCE_LAYOUTS, flip_input_channels
+        family = get_family(self.arch)[0].name
+        rules = REFERENCE_LAYOUTS[family][0] if family in REFERENCE_LAYOUTS else []
+        return "BGR" if any(fn is flip_input_channels for _, _, fn in rules) else "RGB"
 
     @property
     def reference_sha256_prefix(self) -> str:

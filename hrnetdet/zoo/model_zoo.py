@@ -1,0 +1,280 @@
+"""MODEL_ZOO.md and the Hub model cards, both generated from the registry, and ``hrnetdet push``.
+
+``python -m hrnetdet.zoo.model_zoo`` (or ``hrnetdet zoo-md``) rewrites MODEL_ZOO.md; ``--check``
+fails when the file is out of date.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .models import PUBLISHED
+from .registry import PretrainedCfg, get_arch_pretrained_cfgs, get_family, list_families, list_models
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_ZOO = ROOT / "MODEL_ZOO.md"
+BENCHMARKS = ROOT / "benchmarks" / "results.md"
+METRICS = (("box_ap", "box AP"), ("mask_ap", "mask AP"))
+PAPER = "https://arxiv.org/abs/1904.04514"
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "pending" if v is None else f"{v:.1f}"
+
+
+def _weights_source(cfg: PretrainedCfg) -> str:
+    if cfg.hf_hub_id is None:
+        return "reference, converted on first use"
+    return f"[{cfg.hf_hub_id}@{cfg.hf_revision[:8]}](https://huggingface.co/{cfg.hf_hub_id}/tree/{cfg.hf_revision})"
+
+
+def _input(cfg: PretrainedCfg) -> str:
+    ref = cfg.reference_input_format
+    return cfg.input_format if ref == cfg.input_format else f"{cfg.input_format} (reference: {ref})"
+
+
+def _reference_normalisation(cfg: PretrainedCfg) -> str:
+    """The reference's mean/std on 0-255 input in its own channel order."""
+    order = slice(None, None, -1) if cfg.reference_input_format != cfg.input_format else slice(None)
+    mean = tuple(round(m * 255, 3) for m in cfg.mean)[order]
+    std = tuple(round(s * 255, 3) for s in cfg.std)[order]
+    return f"{cfg.reference_input_format} 0-255, mean {mean}, std {std}"
+
+
+def _family_table(cfgs: List[PretrainedCfg]) -> List[str]:
+    keys = [(k, label) for k, label in METRICS if any(k in c.metrics for c in cfgs)]
+    head = (["weights", "schedule"] + [f"{label} (reference)" for _, label in keys]
+            + [f"{label} (hrnetdet)" for _, label in keys]
+            + ["train mem GB (ref.)", "fps V100 (ref.)", "input", "weights from", "reference checkpoint"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cfgs:
+        sched = c.schedule + (", multi-scale" if c.multiscale_train else "")
+        row = ([f"`{c.name}`", sched] + [_fmt(c.metrics.get(k)) for k, _ in keys]
+               + [_fmt((c.parity or {}).get(k)) for k, _ in keys]
+               + [_fmt(c.metrics.get("train_mem_gb")).replace("pending", "–"),
+                  _fmt(c.metrics.get("fps")).replace("pending", "–"), _input(c), _weights_source(c),
+                  f"[{c.reference_sha256_prefix}]({c.reference_url})"])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _normalisation_lines(cfgs: Sequence[PretrainedCfg]) -> List[str]:
+    groups: Dict[Tuple, List[str]] = {}
+    for c in cfgs:
+        key = (c.input_format, c.mean, c.std, _reference_normalisation(c))
+        fam = get_family(c.arch)[0].title
+        if fam not in groups.setdefault(key, []):
+            groups[key].append(fam)
+    return [f"- {', '.join(fams)}: {fmt} in [0, 1], mean {mean}, std {std} (applied inside the model). "
+            f"The reference checkpoints were trained on {ref}."
+            for (fmt, mean, std, ref), fams in groups.items()]
+
+
+def model_zoo_markdown() -> str:
+    cfgs = [c for arch in list_models() for c in get_arch_pretrained_cfgs(arch)]
+    out = [
+        "# hrnetdet model zoo",
+        "",
+        "<!-- Generated from the registry (hrnetdet/zoo/models.py) by `python -m hrnetdet.zoo.model_zoo`"
+        " (or `hrnetdet zoo-md`); do not edit by hand. -->",
+        "",
+        "Every weight set below is a checkpoint published by mmdetection 3.3's HRNet model zoo (the"
+        " *reference*), converted to hrnetdet's layout. Figures marked *(reference)* are the reference's"
+        " published COCO val2017 results; *(hrnetdet)* figures are ours, measured with the parity harness"
+        " on the converted weights (*pending* until measured). Speed and memory are the reference's (V100).",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "import hrnetdet, torch",
+        f"model = hrnetdet.create_model(\"{cfgs[0].name if cfgs else 'faster_rcnn_hrnetv2p_w32'}\", pretrained=True).eval()",
+        "model = hrnetdet.faster_rcnn_hrnetv2p_w32(pretrained=True)           # the default (best) weights",
+        "model = hrnetdet.create_model(\"mask_rcnn_hrnetv2p_w18\", pretrained=True, num_classes=3)  # fine-tuning",
+        "model = hrnetdet.create_model(\"faster_rcnn_hrnetv2p_w32\", weights_backbone=True)  # ImageNet HRNet only",
+        "model = torch.hub.load(\"<org>/hrnetdet:v0.1.0\", \"faster_rcnn_hrnetv2p_w32\", pretrained=True)",
+        "```",
+        "",
+        "- Weights published on the Hugging Face Hub are downloaded at a pinned commit and checked against"
+        " the sha256 in the registry. Until a record is published (*weights from: reference*), the"
+        " reference's own checkpoint is downloaded once, checked against the sha256 prefix in its file name,"
+        " converted and cached as safetensors in `$HRNETDET_HOME` (default `~/.cache/hrnetdet`);"
+        " `HRNETDET_REFERENCE_URL` points at a mirror of the reference's download root.",
+        "- Offline: `hrnetdet download NAME... --dir DIR` on a connected machine, copy `DIR`, then set"
+        " `HRNETDET_HOME=DIR HF_HOME=DIR HF_HUB_OFFLINE=1`. A local file always works:"
+        " `create_model(name, checkpoint_path=\"file.pth|file.safetensors\")`.",
+        "- `num_classes` counts the background (COCO: 81). With pretrained weights and another"
+        " `num_classes`, everything but the class-dependent layers is loaded (they are logged).",
+        "- `weights_backbone=True` (or a timm name such as `hrnet_w32.ms_in1k`) initialises the HRNet from"
+        " timm's ImageNet weights; it is never fetched when detector weights are loaded.",
+        "",
+        "## Input",
+        "",
+        "Images are lists of CHW float tensors in [0, 1]; resizing and normalisation happen inside the model.",
+        "",
+        *_normalisation_lines(cfgs),
+        "",
+    ]
+    for family in list_families():
+        fam_cfgs = [c for c in cfgs if get_family(c.arch)[0] is family]
+        out += [f"## {family.title}", ""]
+        out += _family_table(fam_cfgs) if fam_cfgs else ["No published weights."]
+        out += [""]
+    missing = [row for row in PUBLISHED if not _registered(row[0])]
+    if missing:
+        out += ["## Reference checkpoints of families hrnetdet does not build yet", "",
+                "| weights | schedule | box AP (reference) | mask AP (reference) | reference checkpoint |",
+                "|---|---|---|---|---|"]
+        for arch, tag, file, sched, ms, metrics in missing:
+            out.append(f"| `{arch}.{tag}` | {sched}{', multi-scale' if ms else ''} | {_fmt(metrics.get('box_ap'))}"
+                       f" | {metrics.get('mask_ap', '–')} | `{file}` |")
+        out += [""]
+    widths = sorted({w for f in list_families() for w in f.widths}
+                    - {get_family(c.arch)[1] for c in cfgs})
+    if widths:
+        out += [f"Widths without published detector weights (build from scratch or with `weights_backbone`): "
+                f"{', '.join(f'W{w}' for w in widths)}.", ""]
+    out += ["## Speed and memory (hrnetdet)", ""]
+    if BENCHMARKS.exists():
+        out += [BENCHMARKS.read_text().strip(), ""]
+    else:
+        out += ["Not measured yet; `benchmarks/results.md` is included here once it exists.", ""]
+    return "\n".join(out)
+
+
+def _registered(arch: str) -> bool:
+    try:
+        get_family(arch)
+        return True
+    except ValueError:
+        return False
+
+
+def model_card(cfg: PretrainedCfg, repo_id: str) -> str:
+    """The Hub README of ``cfg``'s weights, with huggingface metadata (model-index from our parity
+    figures once measured, else the reference's, labelled as such)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    family, width = get_family(cfg.arch)
+    measured = cfg.parity is not None
+    figures = cfg.parity if measured else cfg.metrics
+    evals = [EvalResult(task_type="object-detection", dataset_type="coco", dataset_name="COCO val2017",
+                        metric_type="mAP", metric_name=label, metric_value=figures[k],
+                        source_name=None if measured else "mmdetection HRNet model zoo (reference)",
+                        source_url=None if measured else cfg.reference_url)
+             for k, label in METRICS if k in figures]
+    data = ModelCardData(library_name="hrnetdet", pipeline_tag="object-detection", license=cfg.license.lower(),
+                         datasets=["coco"], tags=["object-detection", "hrnet", family.name],
+                         model_name=cfg.name, eval_results=evals or None)
+    rows = "\n".join(f"| {label} | {_fmt(cfg.metrics.get(k))} | {_fmt((cfg.parity or {}).get(k))} |"
+                     for k, label in METRICS if k in cfg.metrics)
+    names = ", ".join(cfg.categories[1:])
+    body = f"""
+# {cfg.name}
+
+{family.title} on HRNetV2p-W{width} (HRNet + HRFPN) in torchvision's detection contract, converted from
+mmdetection's `{cfg.reference_file}` (schedule {cfg.schedule}{', multi-scale training' if cfg.multiscale_train else ''}).
+Paper: [Deep High-Resolution Representation Learning]({PAPER}).
+
+## How to load
+
+```python
+import huggingface_hub, hrnetdet
+model = hrnetdet.create_model("{cfg.name}", pretrained=True).eval()
+# or from this repository directly:
+model = hrnetdet.create_model("{cfg.arch}", checkpoint_path=huggingface_hub.hf_hub_download("{repo_id}", "{cfg.hf_filename}"))
+detections = model([image])  # image: CHW float RGB tensor in [0, 1]
+```
+
+## Results on COCO val2017
+
+| metric | reference (mmdetection) | hrnetdet (measured) |
+|---|---|---|
+{rows}
+
+## Input
+
+{_input(cfg)} in [0, 1], mean {cfg.mean}, std {cfg.std}; resizing (shorter side 800, longer at most 1333)
+and normalisation happen inside the model. The reference checkpoint was trained on {_reference_normalisation(cfg)}.
+
+## Categories
+
+{len(cfg.categories)} classes with the background at index 0: {names}.
+
+## Licence
+
+{cfg.license} (the reference's weights and hrnetdet). Dataset: {cfg.dataset}.
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def push(name: str, repo_id: str, checkpoint: Optional[str] = None, private: bool = False,
+         token: Optional[str] = None) -> Tuple[str, str]:
+    """Convert ``name``'s weights (or ``checkpoint``), upload model.safetensors, config.json and the
+    model card; returns (commit, sha256) to pin in the registry."""
+    from huggingface_hub import HfApi
+
+    from .convert import save_safetensors
+    from .factory import create_model
+    from .hub import sha256_file
+    from .registry import get_pretrained_cfg
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        raise ValueError(f"{name} has no registry record to describe it; `hrnetdet models --pretrained` lists them")
+    model = create_model(cfg.name, pretrained=checkpoint is None, checkpoint_path=checkpoint)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, cfg.hf_filename)
+        save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
+        digest = sha256_file(path)
+        Path(folder, "README.md").write_text(model_card(cfg, repo_id))
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                                   commit_message=f"hrnetdet: {cfg.name} converted from {cfg.reference_file}")
+    return commit.oid, digest
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="arch.tag with a registry record")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. org/faster_rcnn_hrnetv2p_w32.coco_2x")
+    p.add_argument("--checkpoint", help="a local reference .pth or hrnetdet .safetensors (default: pretrained)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="a Hub token (default: the logged-in one)")
+
+
+def _push_run(args: argparse.Namespace) -> int:
+    commit, digest = push(args.name, args.repo_id, args.checkpoint, args.private, args.token)
+    print(f"pushed {args.name} to {args.repo_id}@{commit}; registry record: "
+          f"hf_hub_id={args.repo_id!r}, hf_revision={commit!r}, sha256={digest!r}")
+    return 0
+
+
+def _zoo_md_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=str(MODEL_ZOO), help=f"default: {MODEL_ZOO}")
+    p.add_argument("--check", action="store_true", help="exit 1 when the file is out of date")
+
+
+def _zoo_md_run(args: argparse.Namespace) -> int:
+    text = model_zoo_markdown()
+    current = Path(args.out).read_text() if Path(args.out).exists() else None
+    if args.check:
+        if current != text:
+            print(f"{args.out} is out of date: run `python -m hrnetdet.zoo.model_zoo`", file=sys.stderr)
+            return 1
+        return 0
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "push": {"help": "convert a model's weights and upload them with a model card to the Hub",
+             "add_arguments": _push_args, "run": _push_run},
+    "zoo-md": {"help": "regenerate MODEL_ZOO.md from the registry", "add_arguments": _zoo_md_args,
+               "run": _zoo_md_run},
+}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m hrnetdet.zoo.model_zoo", description=__doc__.splitlines()[0])
+    _zoo_md_args(parser)
+    sys.exit(_zoo_md_run(parser.parse_args()))

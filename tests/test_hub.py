@@ -1,0 +1,389 @@
+"""Getting weights, against a loopback server that answers as the Hugging Face Hub (for
+hf_hub_download) and as the reference's download site do. No network."""
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+import hrnetdet
+from hrnetdet.backbone import HRNet
+from hrnetdet.cli import main as cli_main
+from hrnetdet.zoo import registry
+from hrnetdet.zoo.coco import COCO_CATEGORY_NAMES
+from hrnetdet.zoo.convert import REFERENCE_LAYOUTS, CheckpointError, background_first
+from hrnetdet.zoo.hub import (_reference_file, backbone_weights_file, class_dependent_keys, converted_path, fetch_pretrained,
+                              load_except_class_layers, load_pretrained_checkpoint)
+from hrnetdet.zoo.model_zoo import MODEL_ZOO, model_zoo_markdown
+
+ARCH = "faster_rcnn_hrnetv2p_w18"
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+REPO = "hrnetdet-test/faster_rcnn_hrnetv2p_w18"
+TIMM_REPO = "timm/hrnet_w18.ms_in1k"
+
+
+class FakeHub(ThreadingHTTPServer):
+    """Serves /{repo}/resolve/{revision}/{file} with the Hub's headers (X-Repo-Commit, ETag,
+    Content-Length), and plain files under /ref/. Records every request."""
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files, self.refs, self.raw, self.corrupt = {}, {}, {}, {}
+        self.requests = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def reset(self):
+        self.files.clear(), self.refs.clear(), self.raw.clear(), self.corrupt.clear(), self.requests.clear()
+
+    def gets(self, fragment=""):
+        return [p for m, p, _ in self.requests if m == "GET" and fragment in p]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _serve(self, body):
+        hub = self.server
+        path = urllib.parse.unquote(self.path.split("?")[0])
+        hub.requests.append((self.command, path, self.headers.get("User-Agent", "")))
+        headers = {}
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m:
+            repo, rev, name = m.groups()
+            commit = hub.refs.get((repo, rev), rev)
+            data = hub.files.get((repo, commit, name))
+            headers["X-Repo-Commit"] = commit
+            if data is not None:
+                headers["ETag"] = f'"{hashlib.sha256(data).hexdigest()}"'
+        else:
+            data = hub.raw.get(path)
+        if data is None:
+            self.send_response(404)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if body and hub.corrupt.get(path):
+            hub.corrupt[path] -= 1
+            data = bytes([data[0] ^ 0xFF]) + data[1:]  # same size: only a checksum notices
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = FakeHub()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stopper = threading.Timer(600, server.shutdown)  # stops by itself should teardown never run
+    stopper.daemon = True
+    stopper.start()
+    yield server
+    stopper.cancel()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def env(hub, tmp_path, monkeypatch):
+    """Every cache in tmp_path, every download from the loopback server, online."""
+    from huggingface_hub import constants
+    hub.reset()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_HUB_OFFLINE", "HF_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HRNETDET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HRNETDET_REFERENCE_URL", hub.url + "/ref")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return tmp_path
+
+
+def _tiny_weights(value: float) -> bytes:
+    meta = {"hrnetdet": json.dumps({"family": "faster_rcnn", "width": 18, "num_classes": 81})}
+    return save({"w": torch.full((4, 4), value)}, metadata=meta)
+
+
+def _hub_cfg(hub, sha256=None, tag="coco_1x"):
+    """A registry record published on the fake Hub at COMMIT_A; main has moved on to COMMIT_B."""
+    good, newer = _tiny_weights(1.0), _tiny_weights(2.0)
+    hub.files[(REPO, COMMIT_A, "model.safetensors")] = good
+    hub.files[(REPO, COMMIT_B, "model.safetensors")] = newer
+    hub.refs[(REPO, "main")] = COMMIT_B
+    return dataclasses.replace(hrnetdet.get_pretrained_cfg(f"{ARCH}.{tag}"), hf_hub_id=REPO,
+                               hf_revision=COMMIT_A, sha256=sha256 or hashlib.sha256(good).hexdigest())
+
+
+RESOLVE_A = f"/{REPO}/resolve/{COMMIT_A}/model.safetensors"
+
+
+def test_hub_download_is_pinned_tagged_and_cached(hub, env):
+    ckpt = load_pretrained_checkpoint(_hub_cfg(hub))
+    assert torch.equal(ckpt.state_dict["w"], torch.full((4, 4), 1.0))  # COMMIT_A's file, not main's
+    assert {p for _, p, _ in hub.requests} == {RESOLVE_A}
+    assert all("hrnetdet/" in ua for _, _, ua in hub.requests)  # library_name/version for the Hub's stats
+    assert (env / "hf" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT_A / "model.safetensors").exists()
+    hub.requests.clear()
+    load_pretrained_checkpoint(_hub_cfg(hub))
+    assert hub.requests == []  # a pinned commit in the cache: not even a HEAD
+
+
+def test_hub_revision_must_be_a_full_commit(hub):
+    with pytest.raises(ValueError, match="full 40-hex commit"):
+        fetch_pretrained(dataclasses.replace(_hub_cfg(hub), hf_revision="main"))
+
+
+def test_hub_corrupted_download_is_deleted_and_fetched_again(hub):
+    hub.corrupt[RESOLVE_A] = 1
+    ckpt = load_pretrained_checkpoint(_hub_cfg(hub))
+    assert torch.equal(ckpt.state_dict["w"], torch.full((4, 4), 1.0))
+    assert len(hub.gets(RESOLVE_A)) == 2
+
+
+def test_hub_checksum_mismatch_fails_after_one_retry(hub, env):
+    cfg = _hub_cfg(hub, sha256="0" * 64)
+    with pytest.raises(CheckpointError) as e:
+        fetch_pretrained(cfg)
+    actual = hashlib.sha256(_tiny_weights(1.0)).hexdigest()
+    assert "0" * 64 in str(e.value) and actual in str(e.value) and "model.safetensors" in str(e.value)
+    assert len(hub.gets(RESOLVE_A)) == 2
+    assert not list((env / "hf").rglob(actual))  # the bad blob is gone
+
+
+def test_offline_missing_file_says_what_to_put_where(hub, env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError) as e:
+        fetch_pretrained(_hub_cfg(hub))
+    msg = str(e.value)
+    assert str(env / "hf" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT_A / "model.safetensors") in msg
+    assert "hrnetdet download" in msg
+    cfg = hrnetdet.get_pretrained_cfg(f"{ARCH}.coco_2x")
+    with pytest.raises(FileNotFoundError) as e:
+        fetch_pretrained(cfg, local_files_only=True)
+    msg = str(e.value)
+    assert converted_path(cfg) in msg and str(env / "home" / "reference" / cfg.reference_file) in msg
+    assert cfg.reference_url.rsplit("/", 1)[1] in msg
+    assert hub.requests == []
+
+
+# ---- the reference's own checkpoints: download, check, convert, cache -------------------------
+
+def _to_reference(sd, family="faster_rcnn", num_classes=81):
+    """Invert convert's rules (tests only): hrnetdet layout -> the reference's."""
+    out = {}
+    for key, value in sd.items():
+        for pattern, repl, fn in REFERENCE_LAYOUTS[family][0]:
+            groups = re.findall(r"\([^()]*\)", pattern)
+            parts = re.split(r"\\(\d)", repl)
+            refs = [int(g) for g in parts[1::2]]
+            inverse = "".join(re.escape(p) if i % 2 == 0 else groups[int(p) - 1] for i, p in enumerate(parts))
+            m = re.fullmatch(inverse, key)
+            if m:
+                template, group = "", 0
+                for i, piece in enumerate(re.split(r"(\([^()]*\))", pattern)):
+                    if i % 2:  # the pattern's group number `group` is the inverse's refs.index(group) + 1
+                        group += 1
+                        template += m.group(refs.index(group) + 1)
+                    else:
+                        template += piece.replace("\\", "")
+                if fn is background_first:
+                    value = torch.cat([value[1:], value[:1]])
+                elif fn is not None:  # prepend_zero_rows(n): n rows per class for the background
+                    value = value[value.shape[0] // num_classes:]
+                out[template] = value
+                break
+        else:
+            raise KeyError(key)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A W18 Faster R-CNN in the reference's layout: (hrnetdet state dict, .pth bytes, .pth path)."""
+    model = hrnetdet.create_model(ARCH)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.bbox_pred.weight[:4] = 0  # the background rows conversion adds
+        model.roi_heads.box_predictor.bbox_pred.bias[:4] = 0
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"state_dict": _to_reference(sd), "meta": {"CLASSES": COCO_CATEGORY_NAMES}}, buf)
+    data = buf.getvalue()
+    path = tmp_path_factory.mktemp("reference") / "faster_rcnn_w18.pth"
+    path.write_bytes(data)
+    return sd, data, str(path)
+
+
+def _serve_reference(hub, monkeypatch, data, tag="coco_1x"):
+    """Patch the record so its file name carries our file's sha256 prefix, and serve the file."""
+    cfg = hrnetdet.get_pretrained_cfg(f"{ARCH}.{tag}")
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    cfg = dataclasses.replace(cfg, reference_file=re.sub(r"-[0-9a-f]{8}\.pth$", f"-{prefix}.pth", cfg.reference_file))
+    records = [cfg if c.tag == tag else c for c in registry._pretrained[ARCH]]
+    monkeypatch.setitem(registry._pretrained, ARCH, records)
+    path = urllib.parse.urlparse(cfg.reference_url_at(hub.url + "/ref")).path
+    hub.raw[path] = data
+    return cfg, path
+
+
+def _assert_state(model, sd):
+    own = model.state_dict()
+    assert own.keys() == sd.keys()
+    assert all(torch.equal(own[k], sd[k]) for k in sd)
+
+
+def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monkeypatch, reference, tmp_path,
+                                                                        capsys):
+    """`hrnetdet download` of a record without Hub weights (the reference's .pth is fetched, checked,
+    converted, cached) and of a Hub record; then the folder's copy serves both offline."""
+    sd, data, _ = reference
+    cfg, path = _serve_reference(hub, monkeypatch, data)
+    hub_cfg = _hub_cfg(hub, tag="coco_2x")
+    monkeypatch.setitem(registry._pretrained, ARCH, [cfg, hub_cfg])
+    dl = tmp_path / "dl"
+    assert cli_main(["download", cfg.name, hub_cfg.name, "--dir", str(dl)]) == 0
+    assert "HF_HUB_OFFLINE=1" in capsys.readouterr().out
+    assert hub.gets() == [path, RESOLVE_A]
+    assert Path(converted_path(cfg, str(dl))).exists() and not list(dl.joinpath("reference").glob("*.pth"))
+    copy = tmp_path / "copied"
+    shutil.copytree(dl, copy, symlinks=True)
+    shutil.rmtree(dl)
+    hub.requests.clear()
+    for var in ("HF_HUB_CACHE", "HF_ENDPOINT", "HRNETDET_REFERENCE_URL"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HRNETDET_HOME", str(copy))
+    monkeypatch.setenv("HF_HOME", str(copy))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the converted weights, with no ImageNet backbone fetched next to the detector's
+    model = hrnetdet.create_model(cfg.name, pretrained=True, weights_backbone=True)
+    _assert_state(model, sd)
+    assert model.categories[1:] == list(COCO_CATEGORY_NAMES)
+    assert torch.equal(load_pretrained_checkpoint(hub_cfg).state_dict["w"], torch.full((4, 4), 1.0))
+    assert hub.requests == []
+
+
+def test_reference_corrupted_download_is_fetched_again_once(hub, monkeypatch, env):
+    data = b"not a checkpoint, only its sha256 prefix matters here"
+    cfg, path = _serve_reference(hub, monkeypatch, data)
+    home = str(env / "home")
+    hub.corrupt[path] = 1
+    pth = _reference_file(cfg, home, offline=False)
+    assert hub.gets() == [path, path]
+    assert hashlib.sha256(Path(pth).read_bytes()).hexdigest().startswith(cfg.reference_sha256_prefix)
+    os.remove(pth)
+    hub.requests.clear()
+    hub.corrupt[path] = 2
+    with pytest.raises(CheckpointError) as e:
+        _reference_file(cfg, home, offline=False)
+    msg = str(e.value)
+    assert cfg.reference_file in msg and cfg.reference_sha256_prefix in msg
+    assert hashlib.sha256(bytes([data[0] ^ 0xFF]) + data[1:]).hexdigest() in msg
+    assert hub.gets() == [path, path]
+    assert not os.path.exists(pth)
+
+
+def test_num_classes_loads_all_but_class_layers(reference, caplog):
+    sd, _, pth = reference
+    with caplog.at_level("INFO", logger="hrnetdet"):
+        model = hrnetdet.create_model(ARCH, checkpoint_path=pth, num_classes=4)
+    own = model.state_dict()
+    skipped = class_dependent_keys(ARCH)
+    assert skipped == {f"roi_heads.box_predictor.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")}
+    assert own["roi_heads.box_predictor.cls_score.weight"].shape == (4, 1024)
+    assert all(torch.equal(own[k], sd[k]) for k in sd if k not in skipped)
+    assert "roi_heads.box_predictor.cls_score.weight" in caplog.text
+
+
+def test_class_dependent_layers_of_every_family():
+    """For every family: the keys found on the meta device are those whose shapes differ between a
+    COCO and a 3-class model, and a COCO state dict loads into a 3-class model with everything else
+    equal."""
+    for family in hrnetdet.list_families():
+        arch = registry.arch_name(family.name, min(family.widths))
+        with torch.device("meta"):
+            coco = family.builder(min(family.widths), num_classes=81, **family.builder_kwargs)
+        small = family.builder(min(family.widths), num_classes=3, **family.builder_kwargs)
+        skipped = class_dependent_keys(arch)
+        a = {k: torch.full(v.shape, i + 1, dtype=v.dtype) for i, (k, v) in enumerate(coco.state_dict().items())}
+        b = small.state_dict()
+        assert skipped and skipped == {k for k in a if a[k].shape != b[k].shape}, family.name
+        load_except_class_layers(small, a, "coco", arch)
+        after = small.state_dict()
+        assert all(torch.equal(after[k], a[k]) for k in a if k not in skipped), family.name
+        assert all(torch.equal(after[k], b[k]) for k in skipped), family.name
+
+
+def test_weights_backbone_loads_timm_imagenet_hrnet(hub):
+    torch.manual_seed(1)
+    body = HRNet(18).state_dict()
+    imagenet = {**{k: torch.randn_like(v.float()).to(v.dtype) for k, v in body.items()},
+                "classifier.weight": torch.zeros(1000, 2048)}
+    hub.files[(TIMM_REPO, COMMIT_A, "model.safetensors")] = save(imagenet)
+    hub.refs[(TIMM_REPO, "main")] = COMMIT_A
+    model = hrnetdet.create_model(ARCH, weights_backbone=True)
+    got = model.backbone.body.state_dict()
+    assert all(torch.equal(got[k], imagenet[k]) for k in body)
+    assert hub.gets() == [f"/{TIMM_REPO}/resolve/main/model.safetensors"]
+    with pytest.raises(ValueError, match="not a timm HRNet"):
+        backbone_weights_file("resnet_nonexistent", 18)
+
+
+def test_push_uploads_converted_weights_and_model_card(reference, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    sd, _, pth = reference
+    uploads = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        uploads.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()}, repo_id=repo_id)
+        return type("CommitInfo", (), {"oid": COMMIT_B})()
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploads.setdefault("created", repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert cli_main(["push", f"{ARCH}.coco_1x", "--repo-id", "me/frcnn", "--checkpoint", pth]) == 0
+    assert set(uploads) == {"model.safetensors", "config.json", "README.md", "repo_id", "created"}
+    assert uploads["repo_id"] == uploads["created"] == "me/frcnn"
+    weights = load(uploads["model.safetensors"])
+    assert weights.keys() == sd.keys() and all(torch.equal(weights[k], sd[k]) for k in sd)
+    out = capsys.readouterr().out
+    assert f"hf_revision='{COMMIT_B}'" in out and hashlib.sha256(uploads["model.safetensors"]).hexdigest() in out
+    card = uploads["README.md"].decode()
+    front = card.split("---")[1]
+    for line in ("library_name: hrnetdet", "pipeline_tag: object-detection", "- coco", "license: apache-2.0",
+                 "model-index:", "value: 36.9"):
+        assert line in front, line
+    assert 'create_model("faster_rcnn_hrnetv2p_w18.coco_1x", pretrained=True)' in card
+    assert "toothbrush" in card and "pending" in card
+    assert json.loads(uploads["config.json"])["architecture"] == ARCH
+
+
+def test_model_zoo_md_is_up_to_date():
+    assert MODEL_ZOO.read_text() == model_zoo_markdown(), \
+        "MODEL_ZOO.md is out of date: run `python -m hrnetdet.zoo.model_zoo`"
+    text = MODEL_ZOO.read_text()
+    from hrnetdet.zoo.models import PUBLISHED
+    for arch, tag, file, *_ in PUBLISHED:  # every reference row, with its own checkpoint
+        assert f"`{arch}.{tag}`" in text and re.search(r"-([0-9a-f]{8})\.pth$", file).group(1) in text
