@@ -18,6 +18,7 @@ MODEL_ZOO = ROOT / "MODEL_ZOO.md"
 BENCHMARKS = ROOT / "benchmarks" / "results.md"
 METRICS = (("box_ap", "box AP"), ("mask_ap", "mask AP"))
 PAPER = "https://arxiv.org/abs/1904.04514"
+REFERENCE_ZOO = "https://github.com/open-mmlab/mmdetection/tree/v3.3.0/configs/hrnet"
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -128,7 +129,7 @@ def model_zoo_markdown() -> str:
                 "|---|---|---|---|---|"]
         for arch, tag, file, sched, ms, metrics in missing:
             out.append(f"| `{arch}.{tag}` | {sched}{', multi-scale' if ms else ''} | {_fmt(metrics.get('box_ap'))}"
-                       f" | {metrics.get('mask_ap', '–')} | `{file}` |")
+                       f" | {_fmt(metrics['mask_ap']) if 'mask_ap' in metrics else '–'} | `{file}` |")
         out += [""]
     widths = sorted({w for f in list_families() for w in f.widths}
                     - {get_family(c.arch)[1] for c in cfgs})
@@ -161,7 +162,7 @@ def model_card(cfg: PretrainedCfg, repo_id: str) -> str:
     evals = [EvalResult(task_type="object-detection", dataset_type="coco", dataset_name="COCO val2017",
                         metric_type="mAP", metric_name=label, metric_value=figures[k],
                         source_name=None if measured else "mmdetection HRNet model zoo (reference)",
-                        source_url=None if measured else cfg.reference_url)
+                        source_url=None if measured else REFERENCE_ZOO)
              for k, label in METRICS if k in figures]
     data = ModelCardData(library_name="hrnetdet", pipeline_tag="object-detection", license=cfg.license.lower(),
                          datasets=["coco"], tags=["object-detection", "hrnet", family.name],
@@ -194,8 +195,8 @@ detections = model([image])  # image: CHW float RGB tensor in [0, 1]
 
 ## Input
 
-{_input(cfg)} in [0, 1], mean {cfg.mean}, std {cfg.std}; resizing (shorter side 800, longer at most 1333)
-and normalisation happen inside the model. The reference checkpoint was trained on {_reference_normalisation(cfg)}.
+{cfg.input_format} in [0, 1], mean {cfg.mean}, std {cfg.std}; resizing to the reference's test scale and
+normalisation happen inside the model. The reference checkpoint was trained on {_reference_normalisation(cfg)}.
 
 ## Categories
 
@@ -203,7 +204,7 @@ and normalisation happen inside the model. The reference checkpoint was trained 
 
 ## Licence
 
-{cfg.license} (the reference's weights and hrnetdet). Dataset: {cfg.dataset}.
+{cfg.license}, as the reference's weights. Trained on {cfg.dataset} by the reference ([model zoo]({REFERENCE_ZOO})).
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
