@@ -1,0 +1,8 @@
+"""COCO-format data: dataset, augmentation, grouped sampling and a synthetic dataset."""
+from .coco import BoxWarning, CocoDetection, DatasetError, collate, load_image, read_annotations
+from .samplers import GroupedBatchSampler
+from .synthetic import make_shapes_dataset
+from .transforms import Compose, RandomHorizontalFlip
+
+__all__ = ["BoxWarning", "CocoDetection", "DatasetError", "collate", "load_image", "read_annotations",
+           "GroupedBatchSampler", "make_shapes_dataset", "Compose", "RandomHorizontalFlip"]

@@ -1,0 +1,234 @@
+"""COCO-format detection datasets (an instances json plus an image folder) in torchvision's
+target format, read and validated the way the reference's ``CocoDataset`` does (spec §3.1, §3.8).
+
+Targets are in original-image coordinates: the model's own transform resizes and normalises.
+"""
+import json
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
+from torch import Tensor
+
+from ..zoo.coco import BACKGROUND
+
+Target = Dict[str, Tensor]
+
+
+class DatasetError(ValueError):
+    """An annotation file or image that cannot be used; the message names the file and field."""
+
+
+class BoxWarning(UserWarning):
+    """Boxes were clipped to their image or dropped as degenerate (one warning per dataset)."""
+
+
+def read_annotations(ann_file: str) -> Dict[str, Any]:
+    """Load an instances json, checking the fields hrnetdet relies on."""
+    ann_file = os.fspath(ann_file)
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{ann_file}: malformed json at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{ann_file}: top level is a {type(data).__name__}, not a COCO dict")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{ann_file}: missing or non-list field '{key}'")
+    data.setdefault("annotations", [])
+    for field_name, required in (("images", ("id", "file_name")), ("categories", ("id", "name")),
+                                 ("annotations", ("id", "image_id", "category_id", "bbox"))):
+        for i, rec in enumerate(data[field_name]):
+            missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
+            if missing:
+                raise DatasetError(f"{ann_file}: {field_name}[{i}] lacks field(s) {missing}")
+    return data
+
+
+def categories_of(data: Dict[str, Any]) -> Tuple[List[int], List[str]]:
+    """Category ids sorted ascending (the reference's label order) and the names, background first."""
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    return [int(c["id"]) for c in cats], [BACKGROUND] + [str(c["name"]) for c in cats]
+
+
+def load_image(path: str) -> Tensor:
+    """An image file as a float RGB CHW tensor in [0, 1], EXIF orientation applied. Grayscale,
+    palette, RGBA/LA (alpha dropped, as cv2 does), CMYK and 16-bit images all become RGB."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            arr = arr / (65535.0 if im.mode != "F" else max(float(arr.max()), 1.0))
+            arr = np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=2)
+            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
+
+
+def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """Polygons, uncompressed or compressed RLE -> an (H, W) uint8 mask."""
+    if isinstance(segm, list):
+        segm = [p for p in segm if len(p) >= 6]
+        if not segm:
+            return np.zeros((height, width), dtype=np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+        rle = mask_utils.frPyObjects(segm, height, width)
+    elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
+        rle = dict(segm)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    else:
+        raise ValueError(f"not a polygon list or RLE dict: {str(segm)[:80]}")
+    return mask_utils.decode(rle)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection dataset yielding ``(image, target)``.
+
+    ``image`` is float RGB CHW in [0, 1]; ``target`` holds ``boxes`` (xyxy, original pixels),
+    ``labels`` (1..K in ascending category-id order; 0 is the background), ``image_id`` and, with
+    ``with_masks``, ``masks`` (N, H, W) uint8.
+
+    Args:
+        ann_file: the instances json.
+        image_dir: the folder that ``file_name`` is relative to.
+        transforms: ``callable(image, target, index) -> (image, target)`` (see ``data.transforms``).
+        with_masks: decode polygon/RLE segmentations into ``masks``.
+        filter_empty: drop images without annotations, as the reference does in training
+            (``filter_empty_gt=True``); keep them (empty targets) for evaluation.
+        min_image_size: drop images whose shorter side is smaller (the reference: 32 in training).
+
+    Crowd annotations (``iscrowd=1``) are the reference's ignored boxes: not in the targets.
+    Boxes reaching outside their image are clipped; boxes narrower or lower than one pixel after
+    clipping are dropped; both are counted in a single ``BoxWarning``.
+    """
+
+    def __init__(self, ann_file: str, image_dir: str, *, transforms: Optional[Callable] = None,
+                 with_masks: bool = False, filter_empty: bool = False, min_image_size: int = 0):
+        self.ann_file = os.fspath(ann_file)
+        self.image_dir = os.fspath(image_dir)
+        self.transforms = transforms
+        self.with_masks = with_masks
+        data = read_annotations(self.ann_file)
+        self.cat_ids, self.categories = categories_of(data)
+        self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+        if not os.path.isdir(self.image_dir):
+            raise FileNotFoundError(f"image folder not found: {self.image_dir}")
+
+        by_image: Dict[int, List[dict]] = {int(im["id"]): [] for im in data["images"]}
+        for i, ann in enumerate(data["annotations"]):
+            where = f"{self.ann_file}: annotations[{i}] (id {ann['id']})"
+            if ann["category_id"] not in self.label_of:
+                raise DatasetError(f"{where}: unknown category_id {ann['category_id']!r} "
+                                   f"(categories: {self.cat_ids})")
+            if ann["image_id"] not in by_image:
+                raise DatasetError(f"{where}: unknown image_id {ann['image_id']!r}")
+            bbox = ann["bbox"]
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+                raise DatasetError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox!r}")
+            if with_masks and not ann.get("iscrowd", 0) and "segmentation" not in ann:
+                raise DatasetError(f"{where}: no 'segmentation' field (needed for masks)")
+            by_image[ann["image_id"]].append(ann)
+
+        self.images: List[dict] = []
+        self.annotations: List[List[dict]] = []
+        for i, im in enumerate(data["images"]):
+            path = os.path.join(self.image_dir, im["file_name"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"image file not found: {path} ({self.ann_file}: images[{i}] "
+                                        f"file_name {im['file_name']!r})")
+            anns = by_image[int(im["id"])]
+            if filter_empty and not anns:
+                continue
+            if min(im.get("width", min_image_size), im.get("height", min_image_size)) < min_image_size:
+                continue
+            self.images.append(im)
+            self.annotations.append(anns)
+        self._boxes, clipped, dropped, example = self._prepare_boxes()
+        if clipped or dropped:
+            warnings.warn(f"{self.ann_file}: {clipped} box(es) clipped to their image and {dropped} "
+                          f"degenerate box(es) dropped (e.g. {example})", BoxWarning, stacklevel=2)
+
+    def _prepare_boxes(self) -> Tuple[List[Tuple[np.ndarray, np.ndarray, List[int]]], int, int, str]:
+        """Per image: xyxy boxes, labels and the kept annotations' indices, clipped and filtered."""
+        out, clipped, dropped, example = [], 0, 0, ""
+        for im, anns in zip(self.images, self.annotations):
+            w, h = im.get("width"), im.get("height")
+            boxes, labels, keep = [], [], []
+            for j, ann in enumerate(anns):
+                if ann.get("iscrowd", 0):
+                    continue
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+                box = [x, y, x + bw, y + bh]
+                if w is not None and h is not None:
+                    c = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
+                         min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+                    if c != box and c[2] - c[0] >= 1 and c[3] - c[1] >= 1:
+                        clipped += 1
+                        example = example or f"annotation id {ann['id']}: bbox {ann['bbox']} clipped to {w}x{h}"
+                    box = c
+                if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                    dropped += 1
+                    example = example or f"annotation id {ann['id']}: degenerate bbox {ann['bbox']}"
+                    continue
+                boxes.append(box)
+                labels.append(self.label_of[ann["category_id"]])
+                keep.append(j)
+            out.append((np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                        np.asarray(labels, dtype=np.int64), keep))
+        return out, clipped, dropped, example
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def aspect_ratios(self) -> List[float]:
+        """width / height of every image, from the json (no decoding)."""
+        return [float(im.get("width", 1)) / float(im.get("height", 1)) for im in self.images]
+
+    def image_path(self, index: int) -> str:
+        return os.path.join(self.image_dir, self.images[index]["file_name"])
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Target]:
+        im = self.images[index]
+        path = self.image_path(index)
+        try:
+            image = load_image(path)
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot be decoded as an image: {e}") from e
+        h, w = image.shape[-2:]
+        if (im.get("width", w), im.get("height", h)) != (w, h):
+            raise DatasetError(f"{self.ann_file}: image id {im['id']} ({path}) is {im.get('width')}x"
+                               f"{im.get('height')} (width x height) in the json but {w}x{h} when "
+                               f"decoded with its EXIF orientation")
+        boxes, labels, keep = self._boxes[index]
+        target: Target = {"boxes": torch.from_numpy(boxes.copy()), "labels": torch.from_numpy(labels.copy()),
+                          "image_id": torch.tensor(int(im["id"]))}
+        if self.with_masks:
+            anns = self.annotations[index]
+            masks = np.zeros((len(keep), h, w), dtype=np.uint8)
+            for k, j in enumerate(keep):
+                try:
+                    masks[k] = decode_segmentation(anns[j]["segmentation"], h, w)
+                except Exception as e:
+                    raise DatasetError(f"{self.ann_file}: annotation id {anns[j]['id']}: malformed "
+                                       f"'segmentation': {e}") from e
+            target["masks"] = torch.from_numpy(masks)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, index)
+        return image, target
+
+
+def collate(batch: Sequence[Tuple[Tensor, Target]]) -> Tuple[List[Tensor], List[Target]]:
+    """Lists of images and targets, as torchvision's detection models take them."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
