@@ -13,12 +13,14 @@ is an error that says which file to put where. ``hrnetdet download`` fills a fol
 copied to an air-gapped machine.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import re
 import urllib.error
+from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional, Union
 
 import torch
@@ -161,8 +163,9 @@ def _converted_reference(cfg: PretrainedCfg, home: str, offline: bool) -> str:
     model = create_model(cfg.arch, checkpoint_path=pth)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
-    _atomic(digest_path, lambda tmp: open(tmp, "w").write(sha256_file(path)))
-    os.remove(pth)  # the converted file replaces it
+    _atomic(digest_path, lambda tmp: Path(tmp).write_text(sha256_file(path)))
+    with contextlib.suppress(FileNotFoundError):  # another process may have converted it too
+        os.remove(pth)  # the converted file replaces it
     logger.info("%s: converted %s to %s", cfg.name, cfg.reference_file, path)
     return path
 
