@@ -269,6 +269,10 @@ def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monk
     assert "HF_HUB_OFFLINE=1" in capsys.readouterr().out
     assert hub.gets() == [path, RESOLVE_A]
     assert Path(converted_path(cfg, str(dl))).exists() and not list(dl.joinpath("reference").glob("*.pth"))
+    hub.requests.clear()
+    for record in (cfg, hub_cfg):  # online, a second time: nothing is requested
+        fetch_pretrained(record, home=str(dl), cache_dir=str(dl / "hub"))
+    assert hub.requests == []
     copy = tmp_path / "copied"
     shutil.copytree(dl, copy, symlinks=True)
     shutil.rmtree(dl)
@@ -386,9 +390,13 @@ def test_push_uploads_converted_weights_and_model_card(reference, monkeypatch, c
     assert json.loads(uploads["config.json"])["architecture"] == ARCH
 
 
-def test_model_zoo_md_is_up_to_date():
+def test_model_zoo_md_is_up_to_date(tmp_path):
     assert MODEL_ZOO.read_text() == model_zoo_markdown(), \
         "MODEL_ZOO.md is out of date: run `python -m hrnetdet.zoo.model_zoo`"
+    stale = tmp_path / "MODEL_ZOO.md"
+    stale.write_text(MODEL_ZOO.read_text().replace("36.9", "36.8"))
+    assert cli_main(["zoo-md", "--check", "--out", str(stale)]) == 1
+    assert cli_main(["zoo-md", "--out", str(stale)]) == 0 and stale.read_text() == model_zoo_markdown()
     text = MODEL_ZOO.read_text()
     from hrnetdet.zoo.models import PUBLISHED
     for arch, tag, file, *_ in PUBLISHED:  # every reference row, with its own checkpoint
