@@ -347,7 +347,7 @@ def test_class_dependent_layers_of_every_family():
                                      "coco", arch)
 
 
-def test_weights_backbone_loads_timm_imagenet_hrnet(hub):
+def test_weights_backbone_loads_timm_imagenet_hrnet(hub, tmp_path, monkeypatch):
     torch.manual_seed(1)
     body = HRNet(18).state_dict()
     imagenet = {**{k: torch.randn_like(v.float()).to(v.dtype) for k, v in body.items()},
@@ -360,6 +360,15 @@ def test_weights_backbone_loads_timm_imagenet_hrnet(hub):
     assert hub.gets() == [f"/{TIMM_REPO}/resolve/main/model.safetensors"]
     with pytest.raises(ValueError, match="not a timm HRNet"):
         backbone_weights_file("resnet_nonexistent", 18)
+    # for an offline machine: `hrnetdet download --backbone`, then the folder serves it offline
+    assert cli_main(["download", "--backbone", "hrnet_w18.ms_in1k", "--dir", str(tmp_path / "dl")]) == 0
+    hub.requests.clear()
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "dl"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = backbone_weights_file(True, 18)
+    assert path.startswith(str(tmp_path / "dl" / "hub")) and load(Path(path).read_bytes()).keys() == imagenet.keys()
+    assert hub.requests == []
 
 
 def test_push_uploads_converted_weights_and_model_card(reference, monkeypatch, capsys):
