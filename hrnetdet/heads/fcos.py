@@ -25,8 +25,6 @@ INF = 1e8
 FCOS_STRIDES = (8, 16, 32, 64, 128)
 FCOS_REGRESS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, 512.0), (512.0, INF))
 POSTPROCESS_VERSIONS = ("v2", "v3")
-# mmdet's weight_reduce_loss divides by (avg_factor + eps).
-_AVG_EPS = torch.finfo(torch.float32).eps
 
 
 class Scale(nn.Module):
@@ -49,7 +47,7 @@ def _tower(channels: int, num_convs: int, num_groups: int) -> nn.Sequential:
     ])
 
 
-def fcos_points(sizes: List[Tuple[int, int]], strides: Sequence[int], dtype: torch.dtype,
+def fcos_points(sizes: List[Tuple[int, int]], strides: List[int], dtype: torch.dtype,
                 device: torch.device) -> List[Tensor]:
     """Per level, the (x, y) input-pixel centre of every location, row-major: ``(i + 0.5) * s``."""
     points: List[Tensor] = []
@@ -170,11 +168,11 @@ class FCOSHead(nn.Module):
         inside = dist.min(-1).values > 0
         max_dist = dist.max(-1).values
         in_range = (max_dist >= ranges[:, 0:1]) & (max_dist <= ranges[:, 1:2])
-        areas[~inside] = INF
-        areas[~in_range] = INF
+        no_box = 1e8  # the reference's INF
+        areas[~(inside & in_range)] = no_box
         min_area, idx = areas.min(dim=1)
         point_labels = labels[idx].clone()
-        point_labels[min_area == INF] = 0
+        point_labels[min_area == no_box] = 0
         return point_labels, dist[torch.arange(num_points, device=points.device), idx]
 
     def compute_loss(self, targets: List[Dict[str, Tensor]], cls_logits: List[Tensor],
@@ -182,9 +180,12 @@ class FCOSHead(nn.Module):
                      ) -> Dict[str, Tensor]:
         """Focal loss over num_pos, centerness-weighted ``-log IoU`` over the centerness-target sum,
         centerness BCE over num_pos; counts averaged over processes (the reference's rule)."""
+        eps = 1.1920928955078125e-07  # float32 eps: mmdet's weight_reduce_loss divides by (avg_factor + eps)
         all_points = torch.cat(points)
-        ranges = torch.cat([p.new_tensor(r)[None].expand(p.shape[0], 2)
-                            for p, r in zip(points, self.regress_ranges)])
+        level_ranges: List[Tensor] = []
+        for p, (lo, hi) in zip(points, self.regress_ranges):
+            level_ranges.append(torch.tensor([lo, hi], dtype=p.dtype, device=p.device).expand(p.shape[0], 2))
+        ranges = torch.cat(level_ranges)
         labels_l: List[Tensor] = []
         dist_l: List[Tensor] = []
         for t in targets:
@@ -201,7 +202,7 @@ class FCOSHead(nn.Module):
         pos = torch.nonzero(labels > 0).squeeze(1)
         num_pos = _mean_over_ranks(torch.tensor(float(pos.numel()), device=cls.device)).clamp(min=1.0)
         one_hot = F.one_hot(labels, self.num_classes + 1)[:, 1:].to(cls.dtype)
-        loss_cls = sigmoid_focal_loss(cls, one_hot, alpha=0.25, gamma=2.0, reduction="sum") / (num_pos + _AVG_EPS)
+        loss_cls = sigmoid_focal_loss(cls, one_hot, alpha=0.25, gamma=2.0, reduction="sum") / (num_pos + eps)
 
         pos_dist = pred_dist[pos]
         pos_ctr = ctr[pos]
@@ -214,8 +215,8 @@ class FCOSHead(nn.Module):
         pos_points = flat_points[pos]
         loss_box = iou_log_loss(distance_to_boxes(pos_points, pos_dist),
                                 distance_to_boxes(pos_points, pos_targets))
-        loss_box = (loss_box * ctr_targets).sum() / (ctr_denorm + _AVG_EPS)
-        loss_ctr = F.binary_cross_entropy_with_logits(pos_ctr, ctr_targets, reduction="sum") / (num_pos + _AVG_EPS)
+        loss_box = (loss_box * ctr_targets).sum() / (ctr_denorm + eps)
+        loss_ctr = F.binary_cross_entropy_with_logits(pos_ctr, ctr_targets, reduction="sum") / (num_pos + eps)
         return {"classification": loss_cls, "bbox_regression": loss_box, "bbox_ctrness": loss_ctr}
 
     # ------------------------------------------------------------------ inference
