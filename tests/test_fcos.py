@@ -64,15 +64,15 @@ def test_appendix_key_listing_converts_and_loads_strictly():
 
 
 def test_losses_are_finite_and_reach_every_part():
-    # Regress ranges scaled by 1/16 so that a 96x128 image has positives on all five levels.
+    # Regress ranges scaled by 1/16 so that a 96x96 image has positives on all five levels.
     small_ranges = ((-1, 4), (4, 8), (8, 16), (16, 32), (32, 1e8))
     model = FCOSDetector(hrnetv2p_backbone(18, fpn_stride=2), FCOSHead(256, 80, regress_ranges=small_ranges),
                          build_transform(**TINY)).train()
-    # one box per level: L0 point (20, 76), L1 (104, 72), L2 (80, 48), L3 (32, 32), L4 (64, 64)
-    boxes = torch.tensor([[17., 73., 23., 79.], [99., 67., 111., 79.], [70., 40., 92., 62.],
-                          [10., 10., 50., 50.], [2., 2., 126., 94.]])
+    # one box per level: L0 point (20, 76), L1 (72, 88), L2 (80, 48), L3 (32, 32), L4 (64, 64)
+    boxes = torch.tensor([[17., 73., 23., 79.], [67., 83., 77., 93.], [70., 40., 92., 62.],
+                          [10., 10., 50., 50.], [2., 2., 94., 94.]])
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 5, 17, 80, 3])}]
-    losses = model([torch.rand(3, 96, 128)], targets)
+    losses = model([torch.rand(3, 96, 96)], targets)
     assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     sum(losses.values()).backward()
