@@ -1,0 +1,155 @@
+"""COCO evaluation with pycocotools: the usual 12 numbers for bbox (and segm for mask models), a
+per-class AP table, and the predictions in COCO results format."""
+import contextlib
+import io
+import json
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from tqdm import tqdm
+
+from ..data.coco import CocoDetection, collate
+from ..zoo.convert import _atomic
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def has_masks(model: nn.Module) -> bool:
+    """Whether the model predicts instance masks (its family says so when it came from create_model)."""
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        from ..zoo.registry import get_family
+        return get_family(arch)[0].has_masks
+    return bool(getattr(getattr(model, "roi_heads", None), "mask_predictor", None))
+
+
+def to_coco_results(pred: Dict[str, torch.Tensor], image_id: int, cat_ids: Sequence[int]) -> List[dict]:
+    """One image's detections as COCO result records: xywh boxes, dataset category ids, RLE masks."""
+    boxes = pred["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    labels = pred["labels"].tolist()
+    scores = pred["scores"].detach().float().cpu().tolist()
+    out = []
+    masks = pred.get("masks")
+    for i, (box, label, score) in enumerate(zip(xywh, labels, scores)):
+        rec = {"image_id": image_id, "category_id": cat_ids[label - 1], "bbox": [round(v, 3) for v in box],
+               "score": round(score, 5)}
+        if masks is not None:
+            m = (masks[i, 0].float() >= 0.5).cpu().numpy().astype(np.uint8)
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rec["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        out.append(rec)
+    return out
+
+
+def _coco_gt(ds: CocoDetection) -> COCO:
+    """A pycocotools COCO object for the dataset's images, with the 'area'/'iscrowd' defaults it needs."""
+    with open(ds.ann_file) as f:
+        data = json.load(f)
+    for ann in data.get("annotations", []):
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+    data.setdefault("annotations", [])
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _per_class_ap(ev: COCOeval, names: Sequence[str]) -> Dict[str, float]:
+    """AP@[.5:.95] of each category (area all, 100 detections); NaN where it has no ground truth."""
+    precision = ev.eval["precision"]  # (T, R, K, A, M)
+    out = {}
+    for k, name in enumerate(names):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[name] = float(p.mean()) if p.size else float("nan")
+    return out
+
+
+def coco_metrics(coco: COCO, results: List[dict], iou_type: str, image_ids: Sequence[int],
+                 names: Sequence[str]) -> Dict[str, Any]:
+    """The 12 COCO numbers and per-class AP for one IoU type (zeros when nothing was detected)."""
+    if not results:
+        return {"stats": {n: 0.0 for n in STAT_NAMES}, "per_class": {n: 0.0 for n in names}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco.loadRes(results)
+        ev = COCOeval(coco, dt, iou_type)
+        ev.params.imgIds = list(image_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"stats": {n: float(v) for n, v in zip(STAT_NAMES, ev.stats)}, "per_class": _per_class_ap(ev, names)}
+
+
+def format_table(metrics: Dict[str, Any]) -> str:
+    """A plain-text report: the 12 numbers per IoU type, then AP per class."""
+    lines = []
+    types = [t for t in ("bbox", "segm") if t in metrics]
+    for t in types:
+        lines.append(f"{t}: " + "  ".join(f"{n}={metrics[t]['stats'][n]:.3f}" for n in STAT_NAMES))
+    names = list(metrics[types[0]]["per_class"]) if types else []
+    width = max([len(n) for n in names] + [8])
+    lines.append(f"{'category':{width}s} " + " ".join(f"{t + ' AP':>8s}" for t in types))
+    for n in names:
+        lines.append(f"{n:{width}s} " + " ".join(f"{metrics[t]['per_class'][n]:8.3f}" for t in types))
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Optional[str] = None,
+             device: Optional[str] = None, batch_size: int = 1, iou_types: Optional[Sequence[str]] = None,
+             num_workers: int = 0, progress: bool = True) -> Dict[str, Any]:
+    """Run ``model`` on every image of a COCO-format dataset and score it with pycocotools.
+
+    Labels map back to the dataset's category ids in ascending order (label 1 = smallest id), as
+    ``CocoDetection`` maps them for training. ``iou_types`` defaults to bbox, plus segm for mask
+    models. With ``out_dir``, writes ``predictions.json`` (COCO results) and ``metrics.json``.
+
+    Returns ``{"bbox": {"stats": {AP, AP50, ...}, "per_class": {name: AP}}, ["segm": ...,]
+    "num_images", "num_detections"}``.
+    """
+    ds = CocoDetection(ann_file, image_dir, with_masks=False)
+    num_classes = len(getattr(model, "categories", []) or [])
+    if num_classes and num_classes != len(ds.categories):
+        raise ValueError(f"the model predicts {num_classes - 1} categories but {ann_file} has "
+                         f"{len(ds.categories) - 1}: build it with num_classes={len(ds.categories)}")
+    if num_classes and list(model.categories[1:]) != ds.categories[1:]:
+        warnings.warn(f"model categories {list(model.categories[1:])[:5]}... differ from {ann_file}'s "
+                      f"{ds.categories[1:6]}...; labels are mapped by position (ascending category id)")
+    if iou_types is None:
+        iou_types = ("bbox", "segm") if has_masks(model) else ("bbox",)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval().to(device)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    results: List[dict] = []
+    for images, targets in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+        preds = model([im.to(device) for im in images])
+        for pred, tgt in zip(preds, targets):
+            results += to_coco_results(pred, int(tgt["image_id"]), ds.cat_ids)
+    model.train(was_training)
+
+    coco = _coco_gt(ds)
+    image_ids = [int(im["id"]) for im in ds.images]
+    names = ds.categories[1:]
+    metrics: Dict[str, Any] = {}
+    for t in iou_types:
+        recs = results if t == "bbox" else [r for r in results if "segmentation" in r]
+        metrics[t] = coco_metrics(coco, recs, t, image_ids, names)
+    metrics["num_images"] = len(image_ids)
+    metrics["num_detections"] = len(results)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        _atomic(os.path.join(out_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(json.dumps(results)))
+        _atomic(os.path.join(out_dir, "metrics.json"),
+                lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+    return metrics

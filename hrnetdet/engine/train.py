@@ -1,0 +1,379 @@
+"""``fit``: the reference's training recipe (spec §3.8) as a small loop: SGD with linear or
+constant warm-up and step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard
+against non-finite losses, metrics in JSON lines and curves."""
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import defaultdict, deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..data import CocoDetection, Compose, GroupedBatchSampler, RandomHorizontalFlip, collate
+from ..zoo.convert import _atomic, save_safetensors
+from ..zoo.registry import get_arch_pretrained_cfgs, get_family
+from .curves import plot_curves
+from .evaluate import evaluate
+
+logger = logging.getLogger("hrnetdet")
+
+STATE_FILE = "training_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family's optimisation recipe; ``base_lr`` is for a total batch of 16 images."""
+    base_lr: float
+    warmup: str                 # "linear" (from ratio x lr) or "constant" (ratio x lr)
+    warmup_ratio: float
+    grad_clip: Optional[float]  # max L2 norm
+    bias_lr_mult: float = 1.0   # for biases outside norm layers
+    bias_decay_mult: float = 1.0
+
+
+RCNN_RECIPE = Recipe(0.02, "linear", 0.001, None)
+RECIPES = {"fcos": Recipe(0.01, "constant", 1.0 / 3, 35.0, bias_lr_mult=2.0, bias_decay_mult=0.0)}
+
+# The learning rate drops x0.1 at these fractions of the run (1x: epochs 8 and 11 of 12, ...).
+SCHEDULES = {"1x": (8 / 12, 11 / 12), "2x": (16 / 24, 22 / 24), "20e": (16 / 20, 19 / 20)}
+
+
+def default_schedule(arch: str) -> str:
+    """The shortest schedule the reference published for the architecture (cascades and HTC: 20e)."""
+    published = {c.schedule for c in get_arch_pretrained_cfgs(arch)}
+    return next((s for s in ("1x", "20e", "2x") if s in published), "1x")
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, recipe: Recipe) -> List[Dict[str, Any]]:
+    """mmcv's DefaultOptimizerConstructor rule: biases of non-norm layers get ``bias_lr_mult`` and
+    ``bias_decay_mult``; frozen parameters are left out."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    plain, bias = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (bias if name == "bias" and not isinstance(module, norm_types) else plain).append(p)
+    if recipe.bias_lr_mult == 1.0 and recipe.bias_decay_mult == 1.0:
+        return [{"params": plain + bias, "lr": lr, "weight_decay": weight_decay}]
+    return [{"params": plain, "lr": lr, "weight_decay": weight_decay},
+            {"params": bias, "lr": lr * recipe.bias_lr_mult, "weight_decay": weight_decay * recipe.bias_decay_mult}]
+
+
+def lr_factor(it: int, total: int, milestones: Sequence[int], warmup_iters: int, recipe: Recipe) -> float:
+    """The multiplier of the base learning rate at iteration ``it`` (mmcv's warm-up formulas)."""
+    factor = 0.1 ** sum(it >= m for m in milestones)
+    if it < warmup_iters:
+        if recipe.warmup == "constant":
+            return factor * recipe.warmup_ratio
+        return factor * (1 - (1 - it / warmup_iters) * (1 - recipe.warmup_ratio))
+    return factor
+
+
+def _rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                    *np_state[2:]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _setup_distributed(device: Optional[str]) -> Tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether we created the process group). torchrun sets WORLD_SIZE."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    created = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        created = True
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dev, created
+    return 0, 1, dev, created
+
+
+def _amp_dtype(amp: Union[bool, str], device: torch.device) -> Optional[torch.dtype]:
+    if not amp:
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"amp needs a CUDA device (got {device}); train in float32 on the CPU")
+    if amp == "fp16":
+        return torch.float16
+    if amp in (True, "bf16"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    raise ValueError(f"amp must be True, False, 'bf16' or 'fp16', got {amp!r}")
+
+
+def _to_device(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> List[Dict[str, torch.Tensor]]:
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+class _Metrics:
+    """Appends JSON lines (rank 0); on resume, drops the records after the resumed iteration."""
+
+    def __init__(self, path: str, resume_iter: Optional[int], enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_iter is not None and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
+        _atomic(path, lambda tmp: open(tmp, "w").write("".join(kept)))
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[str] = None,
+        val_images: Optional[str] = None, out_dir: str = "runs/train", *, epochs: Optional[int] = None,
+        iters: Optional[int] = None, batch_size: int = 2, lr: Optional[float] = None, momentum: float = 0.9,
+        weight_decay: float = 1e-4, schedule: Optional[str] = None, warmup_iters: int = 500,
+        grad_clip: Optional[float] = None, amp: Union[bool, str] = False, device: Optional[str] = None,
+        resume: Union[bool, str] = False, seed: int = 0, hflip: float = 0.5,
+        multiscale: Optional[Sequence[int]] = None, filter_empty: bool = True, num_workers: int = 0,
+        checkpoint_every: Optional[int] = None, log_every: int = 10, progress: bool = True,
+        max_nonfinite: int = 20) -> Dict[str, Any]:
+    """Train (or fine-tune) ``model`` on a COCO-format dataset with the reference's recipe.
+
+    Args:
+        model: from ``create_model`` (``model.arch`` picks the family's recipe); its class count
+            must be the dataset's categories + 1, e.g. ``create_model(name, pretrained=True,
+            num_classes=K + 1)`` to fine-tune COCO weights on K categories.
+        epochs / iters: the run length (exactly one of them).
+        batch_size: images per process; the total batch is ``batch_size x world size``.
+        lr: default: the family's base rate x total batch / 16 (R-CNN 0.02, FCOS 0.01).
+        schedule: "1x", "2x" or "20e": LR x0.1 at the reference's fractions of the run; default:
+            the family's shortest published schedule.
+        warmup_iters: the reference's 500, capped at a quarter of the run.
+        grad_clip: max gradient L2 norm; default: the recipe's (FCOS 35, R-CNN none); 0 disables.
+        amp: True (bf16 where supported, else fp16 with a GradScaler), "bf16" or "fp16"; CUDA only.
+        resume: True continues from ``out_dir/training_state.pt`` when it exists; a path names a
+            state file. Model, optimizer, schedule, scaler, iteration, RNG states and the
+            sampler position are restored, so an interrupted run ends with the same weights.
+        hflip: horizontal flip probability (the reference: 0.5).
+        multiscale: training shorter-side choices, e.g. (640, 800) as the reference's ms configs;
+            evaluation uses the last.
+        filter_empty: drop training images without annotations (the reference's filter_empty_gt).
+        checkpoint_every: iterations between checkpoints (and validations); default: every epoch
+            with ``epochs``, a tenth of the run with ``iters``.
+        max_nonfinite: stop after this many consecutive skipped (non-finite) losses.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process trains a DDP replica (nccl on GPUs, gloo on
+    the CPU) on its share of every batch; rank 0 writes. ``out_dir`` receives ``last/`` and
+    ``best/`` (``model.safetensors`` + ``config.json``, loadable by ``create_model(arch,
+    checkpoint_path=...)``; best by validation bbox AP, so only with a validation set),
+    ``training_state.pt``, ``metrics.jsonl`` and ``loss.png``, ``lr.png``, ``ap.png``.
+
+    Returns a summary: iterations, last/best paths, the last validation metrics, skipped steps.
+    """
+    if (epochs is None) == (iters is None):
+        raise ValueError("give exactly one of epochs or iters")
+    if (val_ann is None) != (val_images is None):
+        raise ValueError("val_ann and val_images go together")
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError("fit needs a model built by hrnetdet.create_model (model.arch names its family)")
+    family, _ = get_family(arch)
+    recipe = RECIPES.get(family.name, RCNN_RECIPE)
+    schedule = schedule or default_schedule(arch)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {sorted(SCHEDULES)}")
+
+    rank, world, dev, created_group = _setup_distributed(device)
+    main = rank == 0
+    amp_dtype = _amp_dtype(amp, dev)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+    transforms = Compose([RandomHorizontalFlip(hflip, seed)]) if hflip > 0 else None
+    ds = CocoDetection(train_ann, train_images, transforms=transforms, with_masks=family.has_masks,
+                       filter_empty=filter_empty, min_image_size=32)
+    if len(getattr(model, "categories", [])) != len(ds.categories):
+        raise ValueError(f"the model has {len(model.categories)} classes (with background) but {train_ann} "
+                         f"has {len(ds.categories) - 1} categories: build it with "
+                         f"num_classes={len(ds.categories)}")
+    model.categories = list(ds.categories)
+    if multiscale is not None:
+        model.transform.min_size = tuple(int(s) for s in multiscale)
+    sampler = GroupedBatchSampler(ds.aspect_ratios(), batch_size, seed=seed, rank=rank, world_size=world)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                         generator=torch.Generator().manual_seed(seed))
+    per_epoch = len(sampler)
+    total = iters if iters is not None else epochs * per_epoch
+    if epochs is not None:
+        milestones = [round(f * epochs) * per_epoch for f in SCHEDULES[schedule]]
+        checkpoint_every = checkpoint_every or per_epoch
+    else:
+        milestones = [round(f * total) for f in SCHEDULES[schedule]]
+        checkpoint_every = checkpoint_every or max(1, total // 10)
+    warmup_iters = min(warmup_iters, total // 4)
+    lr = lr if lr is not None else recipe.base_lr * batch_size * world / 16
+    grad_clip = recipe.grad_clip if grad_clip is None else (grad_clip or None)
+
+    model.to(dev).train()
+    optimizer = torch.optim.SGD(param_groups(model, lr, weight_decay, recipe), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, total, milestones, warmup_iters, recipe))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    for sub in ("last", "best") if val_ann else ("last",):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    state_path = resume if isinstance(resume, str) else os.path.join(out_dir, STATE_FILE)
+    start, best_ap, resumed = 0, -1.0, False
+    if resume and os.path.isfile(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best_ap, resumed = int(state["iteration"]), float(state["best_ap"]), True
+        if state["world_size"] == world:
+            _set_rng_state(state["rng"][rank])
+        elif main:
+            logger.warning("resuming a %d-process run with %d processes: RNG streams restart",
+                           state["world_size"], world)
+        if main:
+            logger.info("resumed %s at iteration %d of %d", state_path, start, total)
+    elif resume and isinstance(resume, str):
+        raise FileNotFoundError(f"training state to resume from not found: {resume}")
+    elif resume and main:
+        logger.info("no %s yet: starting from iteration 0", state_path)
+
+    metrics = _Metrics(os.path.join(out_dir, METRICS_FILE), start if resumed else None, main)
+    ddp = world > 1
+    net = nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True) if ddp else model
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    window: Dict[str, deque] = defaultdict(lambda: deque(maxlen=max(log_every, 20)))
+    last_val: Dict[str, Any] = {}
+    skipped, consecutive_bad = 0, 0
+    bar = tqdm(total=total, initial=start, disable=not (progress and main), dynamic_ncols=True, desc="train")
+    t_log, it_log = time.time(), start
+
+    def checkpoint(it: int) -> None:
+        nonlocal best_ap, last_val
+        rng = [_rng_state()] * world
+        if ddp:
+            dist.all_gather_object(rng, _rng_state())
+        if main:
+            extra = {"trained_on": os.path.basename(train_ann), "iteration": it}
+            if val_ann is not None:
+                model.eval()
+                res = evaluate(model, val_ann, val_images, device=str(dev), progress=False)
+                model.train()
+                last_val = {f"{t}_{k}": v for t in ("bbox", "segm") if t in res for k, v in res[t]["stats"].items()}
+                metrics.write({"type": "val", "iter": it, **last_val})
+                extra["val_metrics"] = last_val
+                if last_val["bbox_AP"] > best_ap:
+                    best_ap = last_val["bbox_AP"]
+                    save_safetensors(model, os.path.join(out_dir, "best", "model.safetensors"), arch, extra)
+            save_safetensors(model, os.path.join(out_dir, "last", "model.safetensors"), arch, extra)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": it,
+                     "best_ap": best_ap, "rng": rng, "world_size": world, "total_iters": total}
+            _atomic(state_path, lambda tmp: torch.save(state, tmp))
+            plot_curves(metrics.path, out_dir)
+        if ddp:
+            dist.barrier()
+
+    it = start
+    try:
+        while it < total:
+            epoch, first_batch = divmod(it, per_epoch)
+            sampler.set_epoch(epoch, first_batch)
+            if transforms is not None:
+                transforms.set_epoch(epoch)
+            for images, targets in loader:
+                images = [im.to(dev, non_blocking=True) for im in images]
+                targets = _to_device(targets, dev)
+                with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                    losses = net(images, targets)
+                loss = sum(losses.values())
+                values = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
+                if ddp:
+                    dist.all_reduce(values)
+                    values /= world
+                finite = bool(torch.isfinite(values).all())
+                optimizer.zero_grad(set_to_none=True)
+                # Every rank runs backward so that DDP's gradient hooks stay in step; a non-finite
+                # loss (on any rank) is zeroed and the update skipped.
+                scaler.scale(loss if finite else torch.nan_to_num(loss, 0.0, 0.0, 0.0) * 0).backward()
+                if finite:
+                    if grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    consecutive_bad = 0
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    optimizer.step()  # no gradients, so nothing moves; keeps the scheduler's step order
+                    skipped += 1
+                    consecutive_bad += 1
+                    record = {"type": "skip", "iter": it + 1, **{k: v.item() for k, v in zip(["loss", *losses], values)}}
+                    metrics.write(record)
+                    if main:
+                        logger.warning("non-finite loss at iteration %d skipped: %s", it + 1, record)
+                    if consecutive_bad >= max_nonfinite:
+                        raise FloatingPointError(f"{consecutive_bad} consecutive non-finite losses (last at "
+                                                 f"iteration {it + 1}: {record}); lower the learning rate")
+                scheduler.step()
+                it += 1
+                if finite:
+                    for k, v in zip(["loss", *losses], values.tolist()):
+                        window[k].append(v)
+                bar.update(1)
+                if main and window:
+                    bar.set_postfix(loss=f"{np.mean(window['loss']):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                if it % log_every == 0 or it == total:
+                    if window:
+                        now = time.time()
+                        metrics.write({"type": "train", "iter": it, "epoch": it / per_epoch,
+                                       "lr": optimizer.param_groups[0]["lr"],
+                                       **{k: float(np.mean(v)) for k, v in window.items()},
+                                       "sec_per_iter": (now - t_log) / max(it - it_log, 1)})
+                        t_log, it_log = now, it
+                if it % checkpoint_every == 0 or it == total:
+                    checkpoint(it)
+                if it >= total:
+                    break
+    finally:
+        bar.close()
+        if created_group:
+            dist.destroy_process_group()
+    return {"iterations": it, "out_dir": out_dir, "last": os.path.join(out_dir, "last", "model.safetensors"),
+            "best": os.path.join(out_dir, "best", "model.safetensors") if val_ann else None,
+            "val": last_val, "skipped_steps": skipped, "lr": lr, "milestones": milestones}

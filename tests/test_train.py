@@ -1,0 +1,197 @@
+"""Training: the reference's recipes, exact resume after an interruption, the non-finite guard,
+two-process gloo DDP, the CLI, and short fine-tunes of each family evaluated with pycocotools."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import hrnetdet
+from hrnetdet.cli import main as cli_main
+from hrnetdet.data import make_shapes_dataset
+from hrnetdet.engine.train import RCNN_RECIPE, RECIPES, default_schedule, lr_factor, param_groups
+from hrnetdet.train import fit
+
+RPN_SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
+                 rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)
+
+
+def tiny_model(arch, seed=0, **kwargs):
+    """W18 at 64-80 px with few proposals: seconds per step on a CPU."""
+    torch.manual_seed(seed)
+    extra = dict(topk_candidates=100) if arch.startswith("fcos") else RPN_SMALL
+    return hrnetdet.create_model(arch, num_classes=4, min_size=64, max_size=80, **{**extra, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    sizes = ((80, 64), (64, 80))
+    train = make_shapes_dataset(root, "train", 4, seed=0, sizes=sizes, min_radius=8, max_radius=20)
+    val = make_shapes_dataset(root, "val", 2, seed=1, sizes=sizes, min_radius=8, max_radius=20)
+    return train, val
+
+
+def test_recipes():
+    assert lr_factor(0, 1000, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.001)
+    assert lr_factor(250, 1000, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.5005)
+    assert lr_factor(500, 1000, [600, 900], 500, RCNN_RECIPE) == 1.0
+    assert lr_factor(600, 1000, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.1)
+    assert lr_factor(950, 1000, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.01)
+    assert lr_factor(10, 1000, [600, 900], 500, RECIPES["fcos"]) == pytest.approx(1 / 3)
+    assert [default_schedule(a) for a in ("faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w32",
+                                          "cascade_rcnn_hrnetv2p_w18", "htc_hrnetv2p_w18", "fcos_hrnetv2p_w18")] \
+        == ["1x", "1x", "20e", "20e", "1x"]
+    model = hrnetdet.create_model("fcos_hrnetv2p_w18", num_classes=4)
+    plain, bias = param_groups(model, 0.01, 1e-4, RECIPES["fcos"])
+    assert (bias["lr"], bias["weight_decay"], plain["lr"], plain["weight_decay"]) == (0.02, 0.0, 0.01, 1e-4)
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))}
+    assert not norm_biases & {id(p) for p in bias["params"]} and norm_biases <= {id(p) for p in plain["params"]}
+    assert len(param_groups(model, 0.02, 1e-4, RCNN_RECIPE)) == 1
+
+
+def test_amp_needs_cuda(shapes, tmp_path):
+    (ann, images), _ = shapes
+    with pytest.raises(ValueError, match="amp needs a CUDA device"):
+        fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(tmp_path), iters=1, amp=True, device="cpu")
+
+
+def _interrupt_after(model, calls):
+    """Make the model's forward raise KeyboardInterrupt once it has run ``calls`` times (a kill)."""
+    forward, count = model.forward, [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+    model.forward = wrapped
+
+
+def test_resume_after_interruption_equals_straight_run(shapes, tmp_path):
+    (ann, images), _ = shapes
+    kw = dict(iters=4, batch_size=1, lr=0.005, checkpoint_every=2, progress=False, log_every=1)
+    straight = tiny_model("faster_rcnn_hrnetv2p_w18", norm_eval=False)
+    fit(straight, ann, images, out_dir=str(tmp_path / "a"), **kw)
+
+    run = str(tmp_path / "b")
+    first = tiny_model("faster_rcnn_hrnetv2p_w18", norm_eval=False)
+    _interrupt_after(first, 3)
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, ann, images, out_dir=run, **kw)
+    assert torch.load(os.path.join(run, "training_state.pt"), weights_only=True)["iteration"] == 2
+    resumed = tiny_model("faster_rcnn_hrnetv2p_w18", seed=123, norm_eval=False)  # weights come from the state
+    summary = fit(resumed, ann, images, out_dir=run, resume=True, **kw)
+    assert summary["iterations"] == 4
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert any(not torch.equal(a[k], tiny_model("faster_rcnn_hrnetv2p_w18").state_dict()[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    iters = [json.loads(line)["iter"] for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert iters == [1, 2, 3, 4]
+    for name in ("last/model.safetensors", "last/config.json", "loss.png", "lr.png"):
+        assert os.path.isfile(os.path.join(run, name)), name
+
+
+def test_nonfinite_losses_are_skipped_and_reported(shapes, tmp_path):
+    (ann, images), _ = shapes
+    model = tiny_model("faster_rcnn_hrnetv2p_w18")
+    forward, count = model.forward, [0]
+
+    def nan_on_second(*args, **kwargs):
+        count[0] += 1
+        losses = forward(*args, **kwargs)
+        if count[0] == 2:
+            losses["loss_classifier"] = losses["loss_classifier"] * float("nan")
+        return losses
+    model.forward = nan_on_second
+    summary = fit(model, ann, images, out_dir=str(tmp_path), iters=3, lr=0.005, progress=False, log_every=1)
+    assert summary["skipped_steps"] == 1
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iter"] for r in records if r["type"] == "skip"] == [2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    always = tiny_model("faster_rcnn_hrnetv2p_w18")
+    always_forward = always.forward
+    always.forward = lambda *a, **k: {k2: v * float("inf") for k2, v in always_forward(*a, **k).items()}
+    with pytest.raises(FloatingPointError, match="2 consecutive non-finite losses"):
+        fit(always, ann, images, out_dir=str(tmp_path / "inf"), iters=5, progress=False, max_nonfinite=2)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, port, ann, images, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    model = tiny_model("faster_rcnn_hrnetv2p_w18", seed=rank)  # different inits: DDP broadcasts rank 0's
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(out, "init0.pt"))
+    fit(model, ann, images, out_dir=os.path.join(out, "run"), iters=2, batch_size=1, lr=0.005, device="cpu",
+        progress=False)
+    torch.save(model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_ends_with_identical_weights(shapes, tmp_path):
+    (ann, images), _ = shapes
+    mp.spawn(_ddp_worker, args=(_free_port(), ann, images, str(tmp_path)), nprocs=2)
+    w0, w1, init = (torch.load(tmp_path / f, weights_only=True) for f in ("rank0.pt", "rank1.pt", "init0.pt"))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert any(not torch.equal(w0[k], init[k]) for k in w0)
+    state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["iteration"] == 2
+
+
+@pytest.mark.slow
+def test_cli_train_then_eval(shapes, tmp_path, capsys):
+    (ann, images), (val_ann, val_images) = shapes
+    run = str(tmp_path / "run")
+    assert cli_main(["train", "--model", "faster_rcnn_hrnetv2p_w18", "--train-ann", ann, "--train-images", images,
+                     "--val-ann", val_ann, "--val-images", val_images, "--out", run, "--iters", "2",
+                     "--min-size", "64", "--max-size", "80", "--workers", "0", "--lr", "0.005"]) == 0
+    for name in ("last/model.safetensors", "best/model.safetensors", "best/config.json", "training_state.pt",
+                 "metrics.jsonl", "loss.png", "lr.png", "ap.png"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    config = json.load(open(os.path.join(run, "best", "config.json")))
+    assert config["categories"] == ["__background__", "circle", "square", "triangle"]
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", "faster_rcnn_hrnetv2p_w18", "--checkpoint", os.path.join(run, "best", "model.safetensors"),
+                     "--ann", val_ann, "--images", val_images, "--out", str(tmp_path / "eval"),
+                     "--min-size", "64", "--max-size", "80", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "bbox: AP=" in out and "triangle" in out
+    assert os.path.isfile(tmp_path / "eval" / "predictions.json")
+
+
+FAMILIES = {"two-stage": "faster_rcnn_hrnetv2p_w18", "cascade": "cascade_rcnn_hrnetv2p_w18",
+            "fcos": "fcos_hrnetv2p_w18"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_short_finetune_lowers_loss_and_evaluates(family, shapes, tmp_path):
+    arch = FAMILIES[family]
+    if arch not in hrnetdet.list_models():
+        pytest.skip(f"{arch} is not registered yet")
+    (ann, images), (val_ann, val_images) = shapes
+    model = tiny_model(arch, norm_eval=False)
+    summary = fit(model, ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=10, batch_size=2,
+                  lr=0.005, checkpoint_every=10, progress=False, log_every=1, hflip=0.0)
+    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
+    assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3])
+    metrics = hrnetdet.evaluate(model, val_ann, val_images, out_dir=str(tmp_path / "eval"), progress=False)
+    assert set(metrics["bbox"]["stats"]) >= {"AP", "AP50", "AP75", "ARl"}
+    assert summary["val"]["bbox_AP"] == pytest.approx(metrics["bbox"]["stats"]["AP"])
+    results = json.load(open(tmp_path / "eval" / "predictions.json"))
+    assert {r["category_id"] for r in results} <= {3, 7, 11}
+    reloaded = tiny_model(arch, checkpoint_path=summary["best"])
+    again = hrnetdet.evaluate(reloaded, val_ann, val_images, progress=False)
+    assert again["bbox"]["stats"] == metrics["bbox"]["stats"]
