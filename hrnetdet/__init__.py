@@ -2,11 +2,12 @@
 from .zoo import (CheckpointError, create_model, get_arch_pretrained_cfgs, get_pretrained_cfg,
                   list_families, list_models)
 from .zoo import build_factories as _build_factories
+from .engine.evaluate import evaluate
 
 __version__ = "0.1.0"
 
 _factories = _build_factories()
 globals().update(_factories)
 
-__all__ = ["CheckpointError", "create_model", "get_arch_pretrained_cfgs", "get_pretrained_cfg",
+__all__ = ["CheckpointError", "create_model", "evaluate", "get_arch_pretrained_cfgs", "get_pretrained_cfg",
            "list_families", "list_models", *_factories]

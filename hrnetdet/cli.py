@@ -12,6 +12,8 @@ COMMANDS = {
     "download": "hrnetdet.zoo.hub",
     "push": "hrnetdet.zoo.model_zoo",
     "zoo-md": "hrnetdet.zoo.model_zoo",
+    "train": "hrnetdet.engine.commands",
+    "eval": "hrnetdet.engine.commands",
 }
 
 
