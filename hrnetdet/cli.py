@@ -14,6 +14,7 @@ COMMANDS = {
     "zoo-md": "hrnetdet.zoo.model_zoo",
     "train": "hrnetdet.engine.commands",
     "eval": "hrnetdet.engine.commands",
+    "predict": "hrnetdet.inference.commands",
 }
 
 

@@ -98,7 +98,7 @@ class HRModule(nn.Module):
         self.relu = nn.ReLU(inplace=False)
 
     def forward(self, xs: List[Tensor]) -> List[Tensor]:
-        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        xs = [branch(xs[i]) for i, branch in enumerate(self.branches)]
         out: List[Tensor] = []
         for row in self.fuse_layers:
             y = torch.zeros(0)
@@ -184,17 +184,12 @@ class HRNet(nn.Module):
         xs = [t(x) for t in self.transition1]
         for module in self.stage2:
             xs = module(xs)
-        xs = self._transition(self.transition2, xs)
+        # The last transition entry makes the new branch from the coarsest input (written out per
+        # stage because TorchScript cannot pass a ModuleList to a helper).
+        xs = [t(xs[min(i, len(xs) - 1)]) for i, t in enumerate(self.transition2)]
         for module in self.stage3:
             xs = module(xs)
-        xs = self._transition(self.transition3, xs)
+        xs = [t(xs[min(i, len(xs) - 1)]) for i, t in enumerate(self.transition3)]
         for module in self.stage4:
             xs = module(xs)
         return xs
-
-    @staticmethod
-    def _transition(transition: nn.ModuleList, xs: List[Tensor]) -> List[Tensor]:
-        out: List[Tensor] = []
-        for i, t in enumerate(transition):
-            out.append(t(xs[i]) if i < len(xs) else t(xs[-1]))
-        return out

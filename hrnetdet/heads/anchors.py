@@ -16,6 +16,11 @@ class ReferenceAnchorGenerator(nn.Module):
         strides: the feature stride of every level.
     """
 
+    # Declared for TorchScript, which cannot infer the types of an empty dict.
+    cell_anchors: List[Tensor]
+    _cache: Dict[str, List[Tensor]]
+    image_sizes: List[Tuple[int, int]]
+
     def __init__(self, sizes: Sequence[float] = (32, 64, 128, 256, 512),
                  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
                  strides: Sequence[int] = (4, 8, 16, 32, 64)):
@@ -33,6 +38,7 @@ class ReferenceAnchorGenerator(nn.Module):
             bases.append(torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=1))
         self.cell_anchors = bases
         self._cache: Dict[str, List[Tensor]] = {}
+        self.image_sizes = []  # of the last batch; the RPN's allowed-border rule reads them
 
     def num_anchors_per_location(self) -> List[int]:
         return [b.shape[0] for b in self.cell_anchors]
@@ -51,6 +57,7 @@ class ReferenceAnchorGenerator(nn.Module):
         return anchors
 
     def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
+        self.image_sizes = list(image_list.image_sizes)
         grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         key = f"{grid_sizes}{dtype}{device}"

@@ -83,6 +83,13 @@ class StandardRoIHeads(RoIHeads):
         tgt = mask_targets([t["masks"] for t in targets], proposals, matched_idxs, self.mask_size)
         return mask_loss(mask_logits, labels, tgt)
 
+    def mask_logits(self, features: Dict[str, Tensor], boxes: List[Tensor],
+                    image_shapes: List[Tuple[int, int]]) -> Tensor:
+        # The None checks let TorchScript compile heads that have no mask branch.
+        if self.mask_roi_pool is not None and self.mask_head is not None and self.mask_predictor is not None:
+            return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
+        raise RuntimeError("these RoI heads have no mask branch")
+
     def forward(self, features: Dict[str, Tensor], proposals: List[Tensor],
                 image_shapes: List[Tuple[int, int]],
                 targets: Optional[List[Dict[str, Tensor]]] = None
@@ -99,7 +106,7 @@ class StandardRoIHeads(RoIHeads):
             losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
             if self.has_mask():
                 mask_props, mask_idxs, mask_labels = positives(proposals, matched_idxs, labels)
-                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_props, image_shapes)))
+                logits = self.mask_logits(features, mask_props, image_shapes)
                 losses["loss_mask"] = self.mask_losses(logits, targets, mask_props, mask_idxs, mask_labels)
             return result, losses
 
@@ -110,7 +117,7 @@ class StandardRoIHeads(RoIHeads):
             result.append({"boxes": b, "labels": lab, "scores": s})
         if self.has_mask():
             det_boxes = [r["boxes"] for r in result]
-            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, det_boxes, image_shapes)))
+            logits = self.mask_logits(features, det_boxes, image_shapes)
             for r, m in zip(result, label_masks(logits, [r["labels"] for r in result])):
                 r["masks"] = m
         return result, losses

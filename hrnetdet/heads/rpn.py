@@ -18,7 +18,7 @@ def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) ->
         return F.l1_loss(pred, target, reduction="sum")
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
-    raise ValueError(f"unknown box loss {kind!r}; expected 'l1' or 'smooth_l1'")
+    raise ValueError("unknown box loss '" + kind + "'; expected 'l1' or 'smooth_l1'")
 
 
 class ReferenceRPN(RegionProposalNetwork):
@@ -42,7 +42,6 @@ class ReferenceRPN(RegionProposalNetwork):
         self.box_loss = box_loss
         self.box_loss_beta = box_loss_beta
         self.allowed_border = allowed_border
-        self._image_sizes: List[Tuple[int, int]] = []
 
     def assign_targets_to_anchors(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
                                   ) -> Tuple[List[Tensor], List[Tensor]]:
@@ -70,7 +69,7 @@ class ReferenceRPN(RegionProposalNetwork):
     def _inside(self, anchors: Tensor, image_index: int) -> Tensor:
         if self.allowed_border < 0:
             return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
-        h, w = self._image_sizes[image_index]
+        h, w = self.anchor_generator.image_sizes[image_index]
         b = self.allowed_border
         return ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
                 & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b))
@@ -89,8 +88,3 @@ class ReferenceRPN(RegionProposalNetwork):
         obj_loss = F.binary_cross_entropy_with_logits(
             objectness.flatten()[sampled], labels_all[sampled], reduction="sum") / num
         return obj_loss, box_loss
-
-    def forward(self, images, features: Dict[str, Tensor],
-                targets: Optional[List[Dict[str, Tensor]]] = None):
-        self._image_sizes = list(images.image_sizes)
-        return super().forward(images, features, targets)

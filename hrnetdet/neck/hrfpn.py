@@ -50,7 +50,7 @@ class HRFPN(nn.Module):
         reduced = self.reduction_conv(torch.cat(feats, dim=1))
         out: Dict[str, Tensor] = OrderedDict()
         for i, conv in enumerate(self.fpn_convs):
-            level = reduced if i == 0 else F.avg_pool2d(reduced, kernel_size=2 ** i, stride=2 ** i)
+            level = reduced if i == 0 else F.avg_pool2d(reduced, kernel_size=1 << i, stride=1 << i)
             out[str(i)] = conv(level)
         return out
 

@@ -1,0 +1,88 @@
+"""Opt-in inference fast path: the same function computed with less work.
+
+``optimize_for_inference(model)`` folds every batch norm of the HRNet body into the convolution
+before it, moves the convolutions to the channels-last memory layout (HRNet's narrow
+high-resolution convolutions run several times faster on the CPU in that layout), and swaps HRFPN
+for an equivalent that reduces channels before upsampling. Outputs stay within the parity
+tolerance of the plain model (``tests/test_fast.py``); the model is for inference only afterwards.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.resnet import Bottleneck as ResNetBottleneck
+from torchvision.models.resnet import ResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..backbone.hrnet import BasicBlock, Bottleneck, HRNet
+from ..neck.hrfpn import HRFPN
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) and not m.training
+
+
+def fold_batchnorm(body: nn.Module) -> int:
+    """Fold each eval-mode batch norm of an HRNet (or torchvision ResNet) body into the convolution
+    feeding it; the norm becomes an Identity. Returns the number of folded norms.
+
+    Folds ``convK``/``bnK`` attribute pairs of the blocks and stems, which apply ``bnK`` directly
+    to ``convK``'s output, and conv-norm neighbours in every ``nn.Sequential``."""
+    folded = 0
+    for m in body.modules():
+        if isinstance(m, (HRNet, BasicBlock, Bottleneck, ResNet, ResNetBottleneck)):
+            for k in (1, 2, 3):
+                conv, bn = getattr(m, f"conv{k}", None), getattr(m, f"bn{k}", None)
+                if isinstance(conv, nn.Conv2d) and bn is not None and _is_norm(bn):
+                    setattr(m, f"conv{k}", fuse_conv_bn_eval(conv, bn))
+                    setattr(m, f"bn{k}", nn.Identity())
+                    folded += 1
+        elif isinstance(m, nn.Sequential):
+            for i in range(len(m) - 1):
+                if isinstance(m[i], nn.Conv2d) and _is_norm(m[i + 1]):
+                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
+                    m[i + 1] = nn.Identity()
+                    folded += 1
+    return folded
+
+
+class FastHRFPN(HRFPN):
+    """HRFPN computed in a cheaper order: the 1x1 reduction is linear and bilinear upsampling
+    weights sum to one, so each branch is reduced at its own resolution and upsampled afterwards
+    (256 channels at 1/4^i of the pixels instead of C_i channels at full size), and each pooled
+    level is pooled from the previous one (equal windows, floor sizes agree)."""
+
+    def forward(self, xs: List[Tensor]) -> Dict[str, Tensor]:
+        w = self.reduction_conv.weight
+        chunks = w.split(self.in_channels, dim=1)
+        reduced = F.conv2d(xs[0], chunks[0], self.reduction_conv.bias)
+        for i in range(1, len(xs)):
+            part = F.conv2d(xs[i], chunks[i])
+            reduced = reduced + F.interpolate(part, scale_factor=float(2 ** i), mode="bilinear",
+                                              align_corners=False)
+        out: Dict[str, Tensor] = {}
+        level = reduced
+        for i, conv in enumerate(self.fpn_convs):
+            if i > 0:
+                level = F.avg_pool2d(level, kernel_size=2, stride=2)
+            out[str(i)] = conv(level)
+        return out
+
+
+def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
+                           fast_neck: bool = True) -> nn.Module:
+    """Apply the fast path to an hrnetdet detector in place and return it (in eval mode)."""
+    model.eval()
+    backbone = model.backbone
+    if fold_bn:
+        fold_batchnorm(backbone.body)
+    if fast_neck and type(backbone.fpn) is HRFPN:
+        old = backbone.fpn
+        new = FastHRFPN(old.in_channels, old.out_channels, old.num_outs, old.stride)
+        new.load_state_dict(old.state_dict())
+        backbone.fpn = new.to(old.reduction_conv.weight.device)
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return model

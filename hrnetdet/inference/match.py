@@ -1,0 +1,37 @@
+"""One-to-one matching of two detection sets, the parity criterion between two implementations
+(or between a model and its exported / optimised copy)."""
+from typing import Dict
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+
+def match_detections(ref: Dict[str, Tensor], det: Dict[str, Tensor], iou_thresh: float = 0.98,
+                     score_tol: float = 0.01) -> Dict[str, float]:
+    """Greedily match ``ref`` detections (highest score first) to unused ``det`` detections of the
+    same label with box IoU >= ``iou_thresh`` and |score difference| <= ``score_tol``, taking the
+    candidate of highest IoU. Both are {boxes (N, 4), labels, scores}.
+
+    Returns n_ref, n_det, n_matched, matched_frac (1.0 when ``ref`` is empty), and the worst
+    matched box IoU and score difference.
+    """
+    rb, rl, rs = ref["boxes"].double().reshape(-1, 4), ref["labels"], ref["scores"].double()
+    db, dl, ds = det["boxes"].double().reshape(-1, 4), det["labels"], det["scores"].double()
+    order = torch.argsort(rs, descending=True, stable=True)
+    rb, rl, rs = rb[order], rl[order], rs[order]
+    ious = box_iou(rb, db)
+    eligible = (rl[:, None] == dl[None, :]) & (ious >= iou_thresh) & ((rs[:, None] - ds[None, :]).abs() <= score_tol)
+    used = torch.zeros(len(ds), dtype=torch.bool)
+    min_iou, max_sdiff, n_matched = 1.0, 0.0, 0
+    for i in range(len(rs)):
+        cand = eligible[i] & ~used
+        if cand.any():
+            j = int(torch.where(cand, ious[i], torch.full_like(ious[i], -1.0)).argmax())
+            used[j] = True
+            n_matched += 1
+            min_iou = min(min_iou, float(ious[i, j]))
+            max_sdiff = max(max_sdiff, float((rs[i] - ds[j]).abs()))
+    return {"n_ref": len(rs), "n_det": len(ds), "n_matched": n_matched,
+            "matched_frac": n_matched / len(rs) if len(rs) else 1.0,
+            "min_box_iou": min_iou, "max_score_diff": max_sdiff}
