@@ -70,7 +70,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, recipe: Recip
             {"params": bias, "lr": lr * recipe.bias_lr_mult, "weight_decay": weight_decay * recipe.bias_decay_mult}]
 
 
-def lr_factor(it: int, total: int, milestones: Sequence[int], warmup_iters: int, recipe: Recipe) -> float:
+def lr_factor(it: int, milestones: Sequence[int], warmup_iters: int, recipe: Recipe) -> float:
     """The multiplier of the base learning rate at iteration ``it`` (mmcv's warm-up formulas)."""
     factor = 0.1 ** sum(it >= m for m in milestones)
     if it < warmup_iters:
@@ -246,7 +246,7 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     optimizer = torch.optim.SGD(param_groups(model, lr, weight_decay, recipe), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total, milestones, warmup_iters, recipe))
+        optimizer, lambda it: lr_factor(it, milestones, warmup_iters, recipe))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     for sub in ("last", "best") if val_ann else ("last",):
@@ -277,7 +277,8 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     net = nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True) if ddp else model
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    window: Dict[str, deque] = defaultdict(lambda: deque(maxlen=max(log_every, 20)))
+    window: Dict[str, deque] = defaultdict(lambda: deque(maxlen=20))  # the progress bar's running means
+    since_log: Dict[str, List[float]] = defaultdict(list)  # metrics.jsonl: means since the last record
     last_val: Dict[str, Any] = {}
     skipped, consecutive_bad = 0, 0
     bar = tqdm(total=total, initial=start, disable=not (progress and main), dynamic_ncols=True, desc="train")
@@ -355,17 +356,18 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
                 if finite:
                     for k, v in zip(["loss", *losses], values.tolist()):
                         window[k].append(v)
+                        since_log[k].append(v)
                 bar.update(1)
                 if main and window:
                     bar.set_postfix(loss=f"{np.mean(window['loss']):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if it % log_every == 0 or it == total:
-                    if window:
-                        now = time.time()
-                        metrics.write({"type": "train", "iter": it, "epoch": it / per_epoch,
-                                       "lr": optimizer.param_groups[0]["lr"],
-                                       **{k: float(np.mean(v)) for k, v in window.items()},
-                                       "sec_per_iter": (now - t_log) / max(it - it_log, 1)})
-                        t_log, it_log = now, it
+                if (it % log_every == 0 or it == total) and since_log:
+                    now = time.time()
+                    metrics.write({"type": "train", "iter": it, "epoch": it / per_epoch,
+                                   "lr": optimizer.param_groups[0]["lr"],
+                                   **{k: float(np.mean(v)) for k, v in since_log.items()},
+                                   "sec_per_iter": (now - t_log) / max(it - it_log, 1)})
+                    t_log, it_log = now, it
+                    since_log.clear()
                 if it % checkpoint_every == 0 or it == total:
                     checkpoint(it)
                 if it >= total:
