@@ -1,0 +1,80 @@
+"""Export helpers: ONNX graphs of the detectors and of the backbone + neck (see docs/EXPORT.md).
+
+ONNX export traces the model, so the graph is fixed to the batch size and image size it was
+exported with (the resize, anchor grid and padding are computed for that size); the number of
+detections stays dynamic. TorchScript needs no helper: ``torch.jit.script(model)``.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .calibrate import score_thresholds, set_score_thresh
+
+
+class _FlatOutputs(nn.Module):
+    """A detector taking one (B, 3, H, W) batch and returning a flat tuple of per-image tensors
+    (boxes, labels, scores[, masks] for image 0, then image 1, ...), which ONNX can express."""
+
+    def __init__(self, model: nn.Module, keys: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.keys = list(keys)
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
+        results = self.model(list(images.unbind(0)))
+        return tuple(r[k] for r in results for k in self.keys)
+
+
+def output_keys(model: nn.Module) -> List[str]:
+    has_masks = bool(getattr(getattr(model, "roi_heads", None), "has_mask", lambda: False)())
+    return ["boxes", "labels", "scores"] + (["masks"] if has_masks else [])
+
+
+def export_onnx(model: nn.Module, path: str, batch_size: int = 1, image_size: Tuple[int, int] = (800, 1216),
+                opset_version: int = 17) -> List[str]:
+    """Export a detector to ONNX for ``batch_size`` images of ``image_size`` (H, W) each, with the
+    TorchScript-based exporter. Input ``images`` (B, 3, H, W) floats in [0, 1]; outputs named
+    ``boxes_0, labels_0, scores_0[, masks_0], boxes_1, ...``. Returns the output names.
+    Mask models are exported with score threshold 0 (always ``detections_per_img`` detections;
+    filter by score afterwards)."""
+    model.eval()
+    keys = output_keys(model)
+    names = [f"{k}_{i}" for i in range(batch_size) for k in keys]
+    x = torch.rand(batch_size, 3, *image_size)
+    saved = score_thresholds(model)
+    if "masks" in keys:
+        # Mask pasting loops over the detections, and tracing unrolls that loop for the count seen
+        # while tracing: with threshold 0 every image carries detections_per_img detections.
+        set_score_thresh(model, 0.0)
+    try:
+        torch.onnx.export(_FlatOutputs(model, keys), (x,), path, dynamo=False, opset_version=opset_version,
+                          input_names=["images"], output_names=names,
+                          dynamic_axes={n: {0: f"num_{n}"} for n in names})
+    finally:
+        for m, t in saved.items():
+            m.score_thresh = t
+    return names
+
+
+class _PyramidTuple(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
+        return tuple(self.backbone(images).values())
+
+
+def export_backbone_onnx(model: nn.Module, path: str, batch_size: int = 1,
+                         image_size: Tuple[int, int] = (800, 1216), opset_version: int = 17) -> List[str]:
+    """Export a detector's backbone + neck (normalised, padded images -> pyramid levels ``p0..p4``)
+    to ONNX, with dynamic height and width (multiples of 32)."""
+    model.eval()
+    x = torch.rand(batch_size, 3, *image_size)
+    names = [f"p{i}" for i in range(len(model.backbone.fpn.fpn_convs))]
+    torch.onnx.export(_PyramidTuple(model.backbone), (x,), path, dynamo=False, opset_version=opset_version,
+                      input_names=["images"], output_names=names,
+                      dynamic_axes={"images": {2: "height", 3: "width"},
+                                    **{n: {2: f"{n}_height", 3: f"{n}_width"} for n in names}})
+    return names
