@@ -8,13 +8,17 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.transform import resize_boxes
 
 from .calibrate import score_thresholds, set_score_thresh
 
 
 class _FlatOutputs(nn.Module):
     """A detector taking one (B, 3, H, W) batch and returning a flat tuple of per-image tensors
-    (boxes, labels, scores[, masks] for image 0, then image 1, ...), which ONNX can express."""
+    (boxes, labels, scores[, masks] for image 0, then image 1, ...), which ONNX can express.
+
+    Mask models return the RoI heads' (N, 1, 28, 28) mask probabilities unpasted: pasting crops a
+    window per box whose bounds tracing would freeze at the example's boxes."""
 
     def __init__(self, model: nn.Module, keys: Sequence[str]):
         super().__init__()
@@ -22,7 +26,17 @@ class _FlatOutputs(nn.Module):
         self.keys = list(keys)
 
     def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
-        results = self.model(list(images.unbind(0)))
+        imgs = list(images.unbind(0))
+        if "masks" not in self.keys:
+            results = self.model(imgs)
+        else:  # GeneralizedRCNN.forward without the mask pasting of transform.postprocess
+            m = self.model
+            image_list, _ = m.transform(imgs)
+            features = m.backbone(image_list.tensors)
+            proposals, _ = m.rpn(image_list, features)
+            results, _ = m.roi_heads(features, proposals, image_list.image_sizes)
+            for r, size, img in zip(results, image_list.image_sizes, imgs):
+                r["boxes"] = resize_boxes(r["boxes"], list(size), [img.shape[-2], img.shape[-1]])
         return tuple(r[k] for r in results for k in self.keys)
 
 
@@ -36,16 +50,19 @@ def export_onnx(model: nn.Module, path: str, batch_size: int = 1, image_size: Tu
     """Export a detector to ONNX for ``batch_size`` images of ``image_size`` (H, W) each, with the
     TorchScript-based exporter. Input ``images`` (B, 3, H, W) floats in [0, 1]; outputs named
     ``boxes_0, labels_0, scores_0[, masks_0], boxes_1, ...``. Returns the output names.
-    Mask models are exported with score threshold 0 (always ``detections_per_img`` detections;
-    filter by score afterwards)."""
+
+    Mask models: ``masks_i`` are (N, 1, 28, 28) probabilities in each box's frame, to be pasted
+    with ``hrnetdet.heads.masks.paste_masks(masks, boxes, H, W)``; they are exported with score
+    threshold 0 (per-image splits are traced as constants, so every image must carry
+    ``detections_per_img`` detections; filter by score afterwards)."""
     model.eval()
     keys = output_keys(model)
     names = [f"{k}_{i}" for i in range(batch_size) for k in keys]
     x = torch.rand(batch_size, 3, *image_size)
     saved = score_thresholds(model)
     if "masks" in keys:
-        # Mask pasting loops over the detections, and tracing unrolls that loop for the count seen
-        # while tracing: with threshold 0 every image carries detections_per_img detections.
+        # Tracing freezes the detection count in the per-image mask split: with threshold 0
+        # every image carries detections_per_img detections.
         set_score_thresh(model, 0.0)
     try:
         torch.onnx.export(_FlatOutputs(model, keys), (x,), path, dynamo=False, opset_version=opset_version,
