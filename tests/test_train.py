@@ -184,9 +184,12 @@ def test_short_finetune_lowers_loss_and_evaluates(family, shapes, tmp_path):
     (ann, images), (val_ann, val_images) = shapes
     model = tiny_model(arch, norm_eval=False)
     summary = fit(model, ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=12, batch_size=2,
-                  lr=0.01, checkpoint_every=12, progress=False, log_every=1, hflip=0.0)
-    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
-    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]), losses
+                  lr=0.005, checkpoint_every=12, progress=False, log_every=1, hflip=0.0)
+    records = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
+    # The classification losses (objectness, classifier): from scratch, box-regression losses first
+    # grow, as proposals start to overlap objects and more of them are sampled as positives.
+    cls = [sum(v for k, v in r.items() if "classif" in k or "objectness" in k) for r in records]
+    assert len(cls) == 12 and sum(cls[-3:]) < sum(cls[:3]), cls
     metrics = hrnetdet.evaluate(model, val_ann, val_images, out_dir=str(tmp_path / "eval"), progress=False)
     assert set(metrics["bbox"]["stats"]) >= {"AP", "AP50", "AP75", "ARl"}
     assert summary["val"]["bbox_AP"] == pytest.approx(metrics["bbox"]["stats"]["AP"])
