@@ -64,6 +64,7 @@ class ReferenceTransform(GeneralizedRCNNTransform):
                  size_divisible: int = 32, mask_thresh: Optional[float] = 0.5):
         super().__init__(min_size, max_size, image_mean, image_std, size_divisible=size_divisible)
         self.mask_thresh = mask_thresh
+        self.semantic_key = SEMANTIC_KEY  # an attribute: TorchScript cannot read str globals
 
     def normalize(self, image: Tensor) -> Tensor:
         """Deferred: the reference normalises after resizing (see ``resize``)."""
@@ -90,9 +91,9 @@ class ReferenceTransform(GeneralizedRCNNTransform):
         if "masks" in target and (new_h, new_w) != (h, w):
             masks = target["masks"]
             target["masks"] = F.interpolate(masks[:, None].float(), size=[new_h, new_w])[:, 0].to(masks.dtype)
-        if SEMANTIC_KEY in target and (new_h, new_w) != (h, w):  # nearest, as the reference
-            seg = target[SEMANTIC_KEY]
-            target[SEMANTIC_KEY] = F.interpolate(seg[None, None].float(), size=[new_h, new_w])[0, 0].to(seg.dtype)
+        if self.semantic_key in target and (new_h, new_w) != (h, w):  # nearest, as the reference
+            seg = target[self.semantic_key]
+            target[self.semantic_key] = F.interpolate(seg[None, None].float(), size=[new_h, new_w])[0, 0].to(seg.dtype)
         return image, target
 
     def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
