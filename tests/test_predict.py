@@ -109,3 +109,8 @@ def test_predict_command_writes_coco_json_and_pictures(model, folder, tmp_path):
     assert len(first) > 0 and {"bbox", "score", "category_id", "category_name", "segmentation"} <= set(first[0])
     assert all(r["category_id"] in hrnetdet.zoo.coco.COCO_CATEGORY_IDS for r in records)
     assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
+
+
+def test_predict_command_reports_missing_files(tmp_path):
+    with pytest.raises(SystemExit, match="nothing.jpg"):
+        main(["predict", str(tmp_path / "nothing.jpg"), "--model", ARCH, "--checkpoint", "unused.safetensors"])

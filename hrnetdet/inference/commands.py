@@ -32,14 +32,20 @@ def _predict_run(args: argparse.Namespace) -> int:
 
     if not args.checkpoint and not args.pretrained and "." not in args.model:
         raise SystemExit("hrnetdet predict: give --checkpoint PATH, --pretrained or a NAME.tag with weights")
-    paths = expand_inputs(args.inputs)
+    try:
+        paths = expand_inputs(args.inputs)
+    except FileNotFoundError as e:
+        raise SystemExit(f"hrnetdet predict: {e}") from None
     kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
     model = create_model(args.model, pretrained=args.pretrained or "." in args.model,
                          checkpoint_path=args.checkpoint, **kwargs)
     if args.fast:
         optimize_for_inference(model)
-    results = predict(model.to(args.device), paths, score_thresh=args.score_thr,
-                      batch_size=args.batch_size, progress=True)
+    try:
+        results = predict(model.to(args.device), paths, score_thresh=args.score_thr,
+                          batch_size=args.batch_size, progress=True)
+    except ValueError as e:  # an unreadable image: the message names the file
+        raise SystemExit(f"hrnetdet predict: {e}") from None
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:
