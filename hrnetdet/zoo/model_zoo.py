@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .models import PUBLISHED
+from .parity import parity_summary
 from .registry import PretrainedCfg, get_arch_pretrained_cfgs, get_family, list_families, list_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,13 +49,14 @@ def _family_table(cfgs: List[PretrainedCfg]) -> List[str]:
     keys = [(k, label) for k, label in METRICS if any(k in c.metrics for c in cfgs)]
     head = (["weights", "schedule"] + [f"{label} (reference)" for _, label in keys]
             + [f"{label} (hrnetdet)" for _, label in keys]
-            + ["train mem GB (ref.)", "fps V100 (ref.)", "input", "weights from", "reference checkpoint"])
+            + ["parity vs reference", "train mem GB (ref.)", "fps V100 (ref.)", "input", "weights from",
+               "reference checkpoint"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cfgs:
         sched = c.schedule + (", multi-scale" if c.multiscale_train else "")
         row = ([f"`{c.name}`", sched] + [_fmt(c.metrics.get(k)) for k, _ in keys]
                + [_fmt((c.parity or {}).get(k)) for k, _ in keys]
-               + [_fmt(c.metrics.get("train_mem_gb")).replace("pending", "–"),
+               + [parity_summary(c.arch), _fmt(c.metrics.get("train_mem_gb")).replace("pending", "–"),
                   _fmt(c.metrics.get("fps")).replace("pending", "–"), _input(c), _weights_source(c),
                   f"[{c.reference_sha256_prefix}]({c.reference_url})"])
         lines.append("| " + " | ".join(row) + " |")
@@ -83,8 +85,12 @@ def model_zoo_markdown() -> str:
         "",
         "Every weight set below is a checkpoint published by mmdetection 3.3's HRNet model zoo (the"
         " *reference*), converted to hrnetdet's layout. Figures marked *(reference)* are the reference's"
-        " published COCO val2017 results; *(hrnetdet)* figures are ours, measured with the parity harness"
-        " on the converted weights (*pending* until measured). Speed and memory are the reference's (V100).",
+        " published COCO val2017 results; *(hrnetdet)* figures are COCO AP we measure on the converted"
+        " weights (*pending*: COCO cannot be downloaded where this file is made). *Parity vs reference* is"
+        " measured per architecture by the parity harness (`tools/parity/`, `hrnetdet/zoo/parity.py`):"
+        " the lowest share, over its images, of the reference's top-100 detections that hrnetdet matches"
+        " (same class, box IoU >= 0.98, score within 0.01, mask IoU >= 0.9), which is what carries the"
+        " reference's accuracy over. Speed and memory are the reference's (V100).",
         "",
         "## Loading",
         "",
