@@ -95,6 +95,7 @@ def test_resume_after_interruption_equals_straight_run(shapes, tmp_path):
         assert os.path.isfile(os.path.join(run, name)), name
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores: two runs that each write full checkpoints
 def test_nonfinite_losses_are_skipped_and_reported(shapes, tmp_path):
     (ann, images), _ = shapes
     model = tiny_model("faster_rcnn_hrnetv2p_w18")
