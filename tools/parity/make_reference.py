@@ -107,7 +107,7 @@ SPREAD = dict(
     mask_logit_std=4.0,   # mask logits: sharp, so tiny numeric differences rarely flip a pixel
     mask_conv_dc=3.0,     # DC component added to the mask heads' 3x3 conv kernels (smooth masks)
     mask_upsample_dc=10.0,  # ... and to the 2x2 deconv kernels (no checkerboard)
-    fcos_cls_std=2.0, fcos_ctr_std=1.5, fcos_reg_std=0.15, fcos_reg_mean=1.0,
+    fcos_cls_std=2.0, fcos_ctr_std=1.5, fcos_reg_std=0.08, fcos_reg_mean=1.0,  # log-distance std 0.08*scale
 )
 # backbone stability (see stabilize_backbone)
 STABILITY = dict(conv1_dc=2.0, residual_gamma=0.2, running_var_floor=0.5)
@@ -482,6 +482,23 @@ def calibrate(model, family, images, seed, target, log):
     del final_head.predict_by_feat
     nc = final_head.num_classes
 
+    # The final class logits of a cascade are the MEAN of the 3 stages' logits, which is less spread than each
+    # stage's: rescale every stage's fc_cls by one common factor so the logits actually used have the target
+    # spread (the logits are linear in fc_cls's parameters, so the captured ones scale exactly; ~1 for one stage).
+    fg = torch.cat([c[:, :nc] for kw in captured for c in kw['cls_scores']])
+    f = SPREAD['fc_cls_std'] / float(fg.std())
+    with torch.no_grad():
+        for bh in bbox_heads:
+            bh.fc_cls.weight.mul_(f)
+            bh.fc_cls.bias.mul_(f)
+    for kw in captured:
+        kw['cls_scores'] = tuple(c * f for c in kw['cls_scores'])
+    log['final_logit_rescale'] = f
+
+    # Count detections above max(score_thr, 0.05): with HTC's score_thr 0.001 a count at 0.001 would push all
+    # scores down to ~0.001-0.003; this way HTC gets scores like the others and its top-100 is filled from there.
+    count_thr = max(float(roi.test_cfg.score_thr), 0.05)
+
     def counts(delta):
         out = []
         with torch.no_grad():
@@ -493,14 +510,14 @@ def calibrate(model, family, images, seed, target, log):
                     c[:, nc] += delta
                     cs.append(c)
                 kw2['cls_scores'] = tuple(cs)
-                out += [len(r) for r in orig(**kw2)]
+                out += [int((r.scores > count_thr).sum()) for r in orig(**kw2)]
         return out
 
     delta, c = bisect(lambda d: float(np.mean(counts(d))), target, -10.0, 30.0)
     with torch.no_grad():
         for bh in bbox_heads:
             bh.fc_cls.bias[nc] += delta
-    log['bg_bias_shift'] = dict(delta=delta, mean_dets_per_image=c, target=target,
+    log['bg_bias_shift'] = dict(delta=delta, mean_dets_per_image=c, target=target, count_score_thr=count_thr,
                                 est_dets_per_image=counts(delta))
     return c
 
@@ -542,7 +559,9 @@ def calibrate_fcos(model, xs, metas, target, log):
                 n.append(len(r))
         return n
 
-    delta, c = bisect(lambda d: float(np.mean(counts(d))), target, -10.0, 10.0)
+    # counts(d) with d subtracted from every class logit (non-increasing in d, as bisect expects)
+    delta, c = bisect(lambda d: float(np.mean(counts(-d))), target, -10.0, 10.0)
+    delta = -delta
     with torch.no_grad():
         head.conv_cls.bias += delta
     log['cls_bias_shift'] = dict(delta=delta, mean_dets_per_image=c, target=target, est_dets_per_image=counts(delta))
