@@ -101,6 +101,7 @@ IMAGES = OrderedDict([
 # output spreads the calibration aims at
 SPREAD = dict(
     rpn_cls_std=2.0,      # RPN objectness logits
+    rpn_cls_absmax=10.0,  # ... bounded over all levels and images: sigmoid stays below 1.0 in float32 (no ties)
     rpn_reg_std=0.25,     # RPN deltas (coder stds are 1)
     fc_cls_std=3.0,       # R-CNN class logits (per stage)
     fc_reg_std=1.0,       # R-CNN raw deltas (before the coder's stds)
@@ -418,6 +419,21 @@ def calibrate(model, family, images, seed, target, log):
     for h in hooks:
         h.h.remove()
         assert h.done
+    # The on-the-fly plan sees one level of one image; other levels and images can reach logits past ~17, where
+    # float32 sigmoid is exactly 1.0 and tied proposals survive NMS by rounding luck. Bound every logit instead.
+    tap_max = []
+    hmax = rpn.rpn_cls.register_forward_hook(lambda m, i, o: tap_max.append(float(o.detach().abs().max())))
+    with torch.no_grad():
+        for x in xs:
+            rpn(x)
+    hmax.remove()
+    peak = max(tap_max)
+    if peak > SPREAD['rpn_cls_absmax']:
+        a = SPREAD['rpn_cls_absmax'] / peak
+        _affine_(rpn.rpn_cls, a, 0.0)
+        with torch.no_grad():
+            props = [rpn.predict(x, s, rescale=False) for x, s in zip(xs, samples)]
+        rlog['rpn_cls_absmax_rescale'] = dict(peak_before=peak, scale=a, absmax=SPREAD['rpn_cls_absmax'])
     log['rpn_proposals_per_image'] = [len(p[0]) for p in props]
 
     roi = model.roi_head
