@@ -9,12 +9,6 @@ from hrnetdet.heads.masks import paste_masks
 from hrnetdet.inference import calibrate, match_detections
 from hrnetdet.inference.export import export_backbone_onnx, export_onnx
 
-# Families TorchScript cannot compile yet, and why (docs/EXPORT.md).
-SCRIPT_BLOCKED = {
-    "cascade_rcnn": "CascadeStage.subsample calls super(), which TorchScript does not support",
-    "cascade_mask_rcnn": "CascadeStage.subsample calls super(), which TorchScript does not support",
-    "htc": "CascadeStage.subsample calls super(), which TorchScript does not support",
-}
 FAST_CHECKS = {"faster_rcnn"}  # the others compile for a minute or more: marked slow
 
 
@@ -43,13 +37,8 @@ def assert_same_detections(ref, out):
 
 
 def _families(fast):
-    params = []
-    for f in hrnetdet.list_families():
-        marks = [] if f.name in fast else [pytest.mark.slow]
-        if f.name in SCRIPT_BLOCKED:
-            marks.append(pytest.mark.xfail(reason=SCRIPT_BLOCKED[f.name], strict=True))
-        params.append(pytest.param(f.name, marks=marks))
-    return params
+    return [pytest.param(f.name, marks=[] if f.name in fast else [pytest.mark.slow])
+            for f in hrnetdet.list_families()]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")

@@ -7,12 +7,13 @@ test-time score is the softmax of the stages' mean logits, and masks average the
 probabilities. HTC adds the interleaved box/mask training, the mask information flow and the fused
 semantic branch.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Final, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from .roi_align import ReferenceRoIAlign
@@ -20,6 +21,14 @@ from .roi_heads import StandardRoIHeads, label_masks, mask_head, positives
 from .semantic import FusedSemanticHead, conv_relu
 
 MASK_ENSEMBLES = ("mean", "last")
+
+
+def average(tensors: List[Tensor]) -> Tensor:
+    """``sum(tensors) / len(tensors)``, summed in the same order; TorchScript has no ``sum`` of tensors."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total / len(tensors)
 
 
 class ClassAgnosticPredictor(FastRCNNPredictor):
@@ -51,8 +60,18 @@ class CascadeStage(StandardRoIHeads):
     """One cascade stage. It also records which of its sampled RoIs are the ground-truth boxes
     added as proposals, since the reference does not refine those into the next stage."""
 
+    # TorchScript reads attribute types from the first class in the MRO that declares any, so
+    # torchvision's declarations are repeated next to the one added here.
+    __annotations__ = {**RoIHeads.__annotations__, "_sampled": List[Tensor]}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._sampled = []
+
     def subsample(self, labels: List[Tensor]) -> List[Tensor]:
-        self._sampled = super().subsample(labels)
+        """torchvision's ``subsample``, restated (TorchScript has no ``super()``), keeping its result."""
+        sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+        self._sampled = [torch.where(pos | neg)[0] for pos, neg in zip(sampled_pos, sampled_neg)]
         return self._sampled
 
     def sample(self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
@@ -82,7 +101,14 @@ class CascadeRoIHeads(nn.Module):
         mask_ensemble: test-time masks from the ``"mean"`` of all mask heads' probabilities (the
             reference v2, which produced the published metrics) or the ``"last"`` head only
             (mmdetection 3.x's HTC).
+
+    Stages are picked by looping over them, since TorchScript indexes module lists only with
+    literals; ``with_mask`` and ``mask_info_flow`` are constants to TorchScript, so it compiles
+    only the mask-head calls a model has.
     """
+
+    with_mask: Final[bool]
+    mask_info_flow: Final[bool]
 
     def __init__(self, stages: Sequence[CascadeStage], stage_loss_weights: Sequence[float] = (1.0, 0.5, 0.25),
                  *, mask_info_flow: bool = False, interleaved: bool = False,
@@ -99,6 +125,7 @@ class CascadeRoIHeads(nn.Module):
             raise ValueError("semantic_head and semantic_roi_pool go together")
         self.stages = nn.ModuleList(stages)
         self.stage_loss_weights = list(stage_loss_weights)
+        self.with_mask = stages[0].has_mask()
         self.mask_info_flow = mask_info_flow
         self.interleaved = interleaved
         self.semantic_head = semantic_head
@@ -106,11 +133,11 @@ class CascadeRoIHeads(nn.Module):
         self.mask_ensemble = mask_ensemble
 
     def has_mask(self) -> bool:
-        return self.stages[0].has_mask()
+        return self.with_mask
 
     def _semantic_rois(self, semantic: Optional[Tensor], boxes: List[Tensor],
                        image_shapes: List[Tuple[int, int]]) -> Optional[Tensor]:
-        if semantic is None:
+        if self.semantic_roi_pool is None or semantic is None:
             return None
         return self.semantic_roi_pool({"0": semantic}, boxes, image_shapes)
 
@@ -118,34 +145,45 @@ class CascadeRoIHeads(nn.Module):
                     image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor] = None
                     ) -> Tuple[Tensor, Tensor]:
         """Class logits and deltas of stage ``stage``'s box head on ``boxes``."""
-        head = self.stages[stage]
-        x = head.box_roi_pool(features, boxes, image_shapes)
-        sem = self._semantic_rois(semantic, boxes, image_shapes)
-        if sem is not None:
-            x = x + F.adaptive_avg_pool2d(sem, x.shape[-2:])
-        return head.box_predictor(head.box_head(x))
+        out: Optional[Tuple[Tensor, Tensor]] = None
+        for i, head in enumerate(self.stages):
+            if i == stage:
+                x = head.box_roi_pool(features, boxes, image_shapes)
+                sem = self._semantic_rois(semantic, boxes, image_shapes)
+                if sem is not None:
+                    x = x + F.adaptive_avg_pool2d(sem, x.shape[-2:])
+                out = head.box_predictor(head.box_head(x))
+        if out is None:
+            raise IndexError(f"no cascade stage {stage}")
+        return out
 
     def mask_forward(self, stage: int, features: Dict[str, Tensor], boxes: List[Tensor],
                      image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor] = None,
                      all_heads: bool = False) -> List[Tensor]:
         """Mask logits of head ``stage`` (and, with ``all_heads``, of every head before it) on
         ``boxes``; with the information flow, each head also gets the previous trunk's output."""
-        x = self.stages[stage].mask_roi_pool(features, boxes, image_shapes)
+        pooled: Optional[Tensor] = None
+        for i, head in enumerate(self.stages):
+            if i == stage:
+                pooled = head.mask_roi_pool(features, boxes, image_shapes)
+        if pooled is None:
+            raise IndexError(f"no cascade stage {stage}")
+        x = pooled
         sem = self._semantic_rois(semantic, boxes, image_shapes)
         if sem is not None:
             x = x + sem
         first = 0 if (self.mask_info_flow or all_heads) else stage
         previous: Optional[Tensor] = None
-        logits = []
-        for i in range(first, stage + 1):
-            head = self.stages[i]
-            if self.mask_info_flow:
-                previous = head.mask_head(x, previous)
-                feat = previous
-            else:
-                feat = head.mask_head(x)
-            if all_heads or i == stage:
-                logits.append(head.mask_predictor(feat))
+        logits: List[Tensor] = []
+        for i, head in enumerate(self.stages):
+            if first <= i <= stage:
+                if self.mask_info_flow:
+                    feat = head.mask_head(x, previous)
+                    previous = feat
+                else:
+                    feat = head.mask_head(x)
+                if all_heads or i == stage:
+                    logits.append(head.mask_predictor(feat))
         return logits
 
     def forward(self, features: Dict[str, Tensor], proposals: List[Tensor],
@@ -172,7 +210,8 @@ class CascadeRoIHeads(nn.Module):
                 semantic: Optional[Tensor]) -> Dict[str, Tensor]:
         losses: Dict[str, Tensor] = {}
         last = len(self.stages) - 1
-        for i, (head, weight) in enumerate(zip(self.stages, self.stage_loss_weights)):
+        for i, head in enumerate(self.stages):
+            weight = self.stage_loss_weights[i]
             rois, matched_idxs, labels, regression_targets, is_gt = head.sample(proposals, targets)
             class_logits, box_regression = self.box_forward(i, features, rois, image_shapes, semantic)
             loss_cls, loss_box = head.box_losses(class_logits, box_regression, labels, regression_targets)
@@ -182,7 +221,7 @@ class CascadeRoIHeads(nn.Module):
                 with torch.no_grad():
                     refined = head.refine(box_regression.detach(), rois, image_shapes)
                     proposals = [b[~g] for b, g in zip(refined, is_gt)]
-            if self.has_mask():
+            if self.with_mask:
                 if self.interleaved:
                     with torch.no_grad():
                         rois, matched_idxs, labels, _, _ = head.sample(proposals, targets)
@@ -196,23 +235,26 @@ class CascadeRoIHeads(nn.Module):
                  image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor]
                  ) -> List[Dict[str, Tensor]]:
         rois = proposals
-        stage_logits = []
+        stage_logits: List[Tensor] = []
+        result: List[Dict[str, Tensor]] = []
+        last = len(self.stages) - 1
         for i, head in enumerate(self.stages):
             class_logits, box_regression = self.box_forward(i, features, rois, image_shapes, semantic)
             stage_logits.append(class_logits)
-            if i < len(self.stages) - 1:
+            if i < last:
                 rois = head.refine(box_regression, rois, image_shapes)
-        last = self.stages[-1]
-        # The reference averages the raw logits (sum, then divide) and decodes the last stage's
-        # single box for every class.
-        mean_logits = sum(stage_logits) / len(stage_logits)
-        tiled = box_regression.repeat(1, mean_logits.shape[1])
-        boxes, scores, labels = last.postprocess_detections(mean_logits, tiled, rois, image_shapes)
-        result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
-        if self.has_mask():
-            logits = self.mask_forward(len(self.stages) - 1, features, boxes, image_shapes, semantic,
+            else:
+                # The reference averages the raw logits (sum, then divide) and decodes the last
+                # stage's single box for every class.
+                mean_logits = average(stage_logits)
+                tiled = box_regression.repeat(1, mean_logits.shape[1])
+                boxes, scores, labels = head.postprocess_detections(mean_logits, tiled, rois, image_shapes)
+                result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
+        if self.with_mask:
+            logits = self.mask_forward(last, features, [r["boxes"] for r in result], image_shapes, semantic,
                                        all_heads=self.mask_ensemble == "mean")
-            probs = [label_masks(x, labels) for x in logits]
-            for r, per_head in zip(result, zip(*probs)):
-                r["masks"] = sum(per_head) / len(per_head)
+            det_labels = [r["labels"] for r in result]
+            probs = [label_masks(x, det_labels) for x in logits]
+            for j, r in enumerate(result):
+                r["masks"] = average([p[j] for p in probs])
         return result

@@ -1,7 +1,7 @@
 """HTC's fused semantic branch (spec §3.6): a stride-8 segmentation head over all HRFPN levels whose
 embedding is pooled into every box and mask RoI feature."""
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Final, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class FusedSemanticHead(nn.Module):
         loss_weight: weight of the cross-entropy loss (0.2).
     """
 
+    fusion_level: Final[int]
+
     def __init__(self, num_ins: int = 5, fusion_level: int = 1, num_convs: int = 4,
                  channels: int = 256, num_classes: int = 183, stride: int = 8, loss_weight: float = 0.2):
         super().__init__()
@@ -51,14 +53,15 @@ class FusedSemanticHead(nn.Module):
         """Returns (segmentation logits, semantic feature), both at the fusion level's stride."""
         x = self.lateral_convs[self.fusion_level](feats[self.fusion_level])
         size = x.shape[-2:]
-        for i, feat in enumerate(feats):
+        # A loop over the module list: TorchScript indexes one only with literals and constants.
+        for i, lateral in enumerate(self.lateral_convs):
             if i != self.fusion_level:
-                feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=True)
-                x = x + self.lateral_convs[i](feat)
+                x = x + lateral(F.interpolate(feats[i], size=size, mode="bilinear", align_corners=True))
         for conv in self.convs:
             x = conv(x)
         return self.conv_logits(x), self.conv_embedding(x)
 
+    @torch.jit.unused  # training only, and it logs
     def loss(self, logits: Tensor, targets: List[Dict[str, Tensor]]) -> Optional[Tensor]:
         """Weighted cross-entropy against the targets' ``semantic_seg`` maps, padded with the ignore
         value to the padded batch and downscaled to the logits' size with nearest neighbour (the
