@@ -36,6 +36,7 @@ from hrnetdet.inference.fast import fold_batchnorm
 TORCHVISION = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "mask_rcnn": "maskrcnn_resnet50_fpn",
                "fcos": "fcos_resnet50_fpn", "cascade_rcnn": "fasterrcnn_resnet50_fpn",
                "cascade_mask_rcnn": "maskrcnn_resnet50_fpn", "htc": "maskrcnn_resnet50_fpn"}
+COMPILED = " (fast, compiled)"
 QUICK_MODELS = ["faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w32", "mask_rcnn_hrnetv2p_w18"]
 
 
@@ -214,6 +215,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     p.add_argument("--rounds", type=int, help="timed rounds (default 5, --quick 3)")
     p.add_argument("--no-fast", action="store_true", help="skip the fast-path variants")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast path with the backbone compiled (torch.compile; compiles "
+                        "during the warm-up round)")
     p.add_argument("--no-batch8", action="store_true", help="skip the batch-8 throughput runs")
     p.add_argument("--no-train", action="store_true", help="skip the training-step runs")
     p.add_argument("--min-size", type=int, default=800)
@@ -253,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             models[a] = build(a, imgs[:2], device, args.min_size, args.max_size)
             if not args.no_fast:
                 models[a + " (fast)"] = optimize_for_inference(copy.deepcopy(models[a]))
+            if args.compile:
+                models[a + COMPILED] = optimize_for_inference(copy.deepcopy(models[a]), compile=True)
         print(f"{device}: {len(models)} models, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         res1 = bench_inference(models, imgs, device, rounds, 1)
         res8 = bench_inference(models, imgs, device, max(1, rounds // 2), 8) if batch8 else {}
@@ -263,19 +269,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "| model | ms/img wall (batch 1) | ms/img CPU | ratio | fast ratio | img/s (batch 8) | peak MB | dets/img |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, r in res1.items():
-            base = k.replace(" (fast)", "")
+            base = k.replace(" (fast)", "").replace(COMPILED, "")
             fam = hrnetdet.zoo.registry.get_family(base)[0].name if base in hrnetdet.list_models() else None
             tv = TORCHVISION[fam] if fam else base
             ratio = r[key] / res1[tv][key]
             fast_ratio = (r[key] / res1[tv + " (fast)"][key]
-                          if k.endswith("(fast)") and tv + " (fast)" in res1 else None)
+                          if k != base and tv + " (fast)" in res1 else None)
             tput = f"{1 / res8[k]['s_per_img']:.2f}" if k in res8 else "-"
             lines.append(f"| {k} | {r['s_per_img'] * 1000:.0f} | {r['cpu_s_per_img'] * 1000:.0f} | {ratio:.2f} | "
                          f"{'-' if fast_ratio is None else f'{fast_ratio:.2f}'} | {tput} | "
                          f"{r['peak_mb']:.0f} | {r['dets']} |")
         lines += ["", f"Load average after: {os.getloadavg()[0]:.1f}.", ""]
         if train:
-            plain = {k: m for k, m in models.items() if not k.endswith("(fast)")}
+            plain = {k: m for k, m in models.items() if not k.endswith(("(fast)", COMPILED))}
             for k in plain:  # training needs the unfolded, calibrated models in train mode
                 plain[k] = plain[k].to(device)
             lines += [f"## Training step, batch 2, {device.type.upper()}", "",

@@ -54,13 +54,16 @@ def test_fast_hrfpn_equals_hrfpn(stride):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4 * float(a[k].abs().max()))
 
 
-@pytest.mark.parametrize("arch", ["faster_rcnn_hrnetv2p_w18",
-                                  pytest.param("mask_rcnn_hrnetv2p_w18", marks=pytest.mark.slow)])
-def test_fast_path_parity(arch, image):
+@pytest.mark.parametrize("arch,compiled", [
+    ("faster_rcnn_hrnetv2p_w18", False),
+    pytest.param("mask_rcnn_hrnetv2p_w18", False, marks=pytest.mark.slow),
+    pytest.param("faster_rcnn_hrnetv2p_w18", True, marks=pytest.mark.slow),  # inductor: ~1 min
+])
+def test_fast_path_parity(arch, compiled, image):
     """>= 98% of the plain model's detections found again with box IoU >= 0.98, score within 0.01."""
     torch.manual_seed(0)
     model = calibrate(hrnetdet.create_model(arch, **SMALL), [image])
-    fast = optimize_for_inference(copy.deepcopy(model))
+    fast = optimize_for_inference(copy.deepcopy(model), compile=compiled)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
