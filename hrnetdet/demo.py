@@ -70,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=48)
-    parser.add_argument("--iters", type=int, default=400, help="training iterations")
+    parser.add_argument("--iters", type=int, default=800, help="training iterations")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.01, help="0.02 diverges from scratch")
     parser.add_argument("--threads", type=int, default=None,
