@@ -207,6 +207,15 @@ def bench_train(models: Dict[str, nn.Module], imgs: List[torch.Tensor], device: 
     return {k: {"s_per_it": statistics.median(v), "peak_mb": mem[k] / 2 ** 20} for k, v in times.items()}
 
 
+def select(models: Dict[str, nn.Module], archs: Optional[List[str]]) -> Dict[str, nn.Module]:
+    """The entries of ``models`` that belong to ``archs`` or to their torchvision counterparts
+    (every entry when ``archs`` is None)."""
+    if archs is None:
+        return models
+    keep = set(archs) | {TORCHVISION[hrnetdet.zoo.registry.get_family(a)[0].name] for a in archs}
+    return {k: m for k, m in models.items() if k.split(" (")[0] in keep}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", help="hrnetdet architectures (default: every family and width; "
@@ -215,9 +224,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     p.add_argument("--rounds", type=int, help="timed rounds (default 5, --quick 3)")
     p.add_argument("--no-fast", action="store_true", help="skip the fast-path variants")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the fast path with the backbone compiled (torch.compile; compiles "
-                        "during the warm-up round)")
+    p.add_argument("--compile", nargs="*", metavar="ARCH",
+                   help="also time the fast path with the backbone compiled (torch.compile; compiled "
+                        "during the warm-up round), for these architectures (none named: all)")
+    p.add_argument("--batch8-models", nargs="+", metavar="ARCH",
+                   help="time batch-8 throughput only for these architectures (and their torchvision "
+                        "counterparts); default: all")
+    p.add_argument("--train-models", nargs="+", metavar="ARCH",
+                   help="time training steps only for these architectures (and their torchvision "
+                        "counterparts); default: all")
     p.add_argument("--no-batch8", action="store_true", help="skip the batch-8 throughput runs")
     p.add_argument("--no-train", action="store_true", help="skip the training-step runs")
     p.add_argument("--min-size", type=int, default=800)
@@ -257,11 +272,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             models[a] = build(a, imgs[:2], device, args.min_size, args.max_size)
             if not args.no_fast:
                 models[a + " (fast)"] = optimize_for_inference(copy.deepcopy(models[a]))
-            if args.compile:
+            if args.compile is not None and (not args.compile or a in args.compile):
                 models[a + COMPILED] = optimize_for_inference(copy.deepcopy(models[a]), compile=True)
         print(f"{device}: {len(models)} models, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
         res1 = bench_inference(models, imgs, device, rounds, 1)
-        res8 = bench_inference(models, imgs, device, max(1, rounds // 2), 8) if batch8 else {}
+        res8 = (bench_inference(select(models, args.batch8_models), imgs, device, max(1, rounds // 2), 8)
+                if batch8 else {})
         # On a shared CPU the thread's CPU time is the stable measure; on CUDA, wall time.
         key = "cpu_s_per_img" if device.type == "cpu" else "s_per_img"
         lines += [f"## Inference, {device.type.upper()}", "",
@@ -281,7 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"{r['peak_mb']:.0f} | {r['dets']} |")
         lines += ["", f"Load average after: {os.getloadavg()[0]:.1f}.", ""]
         if train:
-            plain = {k: m for k, m in models.items() if not k.endswith(("(fast)", COMPILED))}
+            plain = {k: m for k, m in select(models, args.train_models).items()
+                     if not k.endswith(("(fast)", COMPILED))}
             for k in plain:  # training needs the unfolded, calibrated models in train mode
                 plain[k] = plain[k].to(device)
             lines += [f"## Training step, batch 2, {device.type.upper()}", "",
