@@ -87,7 +87,7 @@ def model_zoo_markdown() -> str:
         " *reference*), converted to hrnetdet's layout. Figures marked *(reference)* are the reference's"
         " published COCO val2017 results; *(hrnetdet)* figures are COCO AP we measure on the converted"
         " weights (*pending*: COCO cannot be downloaded where this file is made). *Parity vs reference* is"
-        " measured per architecture by the parity harness (`tools/parity/`, `hrnetdet/zoo/parity.py`):"
+        " measured per architecture by the parity harness (`tools/parity/`, recorded in `hrnetdet/zoo/parity.json`):"
         " the lowest share, over its images, of the reference's top-100 detections that hrnetdet matches"
         " (same class, box IoU >= 0.98, score within 0.01, mask IoU >= 0.9), which is what carries the"
         " reference's accuracy over. Speed and memory are the reference's (V100).",

@@ -25,6 +25,7 @@ The matching helpers (``match_detections`` etc.) import neither hrnetdet nor mmd
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -136,6 +137,31 @@ def match_detections(ref: Dict, det: Dict, label_offset: int = 1, iou: float = D
     return stats
 
 
+def record_parity(models: Dict[str, Dict], path: str) -> None:
+    """Merge the per-model results of a run (``summary['models']``) into ``path``, the figures
+    MODEL_ZOO.md shows (hrnetdet/zoo/parity.json): the lowest matched share over the images, and the
+    worst box IoU, score difference and mask IoU of matched detections. IoUs are floored to 4 decimals,
+    so that a rounded figure never claims more than was measured."""
+    floor4 = lambda x: math.floor(x * 1e4) / 1e4
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+    for name, m in models.items():
+        if 'images' not in m:
+            continue
+        ims = [st for st in m['images'].values() if st['n_matched']]
+        entry = dict(matched=round(100 * min(st['matched_frac'] for st in m['images'].values()), 1),
+                     images=len(m['images']), min_box_iou=floor4(min(st['min_box_iou'] for st in ims)),
+                     max_score_diff=float(f"{max(st['max_score_diff'] for st in ims):.1e}"))
+        if any('min_mask_iou' in st for st in ims):
+            entry['min_mask_iou'] = floor4(min(st['min_mask_iou'] for st in ims if 'min_mask_iou' in st))
+        table[name] = entry
+    with open(path, 'w') as f:
+        json.dump(table, f, indent=1)
+        f.write('\n')
+
+
 def read_image_chw01(path: str) -> torch.Tensor:
     """PNG -> CHW float32 RGB in [0, 1] (exact pixels, no colour management)."""
     from PIL import Image
@@ -150,6 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument('--models', nargs='*', default=None, help='default: every model directory present')
     ap.add_argument('--json', default=None, help='summary path (default <artifacts>/compare_summary.json)')
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--record', metavar='PARITY_JSON',
+                    help='merge the results into this figures file (hrnetdet/zoo/parity.json), then run '
+                         '`hrnetdet zoo-md` to show them in MODEL_ZOO.md')
     ap.add_argument('--iou', type=float, default=DEFAULTS['iou'])
     ap.add_argument('--score-tol', type=float, default=DEFAULTS['score_tol'])
     ap.add_argument('--mask-iou', type=float, default=DEFAULTS['mask_iou'])
@@ -232,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(out_json, 'w') as f:
         json.dump(summary, f, indent=1)
     print(f'summary written to {out_json}')
+    if args.record:
+        record_parity(summary['models'], args.record)
+        print(f'figures recorded in {args.record}')
     if summary['skipped']:
         print('skipped:', ', '.join(summary['skipped']))
     return 1 if any_fail else 0
