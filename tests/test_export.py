@@ -9,8 +9,6 @@ from hrnetdet.heads.masks import paste_masks
 from hrnetdet.inference import calibrate, match_detections
 from hrnetdet.inference.export import export_backbone_onnx, export_onnx
 
-FAST_CHECKS = {"faster_rcnn"}  # the others compile for a minute or more: marked slow
-
 
 @pytest.fixture(scope="module")
 def image():
@@ -36,13 +34,8 @@ def assert_same_detections(ref, out):
         assert agree.float().mean() >= 0.999
 
 
-def _families(fast):
-    return [pytest.param(f.name, marks=[] if f.name in fast else [pytest.mark.slow])
-            for f in hrnetdet.list_families()]
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-@pytest.mark.parametrize("family", _families(FAST_CHECKS))
+@pytest.mark.parametrize("family", [f.name for f in hrnetdet.list_families()])
 def test_torchscript_matches_eager(family, image):
     model = small_model(family, image)
     scripted = torch.jit.script(model)
@@ -54,9 +47,7 @@ def test_torchscript_matches_eager(family, image):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-@pytest.mark.parametrize("family", [pytest.param("faster_rcnn"),
-                                    pytest.param("mask_rcnn", marks=pytest.mark.slow),
-                                    pytest.param("fcos", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["faster_rcnn", "mask_rcnn", "fcos"])
 def test_onnx_matches_eager(family, image, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = small_model(family, image)
@@ -73,7 +64,6 @@ def test_onnx_matches_eager(family, image, tmp_path):
     assert_same_detections(ref, got)
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_backbone_onnx_dynamic_size_and_torch_export(image, tmp_path):
     ort = pytest.importorskip("onnxruntime")

@@ -56,8 +56,9 @@ def test_fast_hrfpn_equals_hrfpn(stride):
 
 @pytest.mark.parametrize("arch,compiled", [
     ("faster_rcnn_hrnetv2p_w18", False),
-    pytest.param("mask_rcnn_hrnetv2p_w18", False, marks=pytest.mark.slow),
-    pytest.param("faster_rcnn_hrnetv2p_w18", True, marks=pytest.mark.slow),  # inductor: ~1 min
+    ("mask_rcnn_hrnetv2p_w18", False),
+    # needs a C++ compiler (inductor) and 15-60 s of compiling
+    pytest.param("faster_rcnn_hrnetv2p_w18", True, marks=pytest.mark.slow),
 ])
 def test_fast_path_parity(arch, compiled, image):
     """>= 98% of the plain model's detections found again with box IoU >= 0.98, score within 0.01."""
