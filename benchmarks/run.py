@@ -207,13 +207,18 @@ def bench_train(models: Dict[str, nn.Module], imgs: List[torch.Tensor], device: 
     return {k: {"s_per_it": statistics.median(v), "peak_mb": mem[k] / 2 ** 20} for k, v in times.items()}
 
 
+def base_name(key: str) -> str:
+    """The model behind a results key: ``"x (fast)"`` and ``"x (fast, compiled)"`` are ``x``."""
+    return key.split(" (")[0]
+
+
 def select(models: Dict[str, nn.Module], archs: Optional[List[str]]) -> Dict[str, nn.Module]:
     """The entries of ``models`` that belong to ``archs`` or to their torchvision counterparts
     (every entry when ``archs`` is None)."""
     if archs is None:
         return models
     keep = set(archs) | {TORCHVISION[hrnetdet.zoo.registry.get_family(a)[0].name] for a in archs}
-    return {k: m for k, m in models.items() if k.split(" (")[0] in keep}
+    return {k: m for k, m in models.items() if base_name(k) in keep}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -285,7 +290,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "| model | ms/img wall (batch 1) | ms/img CPU | ratio | fast ratio | img/s (batch 8) | peak MB | dets/img |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for k, r in res1.items():
-            base = k.replace(" (fast)", "").replace(COMPILED, "")
+            base = base_name(k)
             fam = hrnetdet.zoo.registry.get_family(base)[0].name if base in hrnetdet.list_models() else None
             tv = TORCHVISION[fam] if fam else base
             ratio = r[key] / res1[tv][key]
@@ -297,8 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          f"{r['peak_mb']:.0f} | {r['dets']} |")
         lines += ["", f"Load average after: {os.getloadavg()[0]:.1f}.", ""]
         if train:
-            plain = {k: m for k, m in select(models, args.train_models).items()
-                     if not k.endswith(("(fast)", COMPILED))}
+            plain = {k: m for k, m in select(models, args.train_models).items() if k == base_name(k)}
             for k in plain:  # training needs the unfolded, calibrated models in train mode
                 plain[k] = plain[k].to(device)
             lines += [f"## Training step, batch 2, {device.type.upper()}", "",
