@@ -414,18 +414,16 @@ def calibrate(model, family, images, seed, target, log):
     hooks = [OnTheFly('rpn_conv', rpn.rpn_conv, std_plan(1.0), rlog),
              OnTheFly('rpn_cls', rpn.rpn_cls, std_plan(SPREAD['rpn_cls_std']), rlog),
              OnTheFly('rpn_reg', rpn.rpn_reg, std_plan(SPREAD['rpn_reg_std']), rlog)]
+    # The on-the-fly plan sees one level of one image; other levels and images can reach logits past ~17, where
+    # float32 sigmoid is exactly 1.0 and tied proposals survive NMS by rounding luck. Bound every logit: the
+    # peak is taken in the same pass (registered after OnTheFly, this hook sees the calibrated outputs).
+    tap_max = []
+    hmax = rpn.rpn_cls.register_forward_hook(lambda m, i, o: tap_max.append(float(o.detach().abs().max())))
     with torch.no_grad():
         props = [rpn.predict(x, s, rescale=False) for x, s in zip(xs, samples)]
     for h in hooks:
         h.h.remove()
         assert h.done
-    # The on-the-fly plan sees one level of one image; other levels and images can reach logits past ~17, where
-    # float32 sigmoid is exactly 1.0 and tied proposals survive NMS by rounding luck. Bound every logit instead.
-    tap_max = []
-    hmax = rpn.rpn_cls.register_forward_hook(lambda m, i, o: tap_max.append(float(o.detach().abs().max())))
-    with torch.no_grad():
-        for x in xs:
-            rpn(x)
     hmax.remove()
     peak = max(tap_max)
     if peak > SPREAD['rpn_cls_absmax']:
