@@ -4,11 +4,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
 
 import hrnetdet
 from hrnetdet.detectors.transform import reference_size
 from hrnetdet.heads.anchors import ReferenceAnchorGenerator
 from hrnetdet.heads.masks import paste_masks
+from hrnetdet.heads.nms import batched_nms
 from hrnetdet.heads.roi_align import map_roi_levels
 
 SMALL = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
@@ -62,6 +66,69 @@ def test_roi_level_mapping_uses_finest_scale_56():
     boxes = torch.tensor([[0, 0, 111.9, 100], [0, 0, 112, 112], [0, 0, 223, 223], [0, 0, 224, 224],
                           [0, 0, 448, 448], [0, 0, 2000, 2000], [0, 0, 10, 10]])
     assert map_roi_levels(boxes, 4).tolist() == [0, 1, 1, 2, 3, 3, 0]
+
+
+def random_boxes(n, size, generator):
+    xy = torch.rand(n, 2, generator=generator) * size
+    wh = torch.rand(n, 2, generator=generator) * size / 3 + 1
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("split_threshold", [10000, 1000])
+def test_batched_nms_is_one_nms_of_class_shifted_boxes(split_threshold):
+    """The reference's (mmcv's) class separation: torchvision's coordinate trick, which torchvision
+    itself only uses for small inputs on the CPU, with one NMS and with the per-class split."""
+    n = 3000
+    g = torch.Generator().manual_seed(0)
+    # clusters of 10 jittered copies, as a detector's near-duplicates
+    boxes = random_boxes(n // 10, 1300.0, g).repeat_interleave(10, 0) + torch.randn(n, 4, generator=g) * 8
+    scores = (torch.randperm(n, generator=g) + 1.0) / n  # no ties
+    classes = torch.randint(0, 20, (n // 10,), generator=g).repeat_interleave(10)
+    expected = torchvision.ops.boxes._batched_nms_coordinate_trick(boxes, scores, classes, 0.5)
+    assert n / 10 < len(expected) < n / 2
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5, split_threshold), expected)
+
+
+def test_batched_nms_keeps_the_references_decision_at_the_threshold():
+    """Two class-79 boxes with IoU 0.5000004: unshifted per-class NMS (torchvision above 4,000
+    elements on the CPU) suppresses the second; the reference's 31,679 px class shift rounds it
+    to just under 0.5 and keeps it."""
+    x = 33.33330154418945
+    boxes = torch.tensor([[0.0, 0.0, 100.0, 100.0], [x, 0.0, 100.0 + x, 100.0], [0.0, 0.0, 400.0, 400.0]])
+    scores, classes = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([79, 79, 0])
+    assert torchvision.ops.box_iou(boxes[:1].double(), boxes[1:2].double()).item() > 0.5
+    assert torchvision.ops.boxes._batched_nms_vanilla(boxes, scores, classes, 0.5).tolist() == [0, 2]
+    assert batched_nms(boxes, scores, classes, 0.5).tolist() == [0, 1, 2]
+
+
+def test_box_postprocess_equals_torchvisions_away_from_ties():
+    """The reference's multiclass NMS keeps torchvision's decode, clip, threshold and top-k; on
+    random inputs (no near-threshold pairs, no sub-0.01 px boxes) the detections are the same."""
+    heads = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18").roi_heads
+    g = torch.Generator().manual_seed(0)
+    proposals = [random_boxes(300, 250.0, g) + 50, random_boxes(200, 250.0, g) + 50]
+    logits = torch.randn(500, 81, generator=g) * 3
+    deltas = torch.randn(500, 81 * 4, generator=g) * 0.5
+    shapes = [(480, 520), (500, 400)]
+    ours = heads.postprocess_detections(logits, deltas, proposals, shapes)
+    theirs = RoIHeads.postprocess_detections(heads, logits, deltas, proposals, shapes)
+    assert [len(b) for b in ours[0]] == [100, 100]
+    for a, b in zip(ours, theirs):  # boxes, scores, labels: a tensor per image
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_proposal_filter_equals_torchvisions_away_from_ties():
+    rpn = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", rpn_pre_nms_top_n_test=300).rpn.eval()
+    g = torch.Generator().manual_seed(0)
+    per_level = [4000, 1000, 250, 64, 16]
+    proposals = torch.stack([random_boxes(sum(per_level), 700.0, g) - 50 for _ in range(2)])
+    objectness = torch.randn(2 * sum(per_level), 1, generator=g)
+    shapes = [(600, 640), (640, 500)]
+    ours = rpn.filter_proposals(proposals, objectness, shapes, per_level)
+    theirs = RegionProposalNetwork.filter_proposals(rpn, proposals, objectness, shapes, per_level)
+    assert all(len(b) > 500 for b in ours[0])
+    for a, b in zip(ours, theirs):  # boxes, scores: a tensor per image
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_mask_pasting_equals_full_image_grid_sample():

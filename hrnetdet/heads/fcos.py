@@ -19,7 +19,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image, sigmoid_focal_loss
+from torchvision.ops import clip_boxes_to_image, sigmoid_focal_loss
+
+from .nms import batched_nms
 
 INF = 1e8
 FCOS_STRIDES = (8, 16, 32, 64, 128)

@@ -9,9 +9,11 @@ from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import clip_boxes_to_image
 
 from .masks import mask_loss, mask_targets
 from .matcher import ReferenceMatcher
+from .nms import batched_nms
 from .roi_align import ReferenceRoIAlign
 from .rpn import box_regression_loss
 
@@ -76,6 +78,31 @@ class StandardRoIHeads(RoIHeads):
         loss_box = box_regression_loss(deltas[pos, cls_index], targets[pos], self.box_loss,
                                        self.box_loss_beta) / max(lab.numel(), 1)
         return loss_cls, loss_box
+
+    def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: List[Tensor],
+                               image_shapes: List[Tuple[int, int]]
+                               ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """The reference's ``multiclass_nms``: every (box, foreground class) pair scoring above
+        ``score_thresh`` goes through class-wise NMS with the reference's arithmetic (``nms.py``);
+        unlike torchvision, boxes under 0.01 px are not dropped first."""
+        num_classes = class_logits.shape[-1]
+        counts = [p.shape[0] for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts, 0)
+        pred_scores = F.softmax(class_logits, -1).split(counts, 0)
+        all_boxes: List[Tensor] = []
+        all_scores: List[Tensor] = []
+        all_labels: List[Tensor] = []
+        for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
+            boxes = clip_boxes_to_image(boxes, image_shape)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
+            scores = scores[:, 1:].reshape(-1)
+            inds = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
 
     def mask_losses(self, mask_logits: Tensor, targets: List[Dict[str, Tensor]], proposals: List[Tensor],
                     matched_idxs: List[Tensor], labels: List[Tensor]) -> Tensor:

@@ -10,6 +10,7 @@ from torchvision.ops import boxes as box_ops
 
 from .anchors import ReferenceAnchorGenerator
 from .matcher import ReferenceMatcher
+from .nms import batched_nms
 
 
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
@@ -73,6 +74,30 @@ class ReferenceRPN(RegionProposalNetwork):
         b = self.allowed_border
         return ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
                 & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b))
+
+    def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: List[Tuple[int, int]],
+                         num_anchors_per_level: List[int]) -> Tuple[List[Tensor], List[Tensor]]:
+        """The reference's proposal filter: the top ``pre_nms_top_n`` per level, clipped, boxes of
+        zero width or height dropped (torchvision: under 1e-3 px), NMS per level with the
+        reference's arithmetic (``nms.py``), the top ``post_nms_top_n`` kept."""
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=proposals.device)
+                            for i, n in enumerate(num_anchors_per_level)])
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
+        scores_all = torch.sigmoid(objectness[batch_idx, top_n_idx])
+        final_boxes: List[Tensor] = []
+        final_scores: List[Tensor] = []
+        for boxes, scores, lvl, image_shape in zip(proposals[batch_idx, top_n_idx], scores_all,
+                                                    levels[top_n_idx], image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            keep = torch.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
     def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: List[Tensor],
                      regression_targets: List[Tensor]) -> Tuple[Tensor, Tensor]:
