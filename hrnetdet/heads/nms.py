@@ -3,7 +3,7 @@
 mmcv separates the classes by shifting each box by ``class * (max coordinate + 1)`` in the boxes'
 own dtype and runs one NMS on the shifted boxes; above 10,000 boxes it runs that NMS class by class,
 still on the shifted boxes. torchvision's ``batched_nms`` instead runs unshifted per-class NMS above
-4,000 elements on the CPU (20,000 on the GPU). In float32 a shift of ~30,000 px rounds coordinates to a
+4,000 elements (1,000 boxes) on the CPU and 100,000 on the GPU. In float32 a shift of ~30,000 px rounds coordinates to a
 0.002 px grid, so the two disagree on box pairs whose IoU is within ~1e-4 of the threshold. HTC's score
 threshold of 0.001 sends ~20,000 candidates into the final NMS, where such pairs occur, and one flipped
 pair changes which further boxes survive. Doing the shift as the reference does keeps its decisions.
