@@ -137,9 +137,9 @@ def _timed(fn: Callable[[], object], device: torch.device) -> Tuple[float, float
 
 
 def bench_inference(models: Dict[str, nn.Module], imgs: List[torch.Tensor], device: torch.device,
-                    rounds: int, batch: int) -> Dict[str, Dict[str, float]]:
+                    rounds: int, batch: int, autocast: Optional[torch.dtype] = None) -> Dict[str, Dict[str, float]]:
     """Median wall and CPU seconds per image over ``rounds`` alternating rounds after one warm-up
-    round."""
+    round; ``autocast`` runs the models under ``torch.autocast`` in that dtype."""
     times: Dict[str, List[float]] = {k: [] for k in models}
     cpu: Dict[str, List[float]] = {k: [] for k in models}
     mem: Dict[str, int] = {k: 0 for k in models}
@@ -148,7 +148,8 @@ def bench_inference(models: Dict[str, nn.Module], imgs: List[torch.Tensor], devi
         for r in range(rounds + 1):
             for k, model in models.items():
                 x = [imgs[(r + i) % len(imgs)].to(device) for i in range(batch)]
-                with PeakMemory(device) as pm:
+                with PeakMemory(device) as pm, torch.autocast(device.type, autocast or torch.float32,
+                                                              enabled=autocast is not None):
                     out: list = []
                     t, c = _timed(lambda: out.extend(model(x)), device)
                 if r == 0:

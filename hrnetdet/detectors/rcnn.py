@@ -6,13 +6,12 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead
 
 from ..backbone import HRNet
 from ..heads.anchors import ReferenceAnchorGenerator
 from ..heads.roi_align import ReferenceRoIAlign
 from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
-from ..heads.rpn import ReferenceRPN
+from ..heads.rpn import Float32RPNHead, ReferenceRPN
 from ..neck import HRFPN, HRNetV2p
 from .transform import ReferenceTransform
 
@@ -51,7 +50,7 @@ def build_rpn(*, cascade: bool = False, rpn_pre_nms_top_n_train: int = 2000,
     if rpn_post_nms_top_n_train is None:
         rpn_post_nms_top_n_train = 2000 if cascade else 1000
     return ReferenceRPN(
-        ReferenceAnchorGenerator(), RPNHead(256, 3),
+        ReferenceAnchorGenerator(), Float32RPNHead(256, 3),
         pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         nms_thresh=rpn_nms_thresh, batch_size_per_image=rpn_batch_size_per_image,

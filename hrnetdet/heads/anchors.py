@@ -59,7 +59,8 @@ class ReferenceAnchorGenerator(nn.Module):
     def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
         self.image_sizes = list(image_list.image_sizes)
         grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        dtype = torch.float64 if feature_maps[0].dtype == torch.float64 else torch.float32  # see precision.py
+        device = feature_maps[0].device
         key = f"{grid_sizes}{dtype}{device}"
         if key not in self._cache:
             self._cache = {key: self.grid_anchors(grid_sizes, dtype, device)}

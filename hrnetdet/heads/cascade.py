@@ -16,6 +16,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
+from .precision import float32_if_half
 from .roi_align import ReferenceRoIAlign
 from .roi_heads import StandardRoIHeads, label_masks, mask_head, positives
 from .semantic import FusedSemanticHead, conv_relu
@@ -85,7 +86,7 @@ class CascadeStage(StandardRoIHeads):
     def refine(self, box_regression: Tensor, rois: List[Tensor], image_shapes: List[Tuple[int, int]]
                ) -> List[Tensor]:
         """The RoIs moved by this stage's class-agnostic deltas, clipped to their image."""
-        boxes = self.box_coder.decode(box_regression, rois).reshape(-1, 4)
+        boxes = self.box_coder.decode(float32_if_half(box_regression), rois).reshape(-1, 4)
         return [box_ops.clip_boxes_to_image(b, s)
                 for b, s in zip(boxes.split([len(r) for r in rois]), image_shapes)]
 
@@ -240,7 +241,7 @@ class CascadeRoIHeads(nn.Module):
         last = len(self.stages) - 1
         for i, head in enumerate(self.stages):
             class_logits, box_regression = self.box_forward(i, features, rois, image_shapes, semantic)
-            stage_logits.append(class_logits)
+            stage_logits.append(float32_if_half(class_logits))
             if i < last:
                 rois = head.refine(box_regression, rois, image_shapes)
             else:

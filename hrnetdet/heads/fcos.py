@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchvision.ops import clip_boxes_to_image, sigmoid_focal_loss
 
 from .nms import batched_nms
+from .precision import float32_if_half
 
 INF = 1e8
 FCOS_STRIDES = (8, 16, 32, 64, 128)
@@ -232,8 +233,8 @@ class FCOSHead(nn.Module):
             all_scores: List[Tensor] = []
             all_labels: List[Tensor] = []
             for cls_l, dist_l, ctr_l, pts in zip(cls_logits, distances, ctr_logits, points):
-                scores = torch.sigmoid(cls_l[i])
-                ctr = torch.sigmoid(ctr_l[i])
+                scores = torch.sigmoid(float32_if_half(cls_l[i]))
+                ctr = torch.sigmoid(float32_if_half(ctr_l[i]))
                 dist = dist_l[i]
                 if self.postprocess == "v2":
                     if scores.shape[0] > self.topk_candidates:

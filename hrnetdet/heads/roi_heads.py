@@ -14,6 +14,7 @@ from torchvision.ops import clip_boxes_to_image
 from .masks import mask_loss, mask_targets
 from .matcher import ReferenceMatcher
 from .nms import batched_nms
+from .precision import float32_if_half
 from .roi_align import ReferenceRoIAlign
 from .rpn import box_regression_loss
 
@@ -85,6 +86,7 @@ class StandardRoIHeads(RoIHeads):
         """The reference's ``multiclass_nms``: every (box, foreground class) pair scoring above
         ``score_thresh`` goes through class-wise NMS with the reference's arithmetic (``nms.py``);
         unlike torchvision, boxes under 0.01 px are not dropped first."""
+        class_logits, box_regression = float32_if_half(class_logits), float32_if_half(box_regression)
         num_classes = class_logits.shape[-1]
         counts = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts, 0)

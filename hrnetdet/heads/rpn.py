@@ -11,6 +11,7 @@ from torchvision.ops import boxes as box_ops
 from .anchors import ReferenceAnchorGenerator
 from .matcher import ReferenceMatcher
 from .nms import batched_nms
+from .precision import float32_if_half
 
 
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
@@ -22,6 +23,20 @@ def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) ->
     raise ValueError("unknown box loss '" + kind + "'; expected 'l1' or 'smooth_l1'")
 
 
+class Float32RPNHead(RPNHead):
+    """torchvision's RPN head, with float32 outputs when its convolutions ran in half precision:
+    proposals are decoded from them (``precision.py``)."""
+
+    def forward(self, x: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        logits: List[Tensor] = []
+        deltas: List[Tensor] = []
+        for feature in x:
+            t = self.conv(feature)
+            logits.append(float32_if_half(self.cls_logits(t)))
+            deltas.append(float32_if_half(self.bbox_pred(t)))
+        return logits, deltas
+
+
 class ReferenceRPN(RegionProposalNetwork):
     """Args beyond torchvision's:
         box_loss, box_loss_beta: the reference's RPN box loss (Faster/Mask: ``"l1"``; cascades:
@@ -31,7 +46,7 @@ class ReferenceRPN(RegionProposalNetwork):
             (-1 keeps all: Faster/Mask; 0 for the cascades).
     """
 
-    def __init__(self, anchor_generator: ReferenceAnchorGenerator, head: RPNHead, *,
+    def __init__(self, anchor_generator: ReferenceAnchorGenerator, head: Float32RPNHead, *,
                  fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3, min_pos_iou: float = 0.3,
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_top_n: Dict[str, int], post_nms_top_n: Dict[str, int],
