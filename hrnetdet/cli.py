@@ -182,7 +182,7 @@ def user_message(message: str, parser: argparse.ArgumentParser, args: argparse.N
     names = {**{dest: flag for dest, flag in flags.items() if "_" in dest},
              **{name: flag for name, flag in PYTHON_NAMES.items() if flag in flags.values()}}
     for name, flag in {**flags, **names}.items():  # keyword form, or an unmistakable identifier
-        pattern = rf"(?<![\w.-]){name}=\s?" + (rf"|\b{name}\b" if name in names else "")
+        pattern = rf"(?<![\w.-]){name}=\s?" + (rf"|(?<![\w./-]){name}(?![\w/-]|\.\w)" if name in names else "")
         message = re.sub(pattern, lambda m: flag + (" " if "=" in m.group() else ""), message)
     if re.search(r"(?<![\w-])--[a-z]", message):
         return message
