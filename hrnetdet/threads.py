@@ -1,7 +1,7 @@
 """How many CPU threads torch should use: one per physical core, fewer when the machine is already
-busy. OpenMP threads competing for cores with other processes slow a run down many times (one image
-on a loaded 2-core machine: 8.2 s at 2 threads, 0.41 s at 1), so the default never asks for more
-cores than the load average leaves free. Kept free of torch imports: the CLI parser reads it."""
+busy. OpenMP threads that compete for cores with other processes slow a run down several times (the
+README has figures), so the default never asks for more cores than the load average leaves free.
+Free of torch imports at module level: the CLI's parser reads it."""
 import os
 from typing import Optional
 
