@@ -13,22 +13,24 @@ import os
 
 import hrnetdet
 from hrnetdet.data.coco import categories_of, read_annotations
-from hrnetdet.engine.evaluate import format_table
-from hrnetdet.train import fit
+from hrnetdet.engine import fit, format_table
+from hrnetdet.threads import THREADS_HELP, set_num_threads
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="faster_rcnn_hrnetv2p_w18")
-    p.add_argument("--train-ann", required=True)
-    p.add_argument("--train-images", required=True)
-    p.add_argument("--val-ann", required=True)
-    p.add_argument("--val-images", required=True)
-    p.add_argument("--out", default="runs/finetune")
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("--model", default="faster_rcnn_hrnetv2p_w18", help="architecture (default %(default)s)")
+    p.add_argument("--train-ann", required=True, help="COCO instances json of the training set")
+    p.add_argument("--train-images", required=True, help="image folder of the training set")
+    p.add_argument("--val-ann", required=True, help="COCO instances json of the validation set")
+    p.add_argument("--val-images", required=True, help="image folder of the validation set")
+    p.add_argument("--out", default="runs/finetune", help="run folder (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per process (default 2)")
     p.add_argument("--from-scratch", action="store_true", help="no COCO weights")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
     args = p.parse_args()
+    set_num_threads(args.threads)
 
     # The dataset's categories (ascending id) become labels 1..K; the COCO weights keep everything
     # but the class-dependent layers, which are re-initialised for K + 1 classes.

@@ -1,15 +1,37 @@
-"""hrnetdet: HRNetV2p object detectors in torchvision's contract, with the reference's weights."""
-from .zoo import (CheckpointError, create_model, get_arch_pretrained_cfgs, get_pretrained_cfg,
-                  list_families, list_models)
-from .zoo import build_factories as _build_factories
-from .engine.evaluate import evaluate
-from .inference import optimize_for_inference, predict
-from .visualize import draw
+"""hrnetdet: HRNetV2p object detectors in torchvision's contract, with the reference's weights.
 
-__version__ = "0.1.0"
+Attributes load on first use (PEP 562), so ``hrnetdet --help`` and ``hrnetdet.__version__`` do not
+import torch."""
+import importlib
 
-_factories = _build_factories()
-globals().update(_factories)
+from .version import __version__
 
-__all__ = ["CheckpointError", "create_model", "draw", "evaluate", "get_arch_pretrained_cfgs", "get_pretrained_cfg",
-           "list_families", "list_models", "optimize_for_inference", "predict", *_factories]
+_EXPORTS = {"CheckpointError": "hrnetdet.zoo", "create_model": "hrnetdet.zoo",
+            "get_arch_pretrained_cfgs": "hrnetdet.zoo", "get_pretrained_cfg": "hrnetdet.zoo",
+            "list_families": "hrnetdet.zoo", "list_models": "hrnetdet.zoo", "evaluate": "hrnetdet.engine.evaluate",
+            "optimize_for_inference": "hrnetdet.inference", "predict": "hrnetdet.inference",
+            "draw": "hrnetdet.visualize"}
+
+
+def _factories() -> dict:
+    """One ``<family>_hrnetv2p_w<width>`` factory per registered architecture."""
+    return importlib.import_module("hrnetdet.zoo").build_factories()
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name == "__all__":
+        value = ["__version__", *_EXPORTS, *_factories()]
+    else:
+        factories = _factories()
+        if name not in factories:
+            raise AttributeError(f"module 'hrnetdet' has no attribute {name!r}")
+        globals().update(factories)
+        return factories[name]
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__getattr__("__all__")})

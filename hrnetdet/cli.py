@@ -1,35 +1,234 @@
-"""The ``hrnetdet`` command line. Each subcommand lives beside the code it drives and is listed
-here once; ``hrnetdet models`` prints the registry."""
+"""hrnetdet: train, evaluate and run HRNetV2p object detectors; list, fetch and convert their weights.
+
+The parser is built here without importing torch, so ``--help`` answers at once; each command's
+``run(args)`` lives beside the code it drives and is imported only when that command runs. Errors a
+user can fix print as one line naming the flag (``--debug`` or ``HRNETDET_DEBUG=1``: the traceback).
+"""
 import argparse
 import importlib
+import os
+import re
 import sys
-from typing import List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
-# subcommand -> module defining add_arguments(parser) and run(args) -> int
-COMMANDS = {
-    "models": "hrnetdet.zoo.commands",
-    "convert": "hrnetdet.zoo.commands",
-    "download": "hrnetdet.zoo.hub",
-    "push": "hrnetdet.zoo.model_zoo",
-    "zoo-md": "hrnetdet.zoo.model_zoo",
-    "train": "hrnetdet.engine.commands",
-    "eval": "hrnetdet.engine.commands",
-    "predict": "hrnetdet.inference.commands",
+from .threads import THREADS_HELP, set_num_threads
+from .version import __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors: the usage is one ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def existing_file(path: str) -> str:
+    """A data file the command reads late (after building the model): checked before it starts."""
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"file not found: {path}")
+    return path
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def existing_folder(path: str) -> str:
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"folder not found: {path}")
+    return path
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: str  # "module:function", imported when the command runs
+
+
+def _weights_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--checkpoint", help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
+                   help="the published COCO weights of --model (or of this tag)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def _max_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-size", type=int, help="longer side cap (the model's default: 1333)")
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="", help="wildcard filter, e.g. '*w32*'")
+    p.add_argument("--pretrained", action="store_true", help="list arch.tag names with published weights")
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a reference (mmdetection) .pth checkpoint")
+    p.add_argument("--model", help="architecture name; inferred from the checkpoint when omitted")
+    p.add_argument("--out", required=True, help="output folder for model.safetensors and config.json")
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="+", help="arch, arch.tag or a wildcard ('*w18*')")
+    p.add_argument("--dir", help="a folder to fill (to copy to an offline machine); default: the caches")
+    p.add_argument("--backbone", action="store_true",
+                   help="names are timm HRNets (hrnet_w32.ms_in1k), for --weights-backbone")
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="arch.tag with a registry record")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. org/faster_rcnn_hrnetv2p_w32.coco_2x")
+    p.add_argument("--checkpoint", help="a local reference .pth or hrnetdet .safetensors (default: pretrained)")
+    p.add_argument("--private", action="store_true", help="create the Hub repository private")
+    p.add_argument("--token", help="a Hub token (default: the logged-in one)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _weights_args(p, "architecture, e.g. faster_rcnn_hrnetv2p_w18")
+    p.add_argument("--train-ann", type=existing_file, required=True, help="COCO instances json of the training set")
+    p.add_argument("--train-images", type=existing_folder, required=True, help="image folder of the training set")
+    p.add_argument("--val-ann", type=existing_file, help="COCO instances json of the validation set")
+    p.add_argument("--val-images", type=existing_folder, help="image folder of the validation set")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--epochs", type=int, help="training length in passes over the training set")
+    length.add_argument("--iters", type=int, help="training length in iterations (batches per process)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per process (default 2)")
+    p.add_argument("--lr", type=float, help="default: the family's rate x total batch / 16")
+    p.add_argument("--schedule", help="the reference's step schedule by name (default: the family's own)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: LOCAL_RANK)")
+    p.add_argument("--amp", nargs="?", const=True, default=False, choices=[True, "bf16", "fp16"],
+                   help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/training_state.pt")
+    p.add_argument("--weights-backbone", nargs="?", const=True, default=None, metavar="TIMM_NAME",
+                   help="initialise the HRNet from timm's ImageNet weights (without detector weights)")
+    p.add_argument("--min-size", type=int, nargs="+", help="shorter side(s); several = multi-scale training")
+    _max_size_arg(p)
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, sampling and augmentation")
+    p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
+    p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
+    p.add_argument("--images", type=existing_folder, required=True, help="image folder")
+    p.add_argument("--out", help="folder for predictions.json (COCO results) and metrics.json")
+    _device_arg(p)
+    p.add_argument("--min-size", type=int, help="shorter side (the model's default: 800)")
+    _max_size_arg(p)
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (before a bare --pretrained)")
+    _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
+    p.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring above this (0.3)")
+    p.add_argument("--out", default="predictions", help="output folder (./predictions)")
+    _device_arg(p)
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
+    _max_size_arg(p)
+    p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
+    p.add_argument("--no-draw", action="store_true", help="write the JSON only, no pictures")
+
+
+COMMANDS: Dict[str, Command] = {
+    "train": Command("train or fine-tune a detector on a COCO-format dataset (torchrun for DDP)",
+                     _train_args, "hrnetdet.engine.commands:run_train"),
+    "eval": Command("COCO bbox/segm AP of a detector on a COCO-format dataset",
+                    _eval_args, "hrnetdet.engine.commands:run_eval"),
+    "predict": Command("detect objects in images; writes COCO-results JSON and pictures",
+                       _predict_args, "hrnetdet.inference.commands:run_predict"),
+    "models": Command("list the architectures and weight tags", _models_args, "hrnetdet.zoo.commands:run_models"),
+    "download": Command("fetch models' weights into the caches or a folder for offline use",
+                        _download_args, "hrnetdet.zoo.commands:run_download"),
+    "convert": Command("convert a reference (mmdetection) checkpoint to hrnetdet safetensors",
+                       _convert_args, "hrnetdet.zoo.commands:run_convert"),
+    "push": Command("(maintainers) upload a zoo model's converted weights and model card to the Hub",
+                    _push_args, "hrnetdet.zoo.commands:run_push"),
 }
+
+# Errors a user can fix (a missing or wrong file, an unknown name, bad input; CheckpointError is a
+# ValueError; FloatingPointError is a diverged training run): one line, no traceback. Anything else is
+# a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, FloatingPointError)
+
+# Python argument names that the library's messages use, spelt as the CLI flags that pass them.
+PYTHON_NAMES = {"checkpoint_path": "--checkpoint", "num_workers": "--workers", "score_thresh": "--score-thr",
+                "multiscale": "--min-size"}
+LIBRARY_PHRASES = (("hrnetdet.list_models(pretrained=True)", "`hrnetdet models --pretrained`"),
+                   ("hrnetdet.list_models()", "`hrnetdet models`"))
+
+
+def _flags(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """dest -> its long flag, for the options of ``parser``."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+
+
+def user_message(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """A library error's message in the CLI's terms: Python arguments (``checkpoint_path=``,
+    ``val_ann``) become the flags that passed them, and a message about a value the user gave a flag
+    is prefixed ``argument --flag:`` as argparse does."""
+    for python, cli in LIBRARY_PHRASES:
+        message = message.replace(python, cli)
+    flags = _flags(parser)
+    names = {**{dest: flag for dest, flag in flags.items() if "_" in dest},
+             **{name: flag for name, flag in PYTHON_NAMES.items() if flag in flags.values()}}
+    for name, flag in {**flags, **names}.items():  # keyword form, or an unmistakable identifier
+        pattern = rf"(?<![\w.-]){name}=\s?" + (rf"|(?<![\w./-]){name}(?![\w/-]|\.\w)" if name in names else "")
+        message = re.sub(pattern, lambda m: flag + (" " if "=" in m.group() else ""), message)
+    if re.search(r"(?<![\w-])--[a-z]", message):
+        return message
+    defaults = {a.dest: a.default for a in parser._actions}
+    named = []  # (where the message names the value, its flag): the first named is the subject
+    for dest, flag in flags.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value != defaults.get(dest) and len(value) > 1:
+            found = re.search(rf"(?<![\w./-]){re.escape(value)}(?![\w/-])", message)
+            if found:
+                named.append((found.start(), flag))
+    return f"argument {min(named)[1]}: {message}" if named else message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="hrnetdet", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument("--version", action="version", version=f"hrnetdet {__version__}")
+    common = Parser(add_help=False)
+    common.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (or HRNETDET_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, parents=[common], help=command.help, description=command.help)
+        p.set_defaults(command_parser=p)
+        command.add_arguments(p)
+    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="hrnetdet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    runners = {}
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        spec = module.COMMANDS[name]
-        p = sub.add_parser(name, help=spec["help"], description=spec["help"])
-        spec["add_arguments"](p)
-        runners[name] = spec["run"]
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return int(runners[args.command](args) or 0)
+    subparser = args.command_parser
+    if args.command in ("eval", "predict") and not (args.checkpoint or args.pretrained or "." in args.model):
+        subparser.error("give --checkpoint PATH, --pretrained [TAG] or a --model NAME.tag with published weights")
+    set_num_threads(args.threads)
+    module, function = COMMANDS[args.command].run.split(":")
+    run = getattr(importlib.import_module(module), function)
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0"):
+            raise
+        message = user_message(" ".join(str(e).split()) or type(e).__name__, subparser, args)
+        raise SystemExit(f"hrnetdet {args.command}: error: {message}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"hrnetdet {args.command}: interrupted") from None
 
 
 if __name__ == "__main__":

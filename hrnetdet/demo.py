@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 from .data import CocoDetection, make_shapes_dataset
 from .engine.evaluate import evaluate, format_table
 from .engine.train import fit
+from .threads import THREADS_HELP, physical_cores, set_num_threads
 from .visualize import draw
 from .zoo import create_model
 
@@ -66,25 +67,21 @@ def draw_predictions(model: torch.nn.Module, ds: CocoDetection, path: str, num: 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=48)
     parser.add_argument("--iters", type=int, default=800, help="training iterations")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=0.01, help="0.02 diverges from scratch")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: all cores, or 1 when the machine is already busy: "
-                             "OpenMP threads on an oversubscribed CPU slow training down many times)")
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start, cpu_start = time.time(), time.process_time()
-    cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
-    threads = args.threads or (1 if load > cores / 2 else cores)
-    torch.set_num_threads(threads)
-    print(f"CPU: {cores} cores, load average {load:.1f}, using {threads} thread(s)")
+    threads = set_num_threads(args.threads)
+    print(f"CPU: {physical_cores()} physical cores, load average {load:.1f}, using {threads} thread(s)")
 
     data = os.path.join(args.out, "data")
     shapes = dict(sizes=IMAGE_SIZES, min_radius=10, max_radius=22)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+from hrnetdet.threads import set_num_threads
+
+set_num_threads()  # the CLI's default: one thread per physical core that the load leaves free
 
 
 @pytest.fixture(autouse=True)

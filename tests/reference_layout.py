@@ -1,4 +1,4 @@
-"""Reference (mmdetection) checkpoints for tests, built from the spec's key appendix, which was
+"""Reference (mmdetection) checkpoints for tests, built from the key listing in tests/data, which was
 checked against a model built by mmdetection 3.3.0."""
 import os
 import re

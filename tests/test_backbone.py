@@ -39,7 +39,7 @@ def test_matches_timm_features(width):
 
 
 def test_parameter_counts_match_reference():
-    # spec §4.2: learnable backbone parameters per width
+    # learnable backbone parameters per width (docs/NUMERICS.md, 'Parameter counts')
     for width, count in {18: 9_562_260, 32: 29_305_536, 40: 45_521_216}.items():
         with torch.device("meta"):
             model = HRNet(width)

@@ -1,4 +1,4 @@
-"""HRFPN against the spec's operations and level sizes (spec §2)."""
+"""HRFPN against the reference's operations and level sizes (docs/NUMERICS.md, 'HRFPN neck')."""
 import pytest
 import torch
 import torch.nn.functional as F

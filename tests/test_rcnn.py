@@ -18,8 +18,8 @@ from hrnetdet.heads.roi_align import map_roi_levels
 SMALL = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
              rpn_post_nms_top_n_train=200, box_batch_size_per_image=64)
 
-# spec §4.4: the reference's learnable parameters; torchvision's layout adds background rows:
-# 4*1024+4 in the box regressor, and 256+1 in the mask logits.
+# The reference's learnable parameters (docs/NUMERICS.md, 'Parameter counts'); torchvision's
+# layout adds background rows: 4*1024+4 in the box regressor, and 256+1 in the mask logits.
 REFERENCE_PARAMS = {
     "faster_rcnn": {18: 27_482_676, 32: 47_279_712, 40: 63_526_112},
     "mask_rcnn": {18: 30_125_956, 32: 49_922_992, 40: 66_169_392},
@@ -37,7 +37,7 @@ def test_parameter_counts_equal_reference(family, width):
 
 
 def test_resize_rounding_is_the_reference():
-    # spec §5.1a: 640x480 -> 1067x800 (torchvision's float32 floor gives 799)
+    # 640x480 -> 1067x800 (torchvision's float32 floor gives 799; docs/NUMERICS.md, 'Resize rounding')
     assert reference_size(480, 640, 800, 1333) == (800, 1067)
     assert reference_size(427, 640, 800, 1333) == (800, 1199)
     assert reference_size(300, 1000, 800, 1333) == (400, 1333)
@@ -50,7 +50,7 @@ def test_resize_rounding_is_the_reference():
 def test_anchors_are_unrounded_with_fixed_strides():
     gen = ReferenceAnchorGenerator()
     base = gen.cell_anchors[0]
-    # ratio 0.5 at size 32: half-sizes (22.63, 11.31), spec §5.2
+    # ratio 0.5 at size 32: half-sizes (22.63, 11.31)
     torch.testing.assert_close(base[0], torch.tensor([-16 * math.sqrt(2), -8 * math.sqrt(2),
                                                       16 * math.sqrt(2), 8 * math.sqrt(2)]))
     feats = [torch.zeros(1, 1, 200 // 2 ** i, 304 // 2 ** i) for i in range(4)] + [torch.zeros(1, 1, 12, 19)]

@@ -1,4 +1,4 @@
-"""The reference's input resize: cv2 INTER_LINEAR on 8-bit pixels, then normalisation (spec §5.1b).
+"""The reference's input resize: cv2 INTER_LINEAR on 8-bit pixels, then normalisation.
 The oracle is OpenCV's own output, stored by tools run in the reference environment."""
 from pathlib import Path
 

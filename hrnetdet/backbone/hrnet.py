@@ -1,8 +1,9 @@
 """Native HRNet backbone (HRNetV2p body), laid out so that parameter names equal mmdetection's
 ``backbone.*`` checkpoint keys and timm's ``hrnet_w*`` weights.
 
-Spec §1: a two-conv stem, one Bottleneck stage, then three multi-resolution stages whose modules
-exchange information between all branches. Output: four maps at strides 4, 8, 16 and 32.
+A two-conv stem, one Bottleneck stage, then three multi-resolution stages whose modules exchange
+information between all branches. Output: four maps at strides 4, 8, 16 and 32. See
+docs/NUMERICS.md, 'HRNet backbone'.
 """
 from typing import List, Sequence
 

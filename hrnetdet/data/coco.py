@@ -1,5 +1,6 @@
 """COCO-format detection datasets (an instances json plus an image folder) in torchvision's
-target format, read and validated the way the reference's ``CocoDataset`` does (spec §3.1, §3.8).
+target format, read and validated the way the reference's ``CocoDataset`` does (see
+docs/NUMERICS.md, 'Dataset rules').
 
 Targets are in original-image coordinates: the model's own transform resizes and normalises.
 """

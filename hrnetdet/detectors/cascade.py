@@ -1,4 +1,5 @@
-"""Cascade R-CNN, Cascade Mask R-CNN and Hybrid Task Cascade on HRNetV2p (spec §3.5, §3.6)."""
+"""Cascade R-CNN, Cascade Mask R-CNN and Hybrid Task Cascade on HRNetV2p.
+See docs/NUMERICS.md, 'Cascade test-time scoring', 'HTC semantic branch' and 'HTC mask ensemble'."""
 from typing import Any, List, Optional, Sequence
 
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor

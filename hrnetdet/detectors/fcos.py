@@ -2,9 +2,9 @@
 detection contract: train mode returns ``classification``, ``bbox_regression`` and ``bbox_ctrness``
 losses; eval mode returns {boxes, labels (1..K), scores} in original-image coordinates.
 
-The reference's FCOS checkpoints were trained on BGR input (spec §3.7, §5.1c); conversion flips
+The reference's FCOS checkpoints were trained on BGR input; conversion flips
 the first conv's input channels once, so the model takes RGB in [0, 1] with ImageNet mean/std like
-every other hrnetdet model."""
+every other hrnetdet model (docs/NUMERICS.md, 'FCOS BGR first conv')."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn

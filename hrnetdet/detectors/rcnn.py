@@ -46,7 +46,7 @@ def build_rpn(*, cascade: bool = False, rpn_pre_nms_top_n_train: int = 2000,
               rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: Optional[int] = None,
               rpn_post_nms_top_n_test: int = 1000, rpn_nms_thresh: float = 0.7,
               rpn_batch_size_per_image: int = 256) -> ReferenceRPN:
-    """The reference's RPN; ``cascade`` selects the Cascade/HTC training settings (spec §3.2)."""
+    """The reference's RPN; ``cascade`` selects the Cascade/HTC training settings."""
     if rpn_post_nms_top_n_train is None:
         rpn_post_nms_top_n_train = 2000 if cascade else 1000
     return ReferenceRPN(

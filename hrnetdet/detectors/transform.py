@@ -1,10 +1,11 @@
-"""Input and output transform with the reference's arithmetic (spec §3.1, §5.1).
+"""Input and output transform with the reference's arithmetic.
 
 The resized size is ``int(side * f + 0.5)`` with ``f = min(max_size / long, min_size / short)`` in
 double precision (torchvision floors a float32 product, so 480 -> 799 instead of 800); the image is
 resized like the reference's cv2 ``INTER_LINEAR`` on 8-bit pixels, bit for bit, and normalised after
-resizing (spec §5.1b); masks are pasted with the reference's ``grid_sample`` rule and thresholded at
-``mask_thresh``.
+resizing; masks are pasted with the reference's ``grid_sample`` rule and thresholded at
+``mask_thresh``. See docs/NUMERICS.md, 'Resize rounding', 'cv2-style resize', 'Normalisation and
+padding' and 'Mask pasting'.
 """
 from typing import Dict, List, Optional, Tuple
 

@@ -1,4 +1,4 @@
-"""``hrnetdet train`` and ``hrnetdet eval``."""
+"""``hrnetdet train`` and ``hrnetdet eval`` (their arguments are in ``hrnetdet/cli.py``)."""
 import argparse
 import json
 import logging
@@ -7,39 +7,10 @@ import os
 from ..data.coco import categories_of, read_annotations
 from ..zoo.factory import create_model
 from .evaluate import evaluate, format_table
-from .train import SCHEDULES, fit
+from .train import fit
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="architecture, e.g. faster_rcnn_hrnetv2p_w18")
-    p.add_argument("--train-ann", required=True, help="COCO instances json of the training set")
-    p.add_argument("--train-images", required=True, help="image folder of the training set")
-    p.add_argument("--val-ann", help="COCO instances json of the validation set")
-    p.add_argument("--val-images", help="image folder of the validation set")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves")
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--epochs", type=int)
-    length.add_argument("--iters", type=int)
-    p.add_argument("--batch-size", type=int, default=2, help="images per process (default 2)")
-    p.add_argument("--lr", type=float, help="default: the family's rate x total batch / 16")
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), help="default: the family's reference schedule")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: LOCAL_RANK)")
-    p.add_argument("--amp", nargs="?", const=True, default=False, choices=[True, "bf16", "fp16"],
-                   help="mixed precision on CUDA (bf16 where supported, else fp16)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/training_state.pt")
-    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
-                   help="start from the published COCO weights (or this tag); class layers are re-initialised")
-    p.add_argument("--checkpoint", help="start from this .pth/.safetensors checkpoint")
-    p.add_argument("--weights-backbone", nargs="?", const=True, default=None, metavar="TIMM_NAME",
-                   help="initialise the HRNet from timm's ImageNet weights (without detector weights)")
-    p.add_argument("--min-size", type=int, nargs="+", help="shorter side(s); several = multi-scale training")
-    p.add_argument("--max-size", type=int, help="longer side cap (default 1333)")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
-
-
-def _train_run(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _, categories = categories_of(read_annotations(args.train_ann))
     kwargs = {}
@@ -59,25 +30,8 @@ def _train_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="architecture, optionally with a weight tag")
-    p.add_argument("--checkpoint", help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth")
-    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
-                   help="use the published weights (or this tag)")
-    p.add_argument("--ann", required=True, help="COCO instances json")
-    p.add_argument("--images", required=True, help="image folder")
-    p.add_argument("--out", help="folder for predictions.json (COCO results) and metrics.json")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--min-size", type=int, help="shorter side (default 800)")
-    p.add_argument("--max-size", type=int, help="longer side cap (default 1333)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=2)
-
-
-def _eval_run(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     import torch
-    if not args.checkpoint and not args.pretrained and "." not in args.model:
-        raise SystemExit("hrnetdet eval: give --checkpoint, --pretrained or a MODEL.TAG with published weights")
     kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v}
     model = create_model(args.model, args.pretrained or "." in args.model, checkpoint_path=args.checkpoint,
                          **kwargs)
@@ -88,11 +42,3 @@ def _eval_run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {os.path.join(args.out, 'predictions.json')} and metrics.json")
     return 0
-
-
-COMMANDS = {
-    "train": {"help": "train or fine-tune a detector on a COCO-format dataset (torchrun for DDP)",
-              "add_arguments": _train_args, "run": _train_run},
-    "eval": {"help": "COCO bbox/segm AP of a detector on a COCO-format dataset",
-             "add_arguments": _eval_args, "run": _eval_run},
-}

@@ -1,6 +1,7 @@
-"""``fit``: the reference's training recipe (spec §3.8) as a small loop: SGD with linear or
+"""``fit``: the reference's training recipe as a small loop: SGD with linear or
 constant warm-up and step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard
-against non-finite losses, metrics in JSON lines and curves."""
+against non-finite losses, metrics in JSON lines and curves. The recipe: docs/NUMERICS.md,
+'Training recipe'."""
 import json
 import logging
 import math

@@ -1,5 +1,6 @@
-"""Anchors as the reference makes them (spec §5.2): float base anchors (torchvision rounds them) and
-fixed strides (torchvision infers ``padded // feature`` and gets 66 for HRFPN's floored stride-64 level)."""
+"""Anchors as the reference makes them: float base anchors (torchvision rounds them) and
+fixed strides (torchvision infers ``padded // feature`` and gets 66 for HRFPN's floored stride-64 level).
+See docs/NUMERICS.md, 'Anchor generator'."""
 from typing import Dict, List, Sequence, Tuple
 
 import torch

@@ -1,5 +1,5 @@
 """Cascade RoI heads (Cascade R-CNN, Cascade Mask R-CNN, Hybrid Task Cascade) as the reference
-computes them (spec §3.5, §3.6, §5.7).
+computes them (see docs/NUMERICS.md, 'Cascade test-time scoring').
 
 Each stage is a ``StandardRoIHeads`` (its own IoU threshold, box coder weights, sampler and losses);
 ``CascadeRoIHeads`` chains them: proposals are refined by every stage's class-agnostic deltas, the

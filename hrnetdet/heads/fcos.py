@@ -1,9 +1,9 @@
-"""FCOS head with the reference's semantics (spec §3.7, §5.8), which torchvision's ``FCOSHead``
+"""FCOS head with the reference's semantics, which torchvision's ``FCOSHead``
 cannot reproduce: centerness from the cls tower, distances ``exp(scale_l * raw)`` in input pixels,
-points at ``(x + 0.5) * s`` on fixed strides, final score ``cls * ctr``.
+points at ``(x + 0.5) * s`` on fixed strides, final score ``cls * ctr`` (see docs/NUMERICS.md, 'FCOS head').
 
 Test-time post-processing comes in two versions because the reference changed it after the
-checkpoints were published (spec §3.7):
+checkpoints were published (docs/NUMERICS.md, 'FCOS test-time order'):
 
 * ``"v2"`` (default): the mmdet v2.7 code that produced the published AP. Per level the top
   ``topk_candidates`` *locations* by ``max_c(cls * ctr)``; scores ``cls * ctr`` thresholded at

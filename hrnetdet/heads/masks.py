@@ -1,4 +1,5 @@
-"""Mask targets and pasting as the reference computes them (spec §3.2, §5.6)."""
+"""Mask targets and pasting as the reference computes them (see docs/NUMERICS.md,
+'Mask targets' and 'Mask pasting')."""
 from typing import List, Optional
 
 import torch

@@ -1,5 +1,6 @@
-"""Multi-level RoIAlign as the reference's SingleRoIExtractor (spec §3.2, §5.4): aligned=True,
-adaptive sampling, fixed strides and the finest-scale-56 level mapping."""
+"""Multi-level RoIAlign as the reference's SingleRoIExtractor: aligned=True,
+adaptive sampling, fixed strides and the finest-scale-56 level mapping.
+See docs/NUMERICS.md, 'RoIAlign'."""
 from typing import Dict, List, Sequence, Tuple
 
 import torch

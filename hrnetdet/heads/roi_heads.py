@@ -1,6 +1,7 @@
 """Box and mask RoI heads for Faster / Mask R-CNN on torchvision's RoIHeads, with the reference's
-losses (spec §3.3-3.4): CE + L1 box loss on (0.1, 0.1, 0.2, 0.2)-scaled deltas, aligned mask
-targets, and masks returned as 28x28 probabilities that the transform pastes."""
+losses: CE + L1 box loss on (0.1, 0.1, 0.2, 0.2)-scaled deltas, aligned mask
+targets, and masks returned as 28x28 probabilities that the transform pastes.
+See docs/NUMERICS.md, 'Box post-processing', 'Losses' and 'Mask targets'."""
 from typing import Dict, List, Optional, Tuple
 
 import torch

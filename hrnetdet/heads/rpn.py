@@ -1,5 +1,6 @@
-"""Region proposal network with the reference's training rules (spec §3.2): L1 or SmoothL1(1/9)
-box loss, MaxIoU low-quality matching with a minimum IoU, and an optional allowed border."""
+"""Region proposal network with the reference's training rules: L1 or SmoothL1(1/9)
+box loss, MaxIoU low-quality matching with a minimum IoU, and an optional allowed border.
+See docs/NUMERICS.md, 'RPN proposals', 'Assignment and sampling' and 'Losses'."""
 from typing import Dict, List, Optional, Tuple
 
 import torch

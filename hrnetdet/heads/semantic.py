@@ -1,5 +1,6 @@
-"""HTC's fused semantic branch (spec §3.6): a stride-8 segmentation head over all HRFPN levels whose
-embedding is pooled into every box and mask RoI feature."""
+"""HTC's fused semantic branch: a stride-8 segmentation head over all HRFPN levels whose
+embedding is pooled into every box and mask RoI feature. See docs/NUMERICS.md, 'HTC semantic
+branch'."""
 import logging
 from typing import Dict, Final, List, Optional, Tuple
 

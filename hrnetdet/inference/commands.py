@@ -1,28 +1,12 @@
 """``hrnetdet predict``: detections on image files, folders and globs, written as COCO-results
-JSON and as pictures."""
+JSON and as pictures (its arguments are in ``hrnetdet/cli.py``)."""
 import argparse
 import json
 import os
 
-import torch
 
-
-def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    p.add_argument("--model", required=True, help="architecture, optionally with a weight tag (NAME[.tag])")
-    p.add_argument("--checkpoint", help="a reference .pth or hrnetdet .safetensors file")
-    p.add_argument("--pretrained", action="store_true", help="load the published weights of --model")
-    p.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring above this (0.3)")
-    p.add_argument("--out", default="predictions", help="output folder (./predictions)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
-    p.add_argument("--max-size", type=int, help="test resize: longer side cap (the model's default: 1333)")
-    p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
-    p.add_argument("--no-draw", action="store_true", help="write the JSON only, no pictures")
-
-
-def _predict_run(args: argparse.Namespace) -> int:
+def run_predict(args: argparse.Namespace) -> int:
+    import torch
     from torchvision.io import write_jpeg
 
     from ..visualize import draw
@@ -30,22 +14,15 @@ def _predict_run(args: argparse.Namespace) -> int:
     from .fast import optimize_for_inference
     from .predict import coco_results, expand_inputs, predict
 
-    if not args.checkpoint and not args.pretrained and "." not in args.model:
-        raise SystemExit("hrnetdet predict: give --checkpoint PATH, --pretrained or a NAME.tag with weights")
-    try:
-        paths = expand_inputs(args.inputs)
-    except FileNotFoundError as e:
-        raise SystemExit(f"hrnetdet predict: {e}") from None
+    paths = expand_inputs(args.inputs)
     kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
     model = create_model(args.model, pretrained=args.pretrained or "." in args.model,
                          checkpoint_path=args.checkpoint, **kwargs)
     if args.fast:
         optimize_for_inference(model)
-    try:
-        results = predict(model.to(args.device), paths, score_thresh=args.score_thr,
-                          batch_size=args.batch_size, progress=True)
-    except ValueError as e:  # an unreadable image: the message names the file
-        raise SystemExit(f"hrnetdet predict: {e}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = predict(model.to(device), paths, score_thresh=args.score_thr, batch_size=args.batch_size,
+                      progress=True)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:
@@ -60,9 +37,3 @@ def _predict_run(args: argparse.Namespace) -> int:
     n = sum(len(r["scores"]) for r in results)
     print(f"{len(results)} images, {n} detections scoring above {args.score_thr}: {json_path}")
     return 0
-
-
-COMMANDS = {
-    "predict": {"help": "detect objects in images; writes COCO-results JSON and pictures",
-                "add_arguments": _predict_args, "run": _predict_run},
-}

@@ -1,6 +1,6 @@
-"""HRFPN neck (spec §2): all branches upsampled bilinearly to stride 4 and concatenated, one 1x1
+"""HRFPN neck: all branches upsampled bilinearly to stride 4 and concatenated, one 1x1
 reduction, then a pyramid of average-pooled copies each with its own 3x3 conv. Everything has a
-bias; there is no norm and no activation anywhere."""
+bias; there is no norm and no activation anywhere. See docs/NUMERICS.md, 'HRFPN neck'."""
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 

@@ -1,18 +1,17 @@
-"""``hrnetdet models`` and ``hrnetdet convert``."""
+"""``hrnetdet models``, ``download``, ``convert`` and ``push`` (their arguments are in
+``hrnetdet/cli.py``)."""
 import argparse
 import os
+from typing import List
 
 from .convert import read_checkpoint, save_safetensors
 from .factory import create_model
-from .registry import get_arch_pretrained_cfgs, get_family, list_models
+from .hub import backbone_weights_file, fetch_pretrained
+from .model_zoo import push
+from .registry import get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models
 
 
-def _models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pattern", nargs="?", default="", help="wildcard filter, e.g. '*w32*'")
-    p.add_argument("--pretrained", action="store_true", help="list arch.tag names with published weights")
-
-
-def _models_run(args: argparse.Namespace) -> int:
+def run_models(args: argparse.Namespace) -> int:
     for name in list_models(args.pattern, pretrained=args.pretrained):
         if args.pretrained:
             print(name)
@@ -23,13 +22,27 @@ def _models_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a reference (mmdetection) .pth checkpoint")
-    p.add_argument("--model", help="architecture name; inferred from the checkpoint when omitted")
-    p.add_argument("--out", required=True, help="output folder for model.safetensors and config.json")
+def run_download(args: argparse.Namespace) -> int:
+    cache_dir = os.path.join(args.dir, "hub") if args.dir else None
+    names: List[str] = []
+    for n in args.names:
+        names += list_models(n, pretrained=True) if (not args.backbone and "*" in n) else [n]
+    for name in names:
+        if args.backbone:
+            path = backbone_weights_file(name, 0, cache_dir=cache_dir)
+        else:
+            cfg = get_pretrained_cfg(name)
+            if cfg is None:
+                raise ValueError(f"{name} has no published weights; `hrnetdet models --pretrained` lists them")
+            path = fetch_pretrained(cfg, home=args.dir, cache_dir=cache_dir)
+        print(f"{name}: {path}")
+    if args.dir:
+        print(f"Copy {args.dir} to the offline machine and set HRNETDET_HOME={args.dir} HF_HOME={args.dir} "
+              f"HF_HUB_OFFLINE=1 (use the copy's path).")
+    return 0
 
 
-def _convert_run(args: argparse.Namespace) -> int:
+def run_convert(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     arch = args.model or f"{ckpt.family}_hrnetv2p_w{ckpt.width}"
     model = create_model(arch, checkpoint_path=args.checkpoint)
@@ -40,9 +53,8 @@ def _convert_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "models": {"help": "list the architectures and weight tags", "add_arguments": _models_args,
-               "run": _models_run},
-    "convert": {"help": "convert a reference (mmdetection) checkpoint to hrnetdet safetensors",
-                "add_arguments": _convert_args, "run": _convert_run},
-}
+def run_push(args: argparse.Namespace) -> int:
+    commit, digest = push(args.name, args.repo_id, args.checkpoint, args.private, args.token)
+    print(f"pushed {args.name} to {args.repo_id}@{commit}; registry record: "
+          f"hf_hub_id={args.repo_id!r}, hf_revision={commit!r}, sha256={digest!r}")
+    return 0

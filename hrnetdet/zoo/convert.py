@@ -1,5 +1,6 @@
 """Reading checkpoints: the reference's (mmdetection) ``.pth`` files, converted to hrnetdet's
-layout (spec §4.5), and hrnetdet's own ``.safetensors`` files with their metadata."""
+layout, and hrnetdet's own ``.safetensors`` files with their metadata. The conversion rules:
+docs/NUMERICS.md, 'Checkpoint conversion'."""
 import json
 import os
 import re
@@ -30,7 +31,7 @@ def prepend_zero_rows(n: int) -> Transform:
 
 
 def flip_input_channels(t: Tensor) -> Tensor:
-    """BGR-trained first conv to RGB input (the reference's FCOS checkpoints, spec §5.1c)."""
+    """BGR-trained first conv to RGB input (the reference's FCOS checkpoints)."""
     return t[:, [2, 1, 0]]
 
 
@@ -62,15 +63,16 @@ MASK_HEAD_RULES: List[Rule] = [
      prepend_zero_rows(1)),
 ]
 
-# The reference's FCOS was trained on BGR input; hrnetdet's takes RGB (spec §5.1c). The head keeps
-# the reference's layout under ``head.`` (torchvision's FCOSHead cannot take it, spec §5.8).
+# The reference's FCOS was trained on BGR input; hrnetdet's takes RGB. The head keeps
+# the reference's layout under ``head.`` (torchvision's FCOSHead cannot take it).
+# See docs/NUMERICS.md, 'FCOS BGR first conv' and 'FCOS head'.
 FCOS_RULES: List[Rule] = [
     (r"backbone\.conv1\.weight", r"backbone.body.conv1.weight", flip_input_channels),
     *BACKBONE_RULES,
     (r"bbox_head\.(.+)", r"head.\1", None),
 ]
 
-# Cascades (spec §4.4): per-stage heads ``roi_head.{bbox,mask}_head.{s}.`` -> ``roi_heads.stages.{s}.``;
+# Cascades: per-stage heads ``roi_head.{bbox,mask}_head.{s}.`` -> ``roi_heads.stages.{s}.``;
 # the class-agnostic fc_reg needs no background rows. HTC's mask trunks sit under ``.convs``.
 CASCADE_BOX_RULES: List[Rule] = [
     (r"roi_head\.bbox_head\.(\d)\.shared_fcs\.0\.(weight|bias)", r"roi_heads.stages.\1.box_head.fc6.\2", None),

@@ -12,7 +12,6 @@ Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) nothing is requested
 is an error that says which file to put where. ``hrnetdet download`` fills a folder that can be
 copied to an air-gapped machine.
 """
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -21,14 +20,14 @@ import os
 import re
 import urllib.error
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, List, Optional, Union
+from typing import Callable, Dict, FrozenSet, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..backbone import HRNet
 from .convert import Checkpoint, CheckpointError, _atomic, load_into, read_checkpoint, save_safetensors
-from .registry import REFERENCE_URL_ROOT, PretrainedCfg, get_family, get_pretrained_cfg, list_models
+from .registry import REFERENCE_URL_ROOT, PretrainedCfg, get_family, get_pretrained_cfg
 
 logger = logging.getLogger("hrnetdet")
 
@@ -252,36 +251,3 @@ def load_except_class_layers(model: nn.Module, state_dict: Dict[str, Tensor], so
     logger.info("%s: loaded %d tensors; %d class-dependent tensors keep a fresh initialisation for "
                 "%d classes: %s", source, len(kept), len(skipped),
                 len(getattr(model, "categories", [])), ", ".join(sorted(skipped)))
-
-
-def _download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("names", nargs="+", help="arch, arch.tag or a wildcard ('*w18*')")
-    p.add_argument("--dir", help="a folder to fill (to copy to an offline machine); default: the caches")
-    p.add_argument("--backbone", action="store_true",
-                   help="names are timm HRNets (hrnet_w32.ms_in1k) for weights_backbone=")
-
-
-def _download_run(args: argparse.Namespace) -> int:
-    cache_dir = os.path.join(args.dir, "hub") if args.dir else None
-    names: List[str] = []
-    for n in args.names:
-        names += list_models(n, pretrained=True) if (not args.backbone and "*" in n) else [n]
-    for name in names:
-        if args.backbone:
-            path = backbone_weights_file(name, 0, cache_dir=cache_dir)
-        else:
-            cfg = get_pretrained_cfg(name)
-            if cfg is None:
-                raise SystemExit(f"{name} has no published weights; `hrnetdet models --pretrained` lists them")
-            path = fetch_pretrained(cfg, home=args.dir, cache_dir=cache_dir)
-        print(f"{name}: {path}")
-    if args.dir:
-        print(f"Copy {args.dir} to the offline machine and set HRNETDET_HOME={args.dir} HF_HOME={args.dir} "
-              f"HF_HUB_OFFLINE=1 (use the copy's path).")
-    return 0
-
-
-COMMANDS = {
-    "download": {"help": "fetch models' weights into the caches or a folder for offline use",
-                 "add_arguments": _download_args, "run": _download_run},
-}

@@ -1,6 +1,6 @@
 """MODEL_ZOO.md and the Hub model cards, both generated from the registry, and ``hrnetdet push``.
 
-``python -m hrnetdet.zoo.model_zoo`` (or ``hrnetdet zoo-md``) rewrites MODEL_ZOO.md; ``--check``
+``python -m hrnetdet.zoo.model_zoo`` rewrites MODEL_ZOO.md; ``--check``
 fails when the file is out of date.
 """
 import argparse
@@ -241,21 +241,6 @@ def push(name: str, repo_id: str, checkpoint: Optional[str] = None, private: boo
     return commit.oid, digest
 
 
-def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="arch.tag with a registry record")
-    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. org/faster_rcnn_hrnetv2p_w32.coco_2x")
-    p.add_argument("--checkpoint", help="a local reference .pth or hrnetdet .safetensors (default: pretrained)")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--token", help="a Hub token (default: the logged-in one)")
-
-
-def _push_run(args: argparse.Namespace) -> int:
-    commit, digest = push(args.name, args.repo_id, args.checkpoint, args.private, args.token)
-    print(f"pushed {args.name} to {args.repo_id}@{commit}; registry record: "
-          f"hf_hub_id={args.repo_id!r}, hf_revision={commit!r}, sha256={digest!r}")
-    return 0
-
-
 def _zoo_md_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(MODEL_ZOO), help=f"default: {MODEL_ZOO}")
     p.add_argument("--check", action="store_true", help="exit 1 when the file is out of date")
@@ -273,13 +258,6 @@ def _zoo_md_run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}")
     return 0
 
-
-COMMANDS = {
-    "push": {"help": "convert a model's weights and upload them with a model card to the Hub",
-             "add_arguments": _push_args, "run": _push_run},
-    "zoo-md": {"help": "regenerate MODEL_ZOO.md from the registry", "add_arguments": _zoo_md_args,
-               "run": _zoo_md_run},
-}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m hrnetdet.zoo.model_zoo", description=__doc__.splitlines()[0])

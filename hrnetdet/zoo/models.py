@@ -1,5 +1,5 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
-(spec §6). The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
+. The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
 from ..detectors.cascade import build_cascade_rcnn, build_htc
 from ..detectors.fcos import build_fcos
 from ..detectors.rcnn import build_rcnn
@@ -44,7 +44,8 @@ PUBLISHED = (
     ("fcos_hrnetv2p_w32", "coco_2x", "fcos_hrnetv2p_w32_gn-head_4x4_2x_coco_20201212_112133-77b6b9bb.pth", "2x", False, dict(box_ap=40.8, train_mem_gb=17.5)),
     ("fcos_hrnetv2p_w18", "coco_ms_2x", "fcos_hrnetv2p_w18_gn-head_mstrain_640-800_4x4_2x_coco_20201212_111651-441e9d9f.pth", "2x", True, dict(box_ap=38.3, train_mem_gb=13.0, fps=12.9)),
     ("fcos_hrnetv2p_w32", "coco_ms_2x", "fcos_hrnetv2p_w32_gn-head_mstrain_640-800_4x4_2x_coco_20201212_090846-b6f2b49f.pth", "2x", True, dict(box_ap=41.9, train_mem_gb=17.5, fps=12.4)),
-    # The reference's README labels this row W48; its config and checkpoint are W40 (spec §6).
+    # The reference's README labels this row W48; its config and checkpoint are W40
+    # (docs/NUMERICS.md, 'The W48 FCOS row').
     ("fcos_hrnetv2p_w40", "coco_ms_2x", "fcos_hrnetv2p_w40_gn-head_mstrain_640-800_4x4_2x_coco_20201212_124752-f22d2ce5.pth", "2x", True, dict(box_ap=42.7, train_mem_gb=20.3, fps=10.8)),
 )
 

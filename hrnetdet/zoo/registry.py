@@ -66,7 +66,8 @@ class PretrainedCfg:
     @property
     def reference_input_format(self) -> str:
         """The channel order the reference checkpoint was trained on: BGR where converting it flips
-        the first convolution's input channels (FCOS, spec §3.7), else RGB."""
+        the first convolution's input channels (FCOS; docs/NUMERICS.md,
+        'FCOS BGR first conv'), else RGB."""
         from .convert import REFERENCE_LAYOUTS, flip_input_channels
         family = get_family(self.arch)[0].name
         rules = REFERENCE_LAYOUTS[family][0] if family in REFERENCE_LAYOUTS else []

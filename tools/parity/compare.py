@@ -36,7 +36,8 @@ import torch
 
 DEFAULTS = dict(iou=0.98, score_tol=0.01, mask_iou=0.9, min_matched=0.98, top_k=100)
 # Builder options that make hrnetdet follow mmdet 3.3 where 3.3 departs from the rule the published
-# numbers were made with: FCOS's test-time top-k/threshold order (spec §3.7; hrnetdet defaults to v2.7's).
+# numbers were made with: FCOS's test-time top-k/threshold order (hrnetdet defaults to v2.7's;
+# docs/NUMERICS.md, 'FCOS test-time order').
 REFERENCE_VERSION_KWARGS = {'fcos_': dict(postprocess='v3')}
 
 

@@ -16,7 +16,8 @@ For each model it
      semantic layers rescaled to fixed output spreads; the classifier's background bias (FCOS: the class bias)
      bisected so that about --target-dets detections per image survive the config's score threshold;
   3. saves ``checkpoint.pth`` exactly as mmdetection publishes checkpoints ({'meta', 'state_dict'}), after
-     checking its keys/shapes/parameter counts against /work/shared/reference/mmdet_hrnet_keys_appendix.txt;
+     checking its keys/shapes/parameter counts against the key listing ``APPENDIX`` (the same file as
+     tests/data/mmdet_hrnet_keys_appendix.txt);
   4. reloads that file into a FRESH model (``init_detector(cfg, checkpoint.pth)``) and runs the reference's own
      ``inference_detector`` on every harness image; stores the detections in ``reference.pt`` and a record in
      ``info.json``.
@@ -679,7 +680,7 @@ def mask_stats(res):
 
 def install_htc_v2avg_observer(model):
     """Compute mmdet v2.x HTC masks (sigmoid AVERAGED over the 3 mask heads; mmdet 3.3 keeps only the last
-    head's, spec 3.6) alongside mmdet 3.3's own run, without changing that run: forward hooks record each mask
+    head's) alongside mmdet 3.3's own run, without changing that run: forward hooks record each mask
     head's logits, and a wrapper around mask_head[-1].predict_by_feat returns mmdet's own result unchanged but
     also pastes the 3-head average with the same function and arguments (stored in store['v2'])."""
     from mmdet.models.test_time_augs import merge_aug_masks
