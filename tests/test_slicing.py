@@ -127,6 +127,12 @@ def test_cut_boxes_and_overlap_duplicates_collapse(merge, with_masks):
             assert bool(out["masks"][j][inside].all())
 
 
+def _mirror(result, width):
+    """The result with every box mirrored (x -> width - x), written out here, apart from the code."""
+    boxes = result["boxes"]
+    return dict(result, boxes=torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tta_flipped_image_comes_back_in_place(models, family):
     """Flip TTA on the mirror image is the mirror of flip TTA on the image: the same two passes,
@@ -137,9 +143,7 @@ def test_tta_flipped_image_comes_back_in_place(models, family):
     out = tta_predict(model, image, scales=(1.0,), flip=True)
     out_m = tta_predict(model, mirror, scales=(1.0,), flip=True)
     assert len(out["boxes"]) >= 5
-    width = image.shape[-1]
-    back = dict(out_m, boxes=torch.stack([width - out_m["boxes"][:, 2], out_m["boxes"][:, 1],
-                                          width - out_m["boxes"][:, 0], out_m["boxes"][:, 3]], 1))
+    back = _mirror(out_m, image.shape[-1])
     m = match_detections(out, back, iou_thresh=0.99, score_tol=1e-3)
     assert m["matched_frac"] >= 0.9, m
     if "masks" in out:
@@ -163,3 +167,36 @@ def test_tta_single_pass_is_the_model(models, family):
         ref = model([image])[0]
     out = tta_predict(model, image, scales=(1.0,), flip=False)
     assert match_detections(ref, out, iou_thresh=0.99, score_tol=1e-3)["matched_frac"] >= 0.75
+
+
+def test_predict_and_its_modes_share_one_path(models):
+    """``predict(..., slice=...)`` is sliced inference; slice and tta together are refused."""
+    from hrnetdet.inference import predict
+
+    image = torch.cat([_image(64, 64, 5), _image(64, 64, 6)], dim=2)
+    model = models["faster_rcnn"]
+    out = predict(model, image, slice=64, overlap=0.0, full_image=False, score_thresh=0.0)
+    direct = sliced_predict(model, image, 64, overlap=0.0, full_image=False)
+    assert match_detections(direct, out, iou_thresh=0.999, score_tol=1e-6)["matched_frac"] == 1.0
+    with pytest.raises(ValueError, match="slice and tta"):
+        predict(model, image, slice=64, tta=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["cascade_rcnn", "cascade_mask_rcnn", "htc", "fcos"])
+def test_every_family_slices_and_flips_back(family):
+    """The other families: sliced results keep the contract (masks image-sized), and flip TTA on
+    the mirror image is the mirror of flip TTA on the image."""
+    image = _image(64, 96, 7)
+    torch.manual_seed(0)
+    model = calibrate(hrnetdet.create_model(f"{family}_hrnetv2p_w18", min_size=64, max_size=96),
+                      [image])
+    sliced = sliced_predict(model, image, 64, overlap=0.25)
+    assert len(sliced["boxes"]) > 0
+    assert sliced["boxes"][:, 2].max() <= 96 and sliced["boxes"][:, 3].max() <= 64
+    if "masks" in sliced:
+        assert sliced["masks"].shape[1:] == (1, 64, 96)
+    out = tta_predict(model, image, scales=(1.0,), flip=True)
+    back = _mirror(tta_predict(model, image.flip(-1), scales=(1.0,), flip=True), 96)
+    assert len(out["boxes"]) >= 5
+    assert match_detections(out, back, iou_thresh=0.99, score_tol=1e-3)["matched_frac"] >= 0.9

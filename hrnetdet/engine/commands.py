@@ -5,6 +5,7 @@ import logging
 import os
 
 from ..data.coco import categories_of, read_annotations
+from ..inference.modes import add_mode_arguments, mode_kwargs
 from ..zoo.factory import create_model
 from .evaluate import evaluate, format_table
 from .train import SCHEDULES, fit
@@ -72,6 +73,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, help="longer side cap (default 1333)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=2)
+    add_mode_arguments(p)
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -83,7 +85,7 @@ def _eval_run(args: argparse.Namespace) -> int:
                          **kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), args.ann, args.images, out_dir=args.out, device=device,
-                       batch_size=args.batch_size, num_workers=args.workers)
+                       batch_size=args.batch_size, num_workers=args.workers, **mode_kwargs(args))
     print(format_table(metrics))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'predictions.json')} and metrics.json")

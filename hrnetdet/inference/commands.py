@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .modes import add_mode_arguments, mode_kwargs
+
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
@@ -20,6 +22,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=int, help="test resize: longer side cap (the model's default: 1333)")
     p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
     p.add_argument("--no-draw", action="store_true", help="write the JSON only, no pictures")
+    add_mode_arguments(p)
 
 
 def _predict_run(args: argparse.Namespace) -> int:
@@ -43,7 +46,7 @@ def _predict_run(args: argparse.Namespace) -> int:
         optimize_for_inference(model)
     try:
         results = predict(model.to(args.device), paths, score_thresh=args.score_thr,
-                          batch_size=args.batch_size, progress=True)
+                          batch_size=args.batch_size, progress=True, **mode_kwargs(args))
     except ValueError as e:  # an unreadable image: the message names the file
         raise SystemExit(f"hrnetdet predict: {e}") from None
     os.makedirs(args.out, exist_ok=True)
