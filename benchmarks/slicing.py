@@ -178,7 +178,8 @@ def capacity(model: torch.nn.Module, proposals: int, detections: int):
 
 
 def coco_eval(ann_file: str, results: List[dict], max_dets: int) -> Dict[str, float]:
-    """The COCO bbox numbers, with up to ``max_dets`` detections per image (scenes hold hundreds)."""
+    """The COCO bbox AP numbers with up to ``max_dets`` detections per image (scenes hold hundreds;
+    read from the precision table, since ``summarize`` prints its first AP at 100 detections)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -191,19 +192,33 @@ def coco_eval(ann_file: str, results: List[dict], max_dets: int) -> Dict[str, fl
         ev.params.maxDets = [1, 10, max_dets]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return {n: round(float(v), 4) for n, v in zip(names, ev.stats)}
+    precision = ev.eval["precision"][..., -1]  # (IoU, recall, class, area) at max_dets
+
+    def mean(p: np.ndarray) -> float:
+        p = p[p > -1]
+        return round(float(p.mean()), 4) if p.size else -1.0
+
+    return {"AP": mean(precision[..., 0]), "AP50": mean(precision[0, ..., 0]), "AP75": mean(precision[5, ..., 0]),
+            "APs": mean(precision[..., 1]), "APm": mean(precision[..., 2]), "APl": mean(precision[..., 3])}
 
 
-def run_mode(name: str, images: Sequence[Tuple[int, torch.Tensor]], cat_ids: Sequence[int],
-             predict) -> Tuple[List[dict], float]:
-    """COCO result records and seconds per image of one way of predicting."""
-    results, start = [], time.perf_counter()
+def run_mode(name: str, images: Sequence[Tuple[int, torch.Tensor]], predict
+             ) -> Tuple[Dict[int, Dict[str, torch.Tensor]], float]:
+    """Each image's result and the seconds per image of one way of predicting."""
+    preds, start = {}, time.perf_counter()
     for image_id, image in images:
-        results += to_coco_results(predict(image), image_id, cat_ids)
+        preds[image_id] = predict(image)
     seconds = (time.perf_counter() - start) / len(images)
-    print(f"  {name}: {len(results)} detections, {seconds:.1f} s/image", flush=True)
-    return results, seconds
+    print(f"  {name}: {sum(len(p['scores']) for p in preds.values())} detections, {seconds:.1f} s/image", flush=True)
+    return preds, seconds
+
+
+def score(preds: Dict[int, Dict[str, torch.Tensor]], cat_ids: Sequence[int], ann_file: str, max_dets: int,
+          seconds: float) -> Dict[str, float]:
+    results = [r for image_id, p in preds.items() for r in to_coco_results(p, image_id, cat_ids)]
+    row = dict(coco_eval(ann_file, results, max_dets), seconds_per_image=round(seconds, 3))
+    print(f"    {row}", flush=True)
+    return row
 
 
 def _load(ann_file: str, image_dir: str) -> Tuple[List[Tuple[int, torch.Tensor]], List[int]]:
@@ -221,69 +236,73 @@ def evaluate_all(args) -> None:
     data = make_data(args.out, args.seed)
     model = load_model(args.out)
     rows: Dict[str, Dict[str, float]] = {}
+    summary = {"model": ARCH, "iterations": model.iterations, "threads": torch.get_num_threads(),
+               "slice": args.slice, "overlap": args.overlap, "tta_scales": list(args.tta_scales),
+               "rows": rows}
+
+    def save() -> None:  # after every row, so that a long run shows its figures as they come
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        write_table(summary, os.path.join(os.path.dirname(os.path.abspath(__file__)), "slicing.md"))
 
     # TTA on the demo's held-out data, at the demo's test scale (about 1: images of ~100 px).
     images, cat_ids = _load(*data["demo_val"])
     print(f"demo held-out data: {len(images)} images")
-    with test_scale(model, 96, 120):
-        for name, predict in (("demo plain", lambda im: model([im])[0]),
-                              ("demo TTA", lambda im: tta_predict(model, im, scales=args.tta_scales))):
-            res, sec = run_mode(name, images, cat_ids, predict)
-            rows[name] = dict(coco_eval(data["demo_val"][0], res, 100), seconds_per_image=round(sec, 3))
+    if args.keep_demo:
+        with open(os.path.join(args.out, "results.json")) as f:
+            rows.update({k: v for k, v in json.load(f)["rows"].items() if k.startswith("demo")})
+    else:
+        with test_scale(model, 96, 120):
+            for name, predict in (("demo plain", lambda im: model([im])[0]),
+                                  ("demo TTA", lambda im: tta_predict(model, im, scales=args.tta_scales))):
+                preds, sec = run_mode(name, images, predict)
+                rows[name] = score(preds, cat_ids, data["demo_val"][0], 100, sec)
+                save()
 
     # The large scenes: plain at the reference's test scale, sliced at native resolution.
     images, cat_ids = _load(*data["scenes"])
     print(f"held-out scenes: {len(images)} images of {SCENE_SIZE[0]}x{SCENE_SIZE[1]}")
     scene_ann, max_dets = data["scenes"][0], 1000
-    full_pass: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def plain(image):
         with test_scale(model, 800, 1333), capacity(model, 1000, max_dets):
             return model([image])[0]
 
-    def tta(image):
-        with test_scale(model, 800, 1333), capacity(model, 1000, max_dets):
-            return tta_predict(model, image, scales=args.tta_scales)
+    full_pass, plain_seconds = run_mode("scenes plain", images, plain)
+    rows["scenes plain"] = score(full_pass, cat_ids, scene_ann, max_dets, plain_seconds)
+    save()
 
-    for name, predict in (("scenes plain", plain), ("scenes TTA", tta)):
-        if name == "scenes TTA" and args.skip_scene_tta:
-            continue
-        res, sec = run_mode(name, images, cat_ids, predict)
-        rows[name] = dict(coco_eval(scene_ann, res, max_dets), seconds_per_image=round(sec, 3))
-
-    # Tiles are predicted once per scene; the merges reuse them (their own cost is timed apart).
+    # Tiles are predicted once per scene; the merges reuse them (their own cost is timed apart),
+    # and the full-image pass is the plain one.
     tiles, tile_seconds = {}, 0.0
     for image_id, image in images:
-        h, w = image.shape[-2:]
-        windows = tile_windows(h, w, args.slice, args.overlap)
+        windows = tile_windows(*image.shape[-2:], args.slice, args.overlap)
         start = time.perf_counter()
         with capacity(model, 200, 100):
             tiles[image_id] = (windows, predict_tiles(model, image, windows, batch_size=4))
         tile_seconds += time.perf_counter() - start
-        full_pass[image_id] = plain(image)
     tile_seconds /= len(images)
     print(f"  tiles: {len(windows)} of {args.slice}x{args.slice} per scene, {tile_seconds:.1f} s/image")
-    plain_seconds = rows["scenes plain"]["seconds_per_image"]
     for merge in ("nms", "greedy"):
         for with_full in (True, False):
             name = f"scenes sliced {merge}" + (" + full image" if with_full else "")
-            results, start = [], time.perf_counter()
+            preds, start = {}, time.perf_counter()
             for image_id, image in images:
                 windows, outs = tiles[image_id]
                 full = full_pass[image_id] if with_full else None
-                merged = merge_tiles(outs, windows, *image.shape[-2:], full, merge=merge)
-                results += to_coco_results(merged, image_id, cat_ids)
-            merge_seconds = (time.perf_counter() - start) / len(images)
-            sec = tile_seconds + merge_seconds + (plain_seconds if with_full else 0.0)
-            print(f"  {name}: {len(results)} detections, {sec:.1f} s/image", flush=True)
-            rows[name] = dict(coco_eval(scene_ann, results, max_dets), seconds_per_image=round(sec, 3))
+                preds[image_id] = merge_tiles(outs, windows, *image.shape[-2:], full, merge=merge)
+            sec = tile_seconds + (time.perf_counter() - start) / len(images) + (plain_seconds if with_full else 0.0)
+            rows[name] = score(preds, cat_ids, scene_ann, max_dets, sec)
+            save()
 
-    summary = {"model": ARCH, "iterations": model.iterations, "threads": torch.get_num_threads(),
-               "slice": args.slice, "overlap": args.overlap, "tta_scales": list(args.tta_scales),
-               "rows": rows}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    write_table(summary, os.path.join(os.path.dirname(os.path.abspath(__file__)), "slicing.md"))
+    if not args.skip_scene_tta:
+        def tta(image):
+            with test_scale(model, 800, 1333), capacity(model, 1000, max_dets):
+                return tta_predict(model, image, scales=args.tta_scales)
+
+        preds, sec = run_mode("scenes TTA", images, tta)
+        rows["scenes TTA"] = score(preds, cat_ids, scene_ann, max_dets, sec)
+        save()
 
 
 def write_table(summary: dict, path: str) -> None:
@@ -313,6 +332,7 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.2)
     parser.add_argument("--tta-scales", type=float, nargs="+", default=[0.8, 1.0, 1.2])
     parser.add_argument("--skip-scene-tta", action="store_true", help="TTA on the demo data only")
+    parser.add_argument("--keep-demo", action="store_true", help="reuse the demo rows of OUT/results.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.phase == "train":
