@@ -157,6 +157,7 @@ def test_tta_flipped_image_comes_back_in_place(models, family):
         assert same >= 0.9 * len(out["boxes"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tta_single_pass_is_the_model(models, family):
     """One unflipped pass at scale 1 gives the model's own detections (the reference's proposal
