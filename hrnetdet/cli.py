@@ -114,6 +114,16 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
 
 
+def _mode_args(p: argparse.ArgumentParser) -> None:
+    """``--slice``, ``--overlap``, ``--no-full-image`` and ``--tta``, for ``predict`` and ``eval``."""
+    p.add_argument("--slice", type=int, metavar="S",
+                   help="sliced inference: SxS tiles at native resolution (for large images, small objects)")
+    p.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of S (0.2)")
+    p.add_argument("--no-full-image", dest="full_image", action="store_false",
+                   help="with --slice: skip the pass over the whole resized image")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: flip x scales 0.8, 1, 1.2")
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
     p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
@@ -124,6 +134,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _max_size_arg(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    _mode_args(p)
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -137,6 +148,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     _max_size_arg(p)
     p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
     p.add_argument("--no-draw", action="store_true", help="write the JSON only, no pictures")
+    _mode_args(p)
 
 
 COMMANDS: Dict[str, Command] = {

@@ -5,6 +5,7 @@ import logging
 import os
 
 from ..data.coco import categories_of, read_annotations
+from ..inference.modes import mode_kwargs
 from ..zoo.factory import create_model
 from .evaluate import evaluate, format_table
 from .train import fit
@@ -37,7 +38,7 @@ def run_eval(args: argparse.Namespace) -> int:
                          **kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), args.ann, args.images, out_dir=args.out, device=device,
-                       batch_size=args.batch_size, num_workers=args.workers)
+                       batch_size=args.batch_size, num_workers=args.workers, **mode_kwargs(args))
     print(format_table(metrics))
     if args.out:
         print(f"wrote {os.path.join(args.out, 'predictions.json')} and metrics.json")

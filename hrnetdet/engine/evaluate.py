@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.coco import CocoDetection, collate
+from ..inference.modes import check_mode, detect
 from ..zoo.convert import _atomic
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -107,7 +108,8 @@ def format_table(metrics: Dict[str, Any]) -> str:
 @torch.no_grad()
 def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 1, iou_types: Optional[Sequence[str]] = None,
-             num_workers: int = 0, progress: bool = True) -> Dict[str, Any]:
+             num_workers: int = 0, progress: bool = True, slice: Optional[int] = None,
+             overlap: float = 0.2, full_image: bool = True, tta: bool = False) -> Dict[str, Any]:
     """Run ``model`` on every image of a COCO-format dataset and score it with pycocotools.
 
     Labels map back to the dataset's category ids in ascending order (label 1 = smallest id), as
@@ -115,8 +117,10 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     models. With ``out_dir``, writes ``predictions.json`` (COCO results) and ``metrics.json``.
 
     Returns ``{"bbox": {"stats": {AP, AP50, ...}, "per_class": {name: AP}}, ["segm": ...,]
-    "num_images", "num_detections"}``.
+    "num_images", "num_detections"}``. ``slice``, ``overlap``, ``full_image`` and ``tta`` select
+    sliced inference or test-time augmentation, as in ``predict``.
     """
+    check_mode(slice, overlap, tta)
     ds = CocoDetection(ann_file, image_dir, with_masks=False)
     num_classes = len(getattr(model, "categories", []) or [])
     if num_classes and num_classes != len(ds.categories):
@@ -133,7 +137,8 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     results: List[dict] = []
     for images, targets in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
-        preds = model([im.to(device) for im in images])
+        preds = detect(model, [im.to(device) for im in images], slice=slice, overlap=overlap,
+                       full_image=full_image, tta=tta)
         for pred, tgt in zip(preds, targets):
             results += to_coco_results(pred, int(tgt["image_id"]), ds.cat_ids)
     model.train(was_training)

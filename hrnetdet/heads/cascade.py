@@ -232,30 +232,46 @@ class CascadeRoIHeads(nn.Module):
                                                              pos_labels) * weight
         return losses
 
-    def _predict(self, features: Dict[str, Tensor], proposals: List[Tensor],
-                 image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor]
-                 ) -> List[Dict[str, Tensor]]:
+    def box_scores(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                   image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor]
+                   ) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """Class logits averaged over the stages, the last stage's deltas tiled for every class,
+        and the RoIs the last stage saw: what its ``postprocess_detections`` decodes."""
         rois = proposals
         stage_logits: List[Tensor] = []
-        result: List[Dict[str, Tensor]] = []
         last = len(self.stages) - 1
+        box_regression = proposals[0].new_zeros((0, 4))
         for i, head in enumerate(self.stages):
             class_logits, box_regression = self.box_forward(i, features, rois, image_shapes, semantic)
             stage_logits.append(float32_if_half(class_logits))
             if i < last:
                 rois = head.refine(box_regression, rois, image_shapes)
-            else:
-                # The reference averages the raw logits (sum, then divide) and decodes the last
-                # stage's single box for every class.
-                mean_logits = average(stage_logits)
-                tiled = box_regression.repeat(1, mean_logits.shape[1])
+        # The reference averages the raw logits (sum, then divide) and decodes the last
+        # stage's single box for every class.
+        mean_logits = average(stage_logits)
+        return mean_logits, box_regression.repeat(1, mean_logits.shape[1]), rois
+
+    def mask_probs(self, features: Dict[str, Tensor], boxes: List[Tensor], labels: List[Tensor],
+                   image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor]) -> List[Tensor]:
+        """Each detection's own-class mask probabilities per image (N, 1, M, M): the last head's,
+        or the mean of every head's with ``mask_ensemble="mean"``."""
+        logits = self.mask_forward(len(self.stages) - 1, features, boxes, image_shapes, semantic,
+                                   all_heads=self.mask_ensemble == "mean")
+        probs = [label_masks(x, labels) for x in logits]
+        return [average([p[j] for p in probs]) for j in range(len(boxes))]
+
+    def _predict(self, features: Dict[str, Tensor], proposals: List[Tensor],
+                 image_shapes: List[Tuple[int, int]], semantic: Optional[Tensor]
+                 ) -> List[Dict[str, Tensor]]:
+        mean_logits, tiled, rois = self.box_scores(features, proposals, image_shapes, semantic)
+        result: List[Dict[str, Tensor]] = []
+        for i, head in enumerate(self.stages):
+            if i == len(self.stages) - 1:
                 boxes, scores, labels = head.postprocess_detections(mean_logits, tiled, rois, image_shapes)
                 result = [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
         if self.with_mask:
-            logits = self.mask_forward(last, features, [r["boxes"] for r in result], image_shapes, semantic,
-                                       all_heads=self.mask_ensemble == "mean")
-            det_labels = [r["labels"] for r in result]
-            probs = [label_masks(x, det_labels) for x in logits]
-            for j, r in enumerate(result):
-                r["masks"] = average([p[j] for p in probs])
+            probs = self.mask_probs(features, [r["boxes"] for r in result], [r["labels"] for r in result],
+                                    image_shapes, semantic)
+            for r, p in zip(result, probs):
+                r["masks"] = p
         return result

@@ -84,11 +84,8 @@ class StandardRoIHeads(RoIHeads):
     def postprocess_detections(self, class_logits: Tensor, box_regression: Tensor, proposals: List[Tensor],
                                image_shapes: List[Tuple[int, int]]
                                ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
-        """The reference's ``multiclass_nms``: every (box, foreground class) pair scoring above
-        ``score_thresh`` goes through class-wise NMS with the reference's arithmetic (``nms.py``);
-        unlike torchvision, boxes under 0.01 px are not dropped first."""
+        """Decode every class's box and run ``multiclass_nms`` per image."""
         class_logits, box_regression = float32_if_half(class_logits), float32_if_half(box_regression)
-        num_classes = class_logits.shape[-1]
         counts = [p.shape[0] for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts, 0)
         pred_scores = F.softmax(class_logits, -1).split(counts, 0)
@@ -96,16 +93,27 @@ class StandardRoIHeads(RoIHeads):
         all_scores: List[Tensor] = []
         all_labels: List[Tensor] = []
         for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
-            boxes = clip_boxes_to_image(boxes, image_shape)[:, 1:].reshape(-1, 4)
-            labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
-            scores = scores[:, 1:].reshape(-1)
-            inds = torch.where(scores > self.score_thresh)[0]
-            boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            all_boxes.append(boxes[keep])
-            all_scores.append(scores[keep])
-            all_labels.append(labels[keep])
+            boxes, scores, labels = self.multiclass_nms(boxes, scores, image_shape)
+            all_boxes.append(boxes)
+            all_scores.append(scores)
+            all_labels.append(labels)
         return all_boxes, all_scores, all_labels
+
+    def multiclass_nms(self, boxes: Tensor, scores: Tensor, image_shape: Tuple[int, int]
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+        """The reference's ``multiclass_nms`` on one image's (N, K, 4) boxes and (N, K) class
+        probabilities, background first: every (box, foreground class) pair scoring above
+        ``score_thresh`` goes through class-wise NMS with the reference's arithmetic (``nms.py``);
+        unlike torchvision, boxes under 0.01 px are not dropped first. Test-time augmentation calls
+        it on boxes and scores averaged over the passes."""
+        num_classes = scores.shape[-1]
+        boxes = clip_boxes_to_image(boxes, image_shape)[:, 1:].reshape(-1, 4)
+        labels = torch.arange(num_classes, device=scores.device).expand_as(scores)[:, 1:].reshape(-1)
+        scores = scores[:, 1:].reshape(-1)
+        inds = torch.where(scores > self.score_thresh)[0]
+        boxes, scores, labels = boxes[inds], scores[inds], labels[inds]
+        keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+        return boxes[keep], scores[keep], labels[keep]
 
     def mask_losses(self, mask_logits: Tensor, targets: List[Dict[str, Tensor]], proposals: List[Tensor],
                     matched_idxs: List[Tensor], labels: List[Tensor]) -> Tensor:

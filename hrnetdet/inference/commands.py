@@ -4,6 +4,8 @@ import argparse
 import json
 import os
 
+from .modes import mode_kwargs
+
 
 def run_predict(args: argparse.Namespace) -> int:
     import torch
@@ -22,7 +24,7 @@ def run_predict(args: argparse.Namespace) -> int:
         optimize_for_inference(model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = predict(model.to(device), paths, score_thresh=args.score_thr, batch_size=args.batch_size,
-                      progress=True)
+                      progress=True, **mode_kwargs(args))
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")
     with open(json_path, "w") as f:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import score_thresholds, set_score_thresh
+from .modes import check_mode, detect
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 Result = Dict[str, Any]
@@ -85,7 +86,8 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None, *,
             batch_size: int = 1, device: Union[str, torch.device, None] = None,
-            progress: bool = False) -> Union[Result, List[Result]]:
+            progress: bool = False, slice: Optional[int] = None, overlap: float = 0.2,
+            full_image: bool = True, tta: bool = False) -> Union[Result, List[Result]]:
     """Run a detector on one image or many.
 
     ``inputs``: an image (path, PIL image, HWC uint8 RGB array, CHW tensor), a folder or glob
@@ -93,7 +95,10 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
     {boxes (N, 4) xyxy, labels, scores[, masks (N, 1, H, W)], names (category names),
     file_name (for paths)}. ``score_thresh`` replaces the model's box score threshold for this
     call (detections must score above it). The model is put in eval mode.
+    ``slice``: sliced inference in SxS tiles overlapping by ``overlap`` (plus the whole image when
+    ``full_image``); ``tta``: test-time augmentation (see ``hrnetdet.inference.modes``).
     """
+    check_mode(slice, overlap, tta)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     single = _is_single(inputs)
@@ -118,7 +123,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
     try:
         for batch in _batches(flat, batch_size):
             images = [load_image(x, f"input {len(results) + i}").to(device) for i, x in enumerate(batch)]
-            for item, out in zip(batch, model(images)):
+            outputs = detect(model, images, slice=slice, overlap=overlap, full_image=full_image, tta=tta)
+            for item, out in zip(batch, outputs):
                 out = {k: v.cpu() for k, v in out.items()}
                 out["names"] = [categories[i] if i < len(categories) else str(i) for i in out["labels"].tolist()]
                 if isinstance(item, (str, os.PathLike)):
