@@ -304,7 +304,7 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
             with open(own, "a") as jsonl, torch.no_grad():
                 stream = iter_predictions(model, [paths[i] for i in mine], indices=mine, batch_size=batch_size,
                                           device=dev, num_workers=num_workers, half=half, mask_format="rle",
-                                          with_images=draw or save_video)
+                                          with_images=True)
                 last_input = -1
                 for res in stream:
                     index = res["input_index"]
@@ -331,7 +331,7 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
                     for det in detections:
                         del det["image_id"]
                     rec["detections"] = detections
-                    if image is not None and (draw or save_video):
+                    if draw or save_video:
                         picture = draw_picture(image if image.dtype == torch.uint8 else to_float(image), res)
                         if "frame_index" not in res:
                             rec["picture"] = f"{names[index]}.jpg"
