@@ -83,6 +83,7 @@ def test_exif_orientation_gives_the_upright_frame(cases):
             assert read_image(str(cases[f"o{orientation}.{ext}"])).shape[1:] == ((20, 30) if orientation < 5 else (30, 20))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29 deprecates its decoders
 def test_the_decoder_choice_torchvision_for_jpeg_and_png_pil_for_webp(cases):
     """torchvision agrees with PIL exactly on JPEG and PNG (so it is used there: faster, 16-bit
     kept); it ignores WEBP's EXIF orientation (so PIL reads WEBP)."""

@@ -6,13 +6,17 @@ on EXIF orientations 1-8, palette (with transparency), CMYK, grayscale, grey+alp
 gives PIL's pixels exactly, keeps 16-bit PNGs at 16 bits (PIL cuts 16-bit RGB to 8) and decodes
 2-3x faster. Everything else goes through PIL: WEBP (torchvision ignores its EXIF orientation),
 BMP, TIFF, GIF (first frame). ``tests/test_images.py`` checks both choices against PIL.
+torchvision 0.29 deprecates its decoders in favour of TorchCodec: the warning is silenced here, and
+PIL takes over where ``decode_image`` is gone.
 """
 import io
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision.io
 from torch import Tensor
 
 TORCHVISION_FORMATS = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG signatures
@@ -42,7 +46,6 @@ def read_image(path: str) -> Tensor:
     (``to_float`` scales either to [0, 1]). Kept integer so decode workers pass a quarter of the
     bytes. Raises FileNotFoundError, or ValueError naming the file when it cannot be decoded."""
     from PIL import Image, UnidentifiedImageError
-    from torchvision.io import ImageReadMode, decode_image
 
     path = os.fspath(path)
     try:
@@ -51,9 +54,12 @@ def read_image(path: str) -> Tensor:
     except FileNotFoundError:
         raise FileNotFoundError(f"no such image file: {path!r}") from None
     try:
-        if data.startswith(TORCHVISION_FORMATS):
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        if data.startswith(TORCHVISION_FORMATS) and hasattr(torchvision.io, "decode_image"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                                   mode=torchvision.io.ImageReadMode.RGB,
+                                                   apply_exif_orientation=True)
         with Image.open(io.BytesIO(data)) as im:
             return _pil_to_tensor(im)
     except (UnidentifiedImageError, OSError, RuntimeError, SyntaxError, ValueError) as e:
