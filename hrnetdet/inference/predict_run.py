@@ -158,13 +158,13 @@ def _repair(path: str) -> None:
     """Drop a torn last line (a run killed mid-write), so that appending continues cleanly."""
     if not os.path.exists(path):
         return
-    size = os.path.getsize(path)
     good = 0
-    for offset, _ in _read_lines(path):
-        with open(path, "rb") as f:
-            f.seek(offset)
-            good = offset + len(f.readline())
-    if good != size:
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            good += len(line)
+    if good != os.path.getsize(path):
         with open(path, "r+b") as f:
             f.truncate(good)
 
@@ -211,25 +211,26 @@ def finish(out: str) -> Tuple[int, int, int]:
         f.write("]")
 
     atomic_write(os.path.join(out, RESULTS_JSON), write_json)
-    if parts != [os.path.join(out, RESULTS_JSONL)]:
-        atomic_write(os.path.join(out, RESULTS_JSONL), write_jsonl, mode="wb")
-        for path in parts:
-            if os.path.basename(path) != RESULTS_JSONL:
-                os.remove(path)
+    atomic_write(os.path.join(out, RESULTS_JSONL), write_jsonl, mode="wb")  # in order, one line per key
+    for path in parts:
+        if os.path.basename(path) != RESULTS_JSONL:
+            os.remove(path)
     atomic_write(os.path.join(out, FAILED_TXT), lambda f: f.write("".join(line + "\n" for line in failed)))
     return done, detections, len(failed)
 
 
-def distributed_rank() -> Tuple[int, int]:
-    """(rank, world size) under torchrun, with a gloo process group for the final barrier; (0, 1) otherwise."""
+def distributed_rank() -> Tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group) under torchrun, with a gloo
+    process group for the final barrier; (0, 1, False) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        return 0, 1, False
     import torch.distributed as dist
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         # Ranks finish at different times: the barrier waits as long as the slowest rank works.
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 class _VideoWriter:
@@ -272,9 +273,11 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
     from torchvision.io import write_jpeg
     from tqdm import tqdm
 
+    import torch.distributed as dist
+
     from ..visualize import draw as draw_picture
 
-    rank, world = distributed_rank()
+    rank, world, created_group = distributed_rank()
     try:
         os.makedirs(out, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test")
@@ -352,7 +355,6 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
                 writer.close()
             bar.close()
         if world > 1:
-            import torch.distributed as dist
             dist.barrier()
         if rank == 0:
             _, _, failed = finish(out)
@@ -361,4 +363,6 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
                               f"{os.path.join(out, FAILED_TXT)}", UnreadableInputWarning, stacklevel=2)
         if world > 1:
             dist.barrier()
+    if created_group:
+        dist.destroy_process_group()
     return counts
