@@ -138,16 +138,22 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (before a bare --pretrained)")
+    p.add_argument("inputs", nargs="+", help="image or video files, folders, glob patterns or http(s) URLs "
+                   "(before a bare --pretrained)")
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
     p.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring above this (0.3)")
-    p.add_argument("--out", default="predictions", help="output folder (./predictions)")
+    p.add_argument("--out", default="predictions",
+                   help="output folder (./predictions); a rerun into it skips the inputs already done")
     _device_arg(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--workers", type=int, help="image decoding processes (default: half the cores, at most 4)")
+    p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable input instead of skipping it")
+    p.add_argument("--save-video", action="store_true", help="write an annotated video for each video input")
     p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
     _max_size_arg(p)
     p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
-    p.add_argument("--no-draw", action="store_true", help="write the JSON only, no pictures")
+    p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
     _mode_args(p)
 
 

@@ -17,13 +17,12 @@ from typing import List, Optional
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from .data import CocoDetection, make_shapes_dataset
 from .engine.evaluate import evaluate, format_table
 from .engine.train import fit
 from .threads import THREADS_HELP, physical_cores, set_num_threads
-from .visualize import draw
+from .visualize import draw_tiles
 from .zoo import create_model
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
@@ -52,17 +51,14 @@ def draw_predictions(model: torch.nn.Module, ds: CocoDetection, path: str, num: 
                      score_thresh: float = 0.5) -> None:
     """A grid of held-out images with the predictions scoring at least ``score_thresh``."""
     model.eval()
-    side = max(max(im["width"], im["height"]) for im in ds.images[:num])
-    tiles = []
+    images, preds = [], []
     for i in range(min(num, len(ds))):
         image, _ = ds[i]
         pred = model([image])[0]
         pred["names"] = [ds.categories[label] for label in pred["labels"].tolist()]
-        tile = draw(image, pred, score_thresh=score_thresh)
-        canvas = torch.zeros((3, side, side), dtype=torch.uint8)
-        canvas[:, :tile.shape[1], :tile.shape[2]] = tile
-        tiles.append(canvas)
-    grid = make_grid(tiles, nrow=4, padding=4, pad_value=255)
+        images.append(image)
+        preds.append(pred)
+    grid = draw_tiles(images, preds, score_thresh=score_thresh)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 

@@ -11,11 +11,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from ..zoo.coco import BACKGROUND
+from .images import load_image
 
 Target = Dict[str, Tensor]
 
@@ -57,22 +57,6 @@ def categories_of(data: Dict[str, Any]) -> Tuple[List[int], List[str]]:
     """Category ids sorted ascending (the reference's label order) and the names, background first."""
     cats = sorted(data["categories"], key=lambda c: c["id"])
     return [int(c["id"]) for c in cats], [BACKGROUND] + [str(c["name"]) for c in cats]
-
-
-def load_image(path: str) -> Tensor:
-    """An image file as a float RGB CHW tensor in [0, 1], EXIF orientation applied. Grayscale,
-    palette, RGBA/LA (alpha dropped, as cv2 does), CMYK and 16-bit images all become RGB."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            arr = arr / (65535.0 if im.mode != "F" else max(float(arr.max()), 1.0))
-            arr = np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=2)
-            return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy()).float().div_(255.0)
 
 
 def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
@@ -204,8 +188,8 @@ class CocoDetection(torch.utils.data.Dataset):
         path = self.image_path(index)
         try:
             image = load_image(path)
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot be decoded as an image: {e}") from e
+        except ValueError as e:
+            raise DatasetError(str(e)) from e
         h, w = image.shape[-2:]
         if (im.get("width", w), im.get("height", h)) != (w, h):
             raise DatasetError(f"{self.ann_file}: image id {im['id']} ({path}) is {im.get('width')}x"

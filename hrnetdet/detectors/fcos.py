@@ -28,6 +28,9 @@ class FCOSDetector(nn.Module):
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        if len(images) == 0 and not self.training:
+            no_detections: List[Dict[str, Tensor]] = []
+            return no_detections
         if self.training:
             if targets is None:
                 raise ValueError("in training mode, targets must be given")

@@ -1,8 +1,9 @@
 """Two-stage detectors (Faster R-CNN, Mask R-CNN) composed from the parts: HRNetV2p backbone ->
 RPN -> RoI heads, in torchvision's GeneralizedRCNN contract."""
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
@@ -13,7 +14,7 @@ from ..heads.roi_align import ReferenceRoIAlign
 from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
 from ..heads.rpn import Float32RPNHead, ReferenceRPN
 from ..neck import HRFPN, HRNetV2p
-from .transform import ReferenceTransform
+from .transform import ReferenceTransform, scriptable_alias
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +29,19 @@ class HRNetDetector(GeneralizedRCNN):
                  transform: ReferenceTransform, categories: Optional[Sequence[str]] = None):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.categories: List[str] = list(categories) if categories is not None else []
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        """GeneralizedRCNN's forward; an empty list of images gives an empty list of detections."""
+        if len(images) == 0 and not self.training:
+            losses: Dict[str, Tensor] = {}
+            detections: List[Dict[str, Tensor]] = []
+            if torch.jit.is_scripting():
+                return losses, detections
+            return self.eager_outputs(losses, detections)
+        return self.generalized_rcnn_forward(images, targets)
+
+    generalized_rcnn_forward = scriptable_alias(GeneralizedRCNN.forward, "generalized_rcnn_forward")
 
 
 def hrnetv2p_backbone(width: int, *, fpn_stride: int = 1, norm_eval: bool = True,

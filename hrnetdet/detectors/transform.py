@@ -6,16 +6,38 @@ resized like the reference's cv2 ``INTER_LINEAR`` on 8-bit pixels, bit for bit, 
 resizing; masks are pasted with the reference's ``grid_sample`` rule and thresholded at
 ``mask_thresh``. See docs/NUMERICS.md, 'Resize rounding', 'cv2-style resize', 'Normalisation and
 padding' and 'Mask pasting'.
+
+The transform also checks the input contract (a list of finite CHW RGB floats in [0, 1], at least
+``MIN_IMAGE_SIDE`` pixels on each side), so that every family and its TorchScript form reject
+out-of-contract images with a message naming the image, instead of detecting garbage.
 """
-from typing import Dict, List, Optional, Tuple
+import math
+import types
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from ..heads.masks import paste_masks
 from ..heads.semantic import SEMANTIC_KEY
+
+MIN_IMAGE_SIDE = 8
+RANGE_TOLERANCE = 0.01  # resampled or colour-jittered [0, 1] images may overshoot a little
+# HRFPN's coarsest level average-pools the stride-4 map by 16: a padded batch needs 64 pixels per side.
+MIN_BATCH_SIDE = 64
+
+
+def scriptable_alias(method: Callable, name: str) -> Callable:
+    """A base class's ``method`` under another ``name``, so that an override can call it under
+    TorchScript, which has no ``super()`` and compiles a called method under its function name."""
+    alias = types.FunctionType(method.__code__, method.__globals__, name, method.__defaults__,
+                               method.__closure__)
+    alias.__annotations__ = method.__annotations__
+    alias.__qualname__ = f"{method.__qualname__.rsplit('.', 1)[0]}.{name}"
+    return alias
 
 
 def reference_size(height: int, width: int, min_size: float, max_size: float) -> Tuple[int, int]:
@@ -65,7 +87,64 @@ class ReferenceTransform(GeneralizedRCNNTransform):
                  size_divisible: int = 32, mask_thresh: Optional[float] = 0.5):
         super().__init__(min_size, max_size, image_mean, image_std, size_divisible=size_divisible)
         self.mask_thresh = mask_thresh
-        self.semantic_key = SEMANTIC_KEY  # an attribute: TorchScript cannot read str globals
+        # Attributes: TorchScript cannot read str or int globals.
+        self.semantic_key = SEMANTIC_KEY
+        self.min_image_side = MIN_IMAGE_SIDE
+        self.range_tolerance = RANGE_TOLERANCE
+        self.min_batch_side = MIN_BATCH_SIDE
+        # Empty, not saved: follows the model's .to(dtype)/.half(), so images are normalised into
+        # the dtype of the weights they meet.
+        self.register_buffer("dtype_like", torch.empty(0), persistent=False)
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
+                ) -> Tuple[ImageList, Optional[List[Dict[str, Tensor]]]]:
+        return self.resize_and_batch(self.check_images(images), targets)
+
+    resize_and_batch = scriptable_alias(GeneralizedRCNNTransform.forward, "resize_and_batch")
+    torchvision_batch_images = scriptable_alias(GeneralizedRCNNTransform.batch_images, "torchvision_batch_images")
+
+    def check_images(self, images: List[Tensor]) -> List[Tensor]:
+        """Images in float32 (the resize works on the 8-bit grid), or a ValueError naming the first
+        image out of contract. One min/max reduction per image and one device sync per batch."""
+        if len(images) == 0:
+            raise ValueError("expected a list of CHW image tensors, got an empty list")
+        checked: List[Tensor] = []
+        ranges: List[Tensor] = []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i}: shape {list(image.shape)}; expected (3, H, W) RGB "
+                                 f"(drop an alpha channel, repeat a grey one)")
+            if not image.is_floating_point():
+                raise ValueError(f"image {i}: dtype {image.dtype}; expected floats in [0, 1]: "
+                                 f"divide uint8 images by 255")
+            h, w = int(image.shape[1]), int(image.shape[2])
+            if min(h, w) < self.min_image_side:
+                raise ValueError(f"image {i}: {h}x{w} pixels; expected at least {self.min_image_side} "
+                                 f"on each side")
+            image = image.float()
+            low, high = torch.aminmax(image)
+            ranges.append(torch.stack([low, high]))
+            checked.append(image)
+        bounds: List[List[float]] = torch.stack(ranges).tolist()
+        for i, (low, high) in enumerate(bounds):
+            if math.isnan(low) or math.isnan(high):
+                raise ValueError(f"image {i}: contains NaN; expected finite floats in [0, 1]")
+            if high > 1 + self.range_tolerance:
+                raise ValueError(f"image {i}: values up to {high}; expected floats in [0, 1]: "
+                                 f"divide uint8 images by 255")
+            if low < -self.range_tolerance:
+                raise ValueError(f"image {i}: values down to {low}; expected floats in [0, 1] "
+                                 f"(the model normalises them itself)")
+        return checked
+
+    def batch_images(self, images: List[Tensor], size_divisible: int = 32) -> Tensor:
+        """torchvision's zero-padded batch, padded further to ``MIN_BATCH_SIDE`` for thin images."""
+        batch = self.torchvision_batch_images(images, size_divisible)
+        pad_h = max(0, self.min_batch_side - int(batch.shape[-2]))
+        pad_w = max(0, self.min_batch_side - int(batch.shape[-1]))
+        if pad_h > 0 or pad_w > 0:
+            batch = F.pad(batch, [0, pad_w, 0, pad_h])
+        return batch
 
     def normalize(self, image: Tensor) -> Tensor:
         """Deferred: the reference normalises after resizing (see ``resize``)."""
@@ -73,8 +152,6 @@ class ReferenceTransform(GeneralizedRCNNTransform):
 
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
                ) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
-        if not image.is_floating_point():
-            raise TypeError(f"expected a float image in [0, 1], got dtype {image.dtype}")
         h, w = int(image.shape[-2]), int(image.shape[-1])
         if self.training and self._skip_resize:
             new_h, new_w = h, w
@@ -85,7 +162,7 @@ class ReferenceTransform(GeneralizedRCNNTransform):
             image = cv2_linear_resize(image, new_h, new_w)
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-        image = (image - mean[:, None, None]) / std[:, None, None]
+        image = ((image - mean[:, None, None]) / std[:, None, None]).to(self.dtype_like.dtype)
         if target is None:
             return image, target
         target["boxes"] = resize_boxes(target["boxes"], [h, w], [new_h, new_w])

@@ -7,15 +7,14 @@ import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
 
 from ..data.coco import CocoDetection, collate
+from ..data.results import coco_records
 from ..inference.modes import check_mode, detect
 from ..zoo.convert import _atomic
 
@@ -29,25 +28,6 @@ def has_masks(model: nn.Module) -> bool:
         from ..zoo.registry import get_family
         return get_family(arch)[0].has_masks
     return bool(getattr(getattr(model, "roi_heads", None), "mask_predictor", None))
-
-
-def to_coco_results(pred: Dict[str, torch.Tensor], image_id: int, cat_ids: Sequence[int]) -> List[dict]:
-    """One image's detections as COCO result records: xywh boxes, dataset category ids, RLE masks."""
-    boxes = pred["boxes"].detach().float().cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    labels = pred["labels"].tolist()
-    scores = pred["scores"].detach().float().cpu().tolist()
-    out = []
-    masks = pred.get("masks")
-    for i, (box, label, score) in enumerate(zip(xywh, labels, scores)):
-        rec = {"image_id": image_id, "category_id": cat_ids[label - 1], "bbox": [round(v, 3) for v in box],
-               "score": round(score, 5)}
-        if masks is not None:
-            m = (masks[i, 0].float() >= 0.5).cpu().numpy().astype(np.uint8)
-            rle = mask_utils.encode(np.asfortranarray(m))
-            rec["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        out.append(rec)
-    return out
 
 
 def _coco_gt(ds: CocoDetection) -> COCO:
@@ -140,7 +120,7 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
         preds = detect(model, [im.to(device) for im in images], slice=slice, overlap=overlap,
                        full_image=full_image, tta=tta)
         for pred, tgt in zip(preds, targets):
-            results += to_coco_results(pred, int(tgt["image_id"]), ds.cat_ids)
+            results += coco_records(pred, int(tgt["image_id"]), ds.cat_ids)
     model.train(was_training)
 
     coco = _coco_gt(ds)

@@ -17,7 +17,9 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
                 split_threshold: int = 10000) -> Tensor:
     """Indices of the kept boxes, by decreasing score; ``idxs`` is each box's class (or level).
     From ``split_threshold`` boxes up (mmcv's ``split_thr``) the NMS runs class by class: faster,
-    and the kept set is the same."""
+    and the kept set is the same. Half-precision boxes and scores are compared in float32: a class
+    shift of ~100,000 px is past float16's range and on a 512-px grid in bfloat16."""
+    boxes, scores = boxes.float(), scores.float()
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))

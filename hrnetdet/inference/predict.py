@@ -1,167 +1,202 @@
-"""Prediction on image files, folders, globs, PIL images, numpy arrays and tensors, with results
-that carry category names and a COCO-results writer."""
+"""Prediction on image files, folders, globs, URLs, videos, PIL images, numpy arrays and tensors:
+decoding in DataLoader workers, batches on the model's device, results streamed as they are ready
+with category names, masks as uint8 (or RLE) at the original size."""
+import contextlib
 import glob
 import os
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..data.images import to_float
+from ..data.results import mask_rle
 from .calibrate import score_thresholds, set_score_thresh
 from .modes import check_mode, detect
+from .sources import ImageInputs, as_list, expand_inputs, is_url, is_video, video_frames
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 Result = Dict[str, Any]
+MASK_FORMATS = ("uint8", "rle")
 
 
-def expand_inputs(inputs: Iterable[str]) -> List[str]:
-    """Image files from paths, folders (their image files, sorted) and glob patterns."""
-    paths: List[str] = []
-    for item in inputs:
-        item = os.fspath(item)
-        if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise FileNotFoundError(f"folder {item!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            paths += found
-        elif os.path.isfile(item):
-            paths.append(item)
-        elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise FileNotFoundError(f"pattern {item!r} matches no files")
-            paths += found
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {item!r}")
-    return paths
+def default_num_workers() -> int:
+    """Decode workers: half the usable cores (the rest run the model), at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cores // 2)
 
 
-def load_image(image: Any, name: str = "image") -> Tensor:
-    """A CHW float RGB tensor in [0, 1] from a path, a PIL image, an HWC uint8 RGB numpy array
-    or a CHW tensor (uint8, or float in [0, 1]). ``name`` labels the input in errors."""
-    from PIL import Image, UnidentifiedImageError
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The half precision a device runs well: float16 on CUDA, bfloat16 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such image file: {path!r}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read {path!r} as an image: {e}") from None
-        name = path
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"{name}: numpy images must be HWC uint8 RGB, got shape {image.shape} "
-                             f"dtype {image.dtype}")
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div_(255)
-    if isinstance(image, Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"{name}: tensor images must be CHW RGB, got shape {list(image.shape)}")
-        if image.dtype == torch.uint8:
-            return image.float().div_(255)
-        if not image.is_floating_point():
-            raise ValueError(f"{name}: tensor images must be uint8 or float, got {image.dtype}")
-        return image
-    raise TypeError(f"{name}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+def run_model(model: nn.Module, images: List[Tensor], mode: Dict[str, Any]) -> List[Dict[str, Tensor]]:
+    """The model on one batch of [0, 1] float images on its device, plain, sliced or with
+    test-time augmentation (``mode``: ``modes.detect``'s settings): the one place ``predict`` calls it."""
+    return detect(model, images, **mode)
 
 
 def _is_single(inputs: Any) -> bool:
     if isinstance(inputs, (str, os.PathLike)):
         path = os.fspath(inputs)
-        return not (os.path.isdir(path) or glob.has_magic(path))
+        if is_url(path):
+            return not is_video(path)
+        return not (os.path.isdir(path) or is_video(path) or glob.has_magic(path))
     return not isinstance(inputs, (list, tuple))
 
 
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def _flatten(inputs: Any) -> List[Any]:
+    """Paths, folders, globs and URLs expanded in order; in-memory images kept as they are."""
+    items = [inputs] if not isinstance(inputs, (list, tuple)) else list(inputs)
+    flat: List[Any] = []
+    for item in items:
+        flat += expand_inputs([item]) if isinstance(item, (str, os.PathLike)) else [item]
+    return flat
 
 
-@torch.no_grad()
+def _finish(out: Dict[str, Tensor], categories: Sequence[str], mask_format: str) -> Result:
+    """A model output on the CPU: float32 boxes and scores, uint8 (N, 1, H, W) or RLE masks, names."""
+    res: Result = {"boxes": out["boxes"].float().cpu(), "labels": out["labels"].cpu(),
+                   "scores": out["scores"].float().cpu()}
+    if "masks" in out:
+        masks = (out["masks"] >= 0.5).to(torch.uint8).cpu()
+        res["masks"] = masks if mask_format == "uint8" else [mask_rle(m) for m in masks]
+    res["names"] = [categories[i] if i < len(categories) else str(i) for i in res["labels"].tolist()]
+    return res
+
+
+def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int = 1,
+                     device: Optional[torch.device] = None, num_workers: Optional[int] = None,
+                     half: bool = False, mask_format: str = "uint8",
+                     indices: Optional[Sequence[int]] = None, with_images: bool = False,
+                     mode: Optional[Dict[str, Any]] = None) -> Iterator[Result]:
+    """Results for already expanded ``items`` (paths, URLs, videos, in-memory images), in order.
+
+    Each result carries ``input_index`` (the item's position, or ``indices[i]``), ``file_name``
+    for paths and URLs, ``frame_index`` and ``timestamp`` for video frames, and with
+    ``with_images`` the decoded ``image`` (CPU; integer pixels for files). An item that cannot be
+    read gives ``{"error": message, ...}`` instead of detections; the caller decides whether to stop.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    indices = list(range(len(items))) if indices is None else list(indices)
+    categories = list(getattr(model, "categories", []))
+    autocast = (torch.autocast(device.type, dtype=half_dtype(device)) if half else contextlib.nullcontext())
+
+    def infer(images: List[Tensor], infos: List[Result]) -> Iterator[Result]:
+        with autocast:
+            outputs = run_model(model, [to_float(im.to(device, non_blocking=True)) for im in images], mode or {})
+        for image, info, out in zip(images, infos, outputs):
+            if with_images:
+                info["image"] = image
+            yield {**_finish(out, categories, mask_format), **info}
+
+    start = 0
+    while start < len(items):
+        if is_video(items[start]):
+            path = os.fspath(items[start])
+            base = {"input_index": indices[start], "file_name": path}
+            images, infos = [], []
+            try:
+                for frame_index, timestamp, frame in video_frames(path):
+                    images.append(frame)
+                    infos.append({**base, "frame_index": frame_index, "timestamp": round(timestamp, 6)})
+                    if len(images) == batch_size:
+                        yield from infer(images, infos)
+                        images, infos = [], []
+            except ValueError as e:
+                yield {**base, "error": str(e)}
+            if images:
+                yield from infer(images, infos)
+            start += 1
+            continue
+        stop = start
+        while stop < len(items) and not is_video(items[stop]):
+            stop += 1
+        segment = items[start:stop]
+        in_memory = any(not isinstance(x, (str, os.PathLike)) for x in segment)
+        workers = 0 if in_memory else (default_num_workers() if num_workers is None else num_workers)
+        workers = min(workers, (len(segment) - 1) // batch_size)  # no process for a single batch
+        loader = torch.utils.data.DataLoader(ImageInputs(segment), batch_size=batch_size,
+                                             num_workers=workers, collate_fn=as_list,
+                                             pin_memory=device.type == "cuda")
+        for batch in loader:
+            images, infos = [], []
+            for i, image, error in batch:
+                item = segment[i]
+                info: Result = {"input_index": indices[start + i]}
+                if isinstance(item, (str, os.PathLike)):
+                    info["file_name"] = os.fspath(item)
+                if image is None:
+                    yield {**info, "error": error}
+                else:
+                    images.append(image)
+                    infos.append(info)
+            if images:
+                yield from infer(images, infos)
+        start = stop
+
+
 def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None, *,
-            batch_size: int = 1, device: Union[str, torch.device, None] = None,
-            progress: bool = False, slice: Optional[int] = None, overlap: float = 0.2,
-            full_image: bool = True, tta: bool = False) -> Union[Result, List[Result]]:
+            batch_size: int = 1, device: Union[str, torch.device, None] = None, progress: bool = False,
+            stream: bool = False, num_workers: Optional[int] = None, half: bool = False,
+            mask_format: str = "uint8", slice: Optional[int] = None, overlap: float = 0.2,
+            full_image: bool = True, tta: bool = False) -> Union[Result, List[Result], Iterator[Result]]:
     """Run a detector on one image or many.
 
-    ``inputs``: an image (path, PIL image, HWC uint8 RGB array, CHW tensor), a folder or glob
-    pattern, or a list of these. Returns one result for one image, else a list, each
-    {boxes (N, 4) xyxy, labels, scores[, masks (N, 1, H, W)], names (category names),
-    file_name (for paths)}. ``score_thresh`` replaces the model's box score threshold for this
-    call (detections must score above it). The model is put in eval mode.
+    ``inputs``: an image (path, http(s) URL, PIL image, HWC uint8 RGB array, CHW tensor), a
+    folder, glob pattern or video file, or a list of these. Returns one result for one image,
+    else a list, or with ``stream=True`` a generator that yields each result as its batch is done
+    and keeps nothing. Each result: {boxes (N, 4) xyxy, labels, scores[, masks], names (category
+    names), input_index[, file_name][, frame_index, timestamp]}; masks are (N, 1, H, W) uint8 at
+    the image's size, or COCO RLE dicts with ``mask_format="rle"``.
+
+    ``score_thresh`` replaces the model's box score threshold for this call (detections must
+    score above it). Files are decoded in ``num_workers`` DataLoader workers (default: half the
+    cores, at most 4) and run ``batch_size`` at a time. ``half=True`` runs the model under
+    autocast (float16 on CUDA, bfloat16 on the CPU); results are float32 either way. An
+    unreadable file raises ValueError naming it. The model is put in eval mode.
     ``slice``: sliced inference in SxS tiles overlapping by ``overlap`` (plus the whole image when
     ``full_image``); ``tta``: test-time augmentation (see ``hrnetdet.inference.modes``).
     """
     check_mode(slice, overlap, tta)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     single = _is_single(inputs)
-    items = [inputs] if single or isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    flat: List[Any] = []
-    for item in items:
-        is_path = isinstance(item, (str, os.PathLike))
-        flat += expand_inputs([item]) if is_path else [item]
-    model.eval()
-    if device is None:
-        device = next(model.parameters()).device
-    model.to(device)
-    categories = list(getattr(model, "categories", []))
-    results: List[Result] = []
+    items = _flatten(inputs)
+    model.eval().to(device)
+    results = _stream(model, items, score_thresh, batch_size=batch_size, device=device, progress=progress,
+                      num_workers=num_workers, half=half, mask_format=mask_format,
+                      mode=dict(slice=slice, overlap=overlap, full_image=full_image, tta=tta))
+    if stream:
+        return results
+    out = list(results)
+    return out[0] if single and len(out) == 1 else out
+
+
+def _stream(model: nn.Module, items: List[Any], score_thresh: Optional[float], *, progress: bool,
+            **kwargs: Any) -> Iterator[Result]:
+    """``iter_predictions`` with the score threshold override, no_grad, a progress bar, and
+    unreadable inputs raised."""
+    saved = score_thresholds(model)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(flat), unit="img")
-    saved = score_thresholds(model)
-    if score_thresh is not None:
-        set_score_thresh(model, score_thresh)
+        bar = tqdm(total=None if any(is_video(x) for x in items) else len(items), unit="img")
     try:
-        for batch in _batches(flat, batch_size):
-            images = [load_image(x, f"input {len(results) + i}").to(device) for i, x in enumerate(batch)]
-            outputs = detect(model, images, slice=slice, overlap=overlap, full_image=full_image, tta=tta)
-            for item, out in zip(batch, outputs):
-                out = {k: v.cpu() for k, v in out.items()}
-                out["names"] = [categories[i] if i < len(categories) else str(i) for i in out["labels"].tolist()]
-                if isinstance(item, (str, os.PathLike)):
-                    out["file_name"] = os.fspath(item)
-                results.append(out)
-            if bar is not None:
-                bar.update(len(batch))
+        if score_thresh is not None:
+            set_score_thresh(model, score_thresh)
+        with torch.no_grad():
+            for res in iter_predictions(model, items, **kwargs):
+                if "error" in res:
+                    raise ValueError(res["error"])
+                if bar is not None:
+                    bar.update(1)
+                yield res
     finally:
         for m, t in saved.items():
             m.score_thresh = t
         if bar is not None:
             bar.close()
-    return results[0] if single and len(results) == 1 else results
-
-
-def coco_results(results: Sequence[Result], categories: Sequence[str]) -> List[Dict[str, Any]]:
-    """COCO results-format records (xywh boxes, RLE masks), one per detection, with the image's
-    ``file_name`` and the ``category_name``. Category ids are COCO's when ``categories`` are
-    COCO's, else the label index; ``image_id`` is the result's position."""
-    from pycocotools import mask as mask_utils
-
-    from ..zoo.coco import COCO_CATEGORIES, COCO_CATEGORY_IDS
-
-    is_coco = tuple(categories) == COCO_CATEGORIES
-    records = []
-    for image_id, res in enumerate(results):
-        boxes = res["boxes"].tolist()
-        masks = res.get("masks")
-        for k, (box, label, score) in enumerate(zip(boxes, res["labels"].tolist(), res["scores"].tolist())):
-            rec = {"image_id": image_id, "file_name": res.get("file_name", ""),
-                   "category_id": COCO_CATEGORY_IDS[label - 1] if is_coco else label,
-                   "category_name": res["names"][k],
-                   "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
-                   "score": round(score, 5)}
-            if masks is not None:
-                rle = mask_utils.encode(np.asfortranarray(masks[k, 0].numpy() >= 0.5, dtype=np.uint8))
-                rle["counts"] = rle["counts"].decode("ascii")
-                rec["segmentation"] = rle
-            records.append(rec)
-    return records

@@ -1,0 +1,61 @@
+"""The one COCO-results writer (used by evaluation and prediction): xywh boxes, the dataset's own
+category ids, RLE masks."""
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..zoo.coco import COCO_CATEGORIES, COCO_CATEGORY_IDS
+
+
+def category_ids_of(model: nn.Module) -> Optional[List[int]]:
+    """The category id of each label 1..K: the model's ``category_ids`` (set from the dataset it was
+    trained on), else COCO's ids for COCO's categories, else None (the label is the id)."""
+    ids = getattr(model, "category_ids", None)
+    if ids:
+        return [int(i) for i in ids]
+    if tuple(getattr(model, "categories", ()) or ()) == COCO_CATEGORIES:
+        return list(COCO_CATEGORY_IDS)
+    return None
+
+
+def mask_rle(mask: Any) -> Dict[str, Any]:
+    """One (H, W) or (1, H, W) mask (bool, uint8, or probabilities thresholded at 0.5) as a COCO
+    compressed RLE with ``counts`` as text."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(mask, torch.Tensor):
+        mask = (mask >= 0.5 if mask.is_floating_point() else mask > 0).cpu().numpy()
+    mask = np.asarray(mask).reshape(np.asarray(mask).shape[-2:])
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_records(pred: Dict[str, Any], image_id: int, category_ids: Optional[Sequence[int]],
+                 file_name: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One image's detections as COCO result records: ``bbox`` xywh (3 decimals), ``score``
+    (5 decimals), ``category_id`` from ``category_ids[label - 1]`` (the label when None), ``segmentation`` RLE when the
+    prediction has masks (tensors, or RLE dicts already), ``file_name`` when given."""
+    boxes = torch.as_tensor(pred["boxes"]).detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    labels = torch.as_tensor(pred["labels"]).tolist()
+    scores = torch.as_tensor(pred["scores"]).detach().float().cpu().tolist()
+    masks = pred.get("masks")
+    names = pred.get("names")
+    records = []
+    for i, (box, label, score) in enumerate(zip(xywh, labels, scores)):
+        label = int(label)
+        if category_ids is not None and not 1 <= label <= len(category_ids):
+            raise ValueError(f"image {image_id}: label {label} has no category id ({len(category_ids)} known)")
+        category_id = label if category_ids is None else int(category_ids[label - 1])
+        rec: Dict[str, Any] = {"image_id": image_id, "category_id": category_id,
+                               "bbox": [round(v, 3) for v in box], "score": round(score, 5)}
+        if file_name is not None:
+            rec["file_name"] = file_name
+        if names is not None:
+            rec["category_name"] = names[i]
+        if masks is not None:
+            rec["segmentation"] = masks[i] if isinstance(masks[i], dict) else mask_rle(masks[i])
+        records.append(rec)
+    return records
