@@ -18,8 +18,8 @@ For each family at W18 it
      assignment (``gt_inds``), plus the RPN's inside-anchor flags that define its index space. The hrnetdet
      side (train_compare.py) replays exactly these samples; the sampler's randomness is the only thing
      carried over, everything else (anchors, assignment, targets, losses) is recomputed and compared.
-  4. records the config's optimisation recipe (``recipe`` in ``train_info.json``; all families in
-     ``<out>/reference_recipes.json``).
+  4. records the config's optimisation recipe (``recipe`` in ``train_info.json``; ``--recipes PATH`` writes
+     every family's, for tests/test_train_parity.py).
 
 Output: ``<out>/train_inputs/{a.png, b.png, targets.pt}`` and ``<out>/<model>/{checkpoint.pth,
 train_reference.pt, train_info.json}``.
@@ -169,14 +169,20 @@ class SamplingRecorder:
             undo()
 
 
-def recipe_of(cfg, model):
-    """The optimisation recipe of a config, as plain values."""
+def recipe_of(cfg):
+    """The optimisation recipe of a config, as plain values (the backbone's training mode from the config, or
+    the registered backbone class's defaults)."""
+    import inspect
+    from mmdet.registry import MODELS
     optim = cfg.optim_wrapper
     paramwise = optim.get('paramwise_cfg') or {}
     clip = optim.get('clip_grad')
     warmup, steps = cfg.param_scheduler
     assert warmup['type'] in ('LinearLR', 'ConstantLR') and not warmup['by_epoch'], warmup
     assert steps['type'] == 'MultiStepLR' and steps['by_epoch'], steps
+    backbone_defaults = {k: p.default for k, p in
+                         inspect.signature(MODELS.get(cfg.model.backbone.type).__init__).parameters.items()}
+    backbone = lambda key, absent: cfg.model.backbone.get(key, backbone_defaults.get(key, absent))
     return dict(
         optimizer=optim.optimizer['type'], base_lr=optim.optimizer['lr'], momentum=optim.optimizer['momentum'],
         weight_decay=optim.optimizer['weight_decay'], base_batch_size=cfg.auto_scale_lr['base_batch_size'],
@@ -186,8 +192,19 @@ def recipe_of(cfg, model):
         warmup={'LinearLR': 'linear', 'ConstantLR': 'constant'}[warmup['type']],
         warmup_ratio=warmup.get('start_factor', warmup.get('factor')), warmup_iters=warmup['end'] - warmup['begin'],
         max_epochs=cfg.train_cfg['max_epochs'], milestones=list(steps['milestones']), gamma=steps['gamma'],
-        # the built backbone's: mmdet's HRNet has norm_eval (default True) and no frozen stages (-1: none)
-        norm_eval=bool(model.backbone.norm_eval), frozen_stages=int(getattr(model.backbone, 'frozen_stages', -1)))
+        # mmdet's HRNet has norm_eval (default True) and no frozen stages (-1: none frozen)
+        norm_eval=bool(backbone('norm_eval', False)), frozen_stages=int(backbone('frozen_stages', -1)))
+
+
+def write_recipes(path):
+    """Every family's W18 config recipe and the schedules, for tests/test_train_parity.py."""
+    recipes = {f: dict(recipe_of(Config.fromfile(os.path.join(mr.CONFIG_ROOT, mr.CONFIGS[f][WIDTH]))),
+                       config=f'mmdet/.mim/configs/hrnet/{mr.CONFIGS[f][WIDTH]}') for f in FAMILIES}
+    recipes['schedules'] = schedules()
+    with open(path + '.tmp', 'w') as f:
+        json.dump(recipes, f, indent=1, sort_keys=True)
+        f.write('\n')
+    os.replace(path + '.tmp', path)
 
 
 def schedules():
@@ -200,13 +217,40 @@ def schedules():
     return out
 
 
+def bbox2delta_in_input_dtype(proposals, gt, means=(0., 0., 0., 0.), stds=(1., 1., 1., 1.)):
+    """mmdet's ``bbox2delta`` (delta_xywh_bbox_coder.py) without its cast to float32."""
+    px, py = (proposals[..., 0] + proposals[..., 2]) * 0.5, (proposals[..., 1] + proposals[..., 3]) * 0.5
+    pw, ph = proposals[..., 2] - proposals[..., 0], proposals[..., 3] - proposals[..., 1]
+    gx, gy = (gt[..., 0] + gt[..., 2]) * 0.5, (gt[..., 1] + gt[..., 3]) * 0.5
+    gw, gh = gt[..., 2] - gt[..., 0], gt[..., 3] - gt[..., 1]
+    deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
+    return deltas.sub_(deltas.new_tensor(means).unsqueeze(0)).div_(deltas.new_tensor(stds).unsqueeze(0))
+
+
+def keep_float64(model):
+    """mmdet computes two things in float32 whatever the model's dtype: the RPN's training anchors
+    (``grid_priors`` without a dtype) and the box coder's regression targets (``bbox2delta`` casts). A float64
+    step with those left in float32 breaks exact IoU ties differently from hrnetdet's float64 anchors; this
+    keeps both in float64 (the reference's rules, at the model's precision). Returns the undo."""
+    from mmdet.models.task_modules.coders import delta_xywh_bbox_coder as coder
+    undo = []
+    orig_b2d = coder.bbox2delta
+    coder.bbox2delta = bbox2delta_in_input_dtype
+    undo.append(lambda: setattr(coder, 'bbox2delta', orig_b2d))
+    if hasattr(model, 'rpn_head'):
+        generator = model.rpn_head.prior_generator
+        grid_priors = type(generator).grid_priors
+        generator.grid_priors = lambda sizes, **kw: grid_priors(generator, sizes, **dict(kw, dtype=torch.float64))
+        undo.append(lambda: delattr(generator, 'grid_priors'))
+    return undo
+
+
 def reference_step(model, images, targets, seed, dtype):
-    """One training step with the model and inputs in ``dtype``. mmdet keeps some float32 even then (the
-    RPN's training anchors, the box coder's ``encode``), so a float64 step still carries float32 rounding
-    there, though far less than a float32 step."""
+    """One training step with the model and inputs in ``dtype`` (float64: see ``keep_float64``)."""
     model.to(dtype).train()
     torch.manual_seed(seed)
     recorder = SamplingRecorder(model)
+    undo = keep_float64(model) if dtype == torch.float64 else []
     try:
         batch = data_batch(model, images, targets)
         for s in batch['data_samples']:
@@ -214,6 +258,8 @@ def reference_step(model, images, targets, seed, dtype):
         losses = model.loss(batch['inputs'].to(dtype), batch['data_samples'])
     finally:
         recorder.remove()
+        for u in undo:
+            u()
     loss, log_vars = model.parse_losses(losses)
     model.zero_grad()
     loss.backward()
@@ -262,7 +308,7 @@ def run_family(family, out_root, images, targets, seed, reuse_checkpoint=False):
     info = OrderedDict(model=name, family=family, config=f'mmdet/.mim/configs/hrnet/{cfg_file}', seed=seed,
                        mmdet=mr.mmdet.__version__, torch=torch.__version__, losses=step['losses'],
                        losses_float64=step['float64']['losses'],
-                       total_loss=step['total'], recipe=recipe_of(cfg, ref),
+                       total_loss=step['total'], recipe=recipe_of(cfg),
                        sampler_calls={k: len(v) for k, v in step['samples'].items()},
                        sampled={k: [[len(c['pos']), len(c['neg'])] for c in v] for k, v in step['samples'].items()},
                        batch_input_shape=step['batch_input_shape'], pad_shapes=step['pad_shapes'],
@@ -279,22 +325,20 @@ def main(argv=None):
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--reuse-checkpoints', action='store_true', help='keep an existing checkpoint.pth')
+    ap.add_argument('--recipes', help="only write every family's config recipe to this JSON "
+                                      "(tests/data/reference_recipes.json) and exit")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.recipes:
+        write_recipes(args.recipes)
+        return 0
     images, targets = make_train_inputs(os.path.join(args.out, 'train_inputs'))
-    recipes_path = os.path.join(args.out, 'reference_recipes.json')
-    recipes = json.load(open(recipes_path)) if os.path.exists(recipes_path) else {}
-    recipes['schedules'] = schedules()
     for family in args.models:
         if family not in FAMILIES:
             raise SystemExit(f'unknown family {family!r}; known: {", ".join(FAMILIES)}')
         info = run_family(family, args.out, images, targets, args.seed, args.reuse_checkpoints)
-        recipes[family] = dict(info['recipe'], config=info['config'])
         print(f"{info['model']}: {info['timing_s']} losses " +
               ', '.join(f'{k}={v:.5f}' for k, v in info['losses'].items()), flush=True)
-    with open(recipes_path + '.tmp', 'w') as f:
-        json.dump(recipes, f, indent=1, sort_keys=True)
-    os.replace(recipes_path + '.tmp', recipes_path)
     return 0
 
 
