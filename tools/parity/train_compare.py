@@ -56,27 +56,30 @@ def hrnetdet_loss_name(family: str, key: str, available) -> str:
 
 
 class ReplaySampler:
-    """Stands in for torchvision's ``BalancedPositiveNegativeSampler``: each call (one batch of images)
-    returns the reference's sampled positives and negatives for those images, mapped into hrnetdet's index
-    space, and records where hrnetdet's own assignment (``labels``) departs from the reference's."""
+    """Stands in for torchvision's ``BalancedPositiveNegativeSampler``: each call (one batch of images, one
+    sampling round) returns the reference's sampled positives and negatives for those images, mapped into
+    hrnetdet's index space by ``index_map``, and records where hrnetdet's own assignment (``labels``) departs
+    from the reference's."""
 
-    def __init__(self, calls: List[dict], to_ours, report: List[dict], name: str):
+    def __init__(self, calls: List[dict], index_map, report: List[dict], name: str):
         self.calls = iter(calls)
-        self.to_ours = to_ours          # (record, image index, number of hrnetdet candidates) -> index map
+        self.index_map = index_map      # .to_ours(record, image, n candidates, round), .sampled(...)
         self.report = report
         self.name = name
-        self.image = 0
+        self.round = 0
 
     def __call__(self, labels: List[Tensor]):
         pos_masks, neg_masks = [], []
-        for lab in labels:
+        for image, lab in enumerate(labels):
             rec = next(self.calls)
-            ours = self.to_ours(rec, self.image % 2, len(lab))
+            ours = self.index_map.to_ours(rec, image, len(lab), self.round)
             pos, neg = ours[rec['pos']], ours[rec['neg']]
             pos_masks.append(torch.zeros_like(lab, dtype=torch.bool).index_fill_(0, pos, True))
             neg_masks.append(torch.zeros_like(lab, dtype=torch.bool).index_fill_(0, neg, True))
-            self.report.append(dict(sampler=self.name, image=self.image % 2, **compare_assignment(rec, ours, lab)))
-            self.image += 1
+            self.report.append(dict(sampler=self.name, image=image, round=self.round,
+                                    **compare_assignment(rec, ours, lab)))
+            self.index_map.sampled(rec, ours, image, self.round)
+        self.round += 1
         return pos_masks, neg_masks
 
 
@@ -98,35 +101,67 @@ def compare_assignment(rec: dict, ours: Tensor, labels: Tensor) -> dict:
                                           + (ref_state[ours[rec['neg']]] != our_state[ours[rec['neg']]]).sum()))
 
 
-def rpn_index_map(inside: List[Tensor]):
+class RPNIndexMap:
     """The reference samples among the anchors it assigns at all (``anchor_inside_flags``): its index k is
     anchor ``nonzero(inside)[k]`` of hrnetdet's (identically ordered) anchor list."""
-    def to_ours(rec, image, n):
-        flags = inside[image]
+
+    def __init__(self, inside: List[Tensor]):
+        self.inside = inside
+
+    def to_ours(self, rec, image, n, round):
+        flags = self.inside[image]
         if len(flags) != n:
             raise AssertionError(f'image {image}: {len(flags)} reference anchors, {n} hrnetdet anchors')
         return torch.nonzero(flags).flatten()
-    return to_ours
+
+    def sampled(self, rec, ours, image, round):
+        pass
 
 
-def roi_index_map(rec, image, n):
-    """The reference puts the ground-truth boxes before the proposals, hrnetdet (torchvision) after."""
-    g, p = rec['num_gts_added'], rec['num_priors']
-    if p + g != n:
-        raise AssertionError(f'image {image}: reference samples from {p} proposals + {g} ground truths, '
-                             f'hrnetdet from {n} candidates')
-    idx = torch.arange(p + g)
-    return torch.where(idx < g, idx + p, idx - g)
+class RoIIndexMap:
+    """One R-CNN stage's candidates: the reference puts the ground truths before the proposals, hrnetdet
+    (torchvision) after. From the second stage on the proposals are the previous stage's refined samples
+    without the ground truths, in the order each side sampled them: the reference's positives then negatives,
+    hrnetdet's by index. ``sampled`` (after a box round) works out that order for the next stage (and, in HTC,
+    for this stage's mask round, which re-samples the same refined boxes)."""
+
+    def __init__(self, previous: Optional['RoIIndexMap'] = None):
+        self.previous = previous        # the stage before, whose box round gives this stage's proposals
+        self.next_order: Dict[int, Tensor] = {}   # image -> reference proposal k of the next round -> ours
+
+    def to_ours(self, rec, image, n, round):
+        g, p = rec['num_gts_added'], rec['num_priors']
+        if p + g != n:
+            raise AssertionError(f'image {image}: reference samples from {p} proposals + {g} ground truths, '
+                                 f'hrnetdet from {n} candidates')
+        source = self if round == 1 else self.previous   # HTC's mask round re-samples this stage's refinement
+        order = source.next_order[image] if source is not None else torch.arange(p)
+        idx = torch.arange(p + g)
+        return torch.where(idx < g, idx + p, order[(idx - g).clamp(min=0)])
+
+    def sampled(self, rec, ours, image, round):
+        if round != 0:
+            return
+        g, p = rec['num_gts_added'], rec['num_priors']
+        pos, neg = rec['pos'], rec['neg']
+        reference_next = torch.cat([pos[pos >= g], neg[neg >= g]])          # the reference's refined, in order
+        ours_sampled = torch.sort(torch.cat([ours[pos], ours[neg]])).values  # hrnetdet's, by index
+        ours_next = ours_sampled[ours_sampled < p]                          # ... without the ground truths
+        position = torch.full((p + g,), -1, dtype=torch.long)
+        position[ours_next] = torch.arange(len(ours_next))
+        self.next_order[image] = position[ours[reference_next]]
 
 
 def install_replay(model, step: dict, report: List[dict]) -> None:
     samples = step['samples']
     if 'rpn' in samples:
-        model.rpn.fg_bg_sampler = ReplaySampler(samples['rpn'], rpn_index_map(step['rpn_inside']), report, 'rpn')
+        model.rpn.fg_bg_sampler = ReplaySampler(samples['rpn'], RPNIndexMap(step['rpn_inside']), report, 'rpn')
     if 'rcnn0' in samples:
         stages = getattr(model.roi_heads, 'stages', [model.roi_heads])
+        previous = None
         for i, stage in enumerate(stages):
-            stage.fg_bg_sampler = ReplaySampler(samples[f'rcnn{i}'], roi_index_map, report, f'rcnn{i}')
+            previous = RoIIndexMap(previous)
+            stage.fg_bg_sampler = ReplaySampler(samples[f'rcnn{i}'], previous, report, f'rcnn{i}')
 
 
 def load_inputs(art: str, family: str):
