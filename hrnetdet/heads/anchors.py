@@ -21,6 +21,7 @@ class ReferenceAnchorGenerator(nn.Module):
     cell_anchors: List[Tensor]
     _cache: Dict[str, List[Tensor]]
     image_sizes: List[Tuple[int, int]]
+    grid_sizes: List[Tuple[int, int]]
 
     def __init__(self, sizes: Sequence[float] = (32, 64, 128, 256, 512),
                  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -40,6 +41,7 @@ class ReferenceAnchorGenerator(nn.Module):
         self.cell_anchors = bases
         self._cache: Dict[str, List[Tensor]] = {}
         self.image_sizes = []  # of the last batch; the RPN's allowed-border rule reads them
+        self.grid_sizes = []   # ... and its valid flags these
 
     def num_anchors_per_location(self) -> List[int]:
         return [b.shape[0] for b in self.cell_anchors]
@@ -60,6 +62,7 @@ class ReferenceAnchorGenerator(nn.Module):
     def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
         self.image_sizes = list(image_list.image_sizes)
         grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
+        self.grid_sizes = grid_sizes
         dtype = torch.float64 if feature_maps[0].dtype == torch.float64 else torch.float32  # see precision.py
         device = feature_maps[0].device
         key = f"{grid_sizes}{dtype}{device}"
@@ -68,3 +71,19 @@ class ReferenceAnchorGenerator(nn.Module):
         per_level = self._cache[key]
         one_image = torch.cat(per_level)
         return [one_image for _ in range(len(image_list.image_sizes))]
+
+    def valid_flags(self, image_index: int, size_divisible: int, device: torch.device) -> Tensor:
+        """The reference's valid flags for one image of the last batch: anchors at feature positions
+        inside the image's own padded size (its side rounded up to ``size_divisible``, not the
+        batch's), in the order of ``forward``'s anchors. Anchors beyond it lie in another image's
+        padding and take no part in training."""
+        h, w = self.image_sizes[image_index]
+        pad_h = (h + size_divisible - 1) // size_divisible * size_divisible
+        pad_w = (w + size_divisible - 1) // size_divisible * size_divisible
+        flags: List[Tensor] = []
+        for (fh, fw), stride, base in zip(self.grid_sizes, self.strides, self.cell_anchors):
+            rows = torch.arange(fh, device=device) < min((pad_h + stride - 1) // stride, fh)
+            cols = torch.arange(fw, device=device) < min((pad_w + stride - 1) // stride, fw)
+            cell = rows[:, None] & cols[None, :]
+            flags.append(cell.reshape(-1, 1).expand(fh * fw, base.shape[0]).reshape(-1))
+        return torch.cat(flags)

@@ -45,6 +45,9 @@ class ReferenceRPN(RegionProposalNetwork):
         min_pos_iou: low-quality matches need at least this IoU (0.3 in every reference config).
         allowed_border: anchors further than this outside the image are ignored in training
             (-1 keeps all: Faster/Mask; 0 for the cascades).
+        size_divisible: the transform's padding multiple. In training, anchors beyond an image's own
+            padded size (in the padding a larger image of the batch adds) are ignored, whatever
+            ``allowed_border``, as the reference's valid flags do.
     """
 
     def __init__(self, anchor_generator: ReferenceAnchorGenerator, head: Float32RPNHead, *,
@@ -52,13 +55,14 @@ class ReferenceRPN(RegionProposalNetwork):
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  pre_nms_top_n: Dict[str, int], post_nms_top_n: Dict[str, int],
                  nms_thresh: float = 0.7, box_loss: str = "l1", box_loss_beta: float = 1.0 / 9,
-                 allowed_border: float = -1.0):
+                 allowed_border: float = -1.0, size_divisible: int = 32):
         super().__init__(anchor_generator, head, fg_iou_thresh, bg_iou_thresh, batch_size_per_image,
                          positive_fraction, pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh=0.0)
         self.proposal_matcher = ReferenceMatcher(fg_iou_thresh, bg_iou_thresh, min_pos_iou)
         self.box_loss = box_loss
         self.box_loss_beta = box_loss_beta
         self.allowed_border = allowed_border
+        self.size_divisible = size_divisible
 
     def assign_targets_to_anchors(self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
                                   ) -> Tuple[List[Tensor], List[Tensor]]:
@@ -84,11 +88,12 @@ class ReferenceRPN(RegionProposalNetwork):
         return labels, matched
 
     def _inside(self, anchors: Tensor, image_index: int) -> Tensor:
+        valid = self.anchor_generator.valid_flags(image_index, self.size_divisible, anchors.device)
         if self.allowed_border < 0:
-            return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+            return valid
         h, w = self.anchor_generator.image_sizes[image_index]
         b = self.allowed_border
-        return ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
+        return (valid & (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
                 & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b))
 
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: List[Tuple[int, int]],

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .models import PUBLISHED
-from .parity import parity_summary
+from .parity import TRAIN_PARITY, parity_summary, train_parity_summary
 from .registry import PretrainedCfg, get_arch_pretrained_cfgs, get_family, list_families, list_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,14 +49,14 @@ def _family_table(cfgs: List[PretrainedCfg]) -> List[str]:
     keys = [(k, label) for k, label in METRICS if any(k in c.metrics for c in cfgs)]
     head = (["weights", "schedule"] + [f"{label} (reference)" for _, label in keys]
             + [f"{label} (hrnetdet)" for _, label in keys]
-            + ["parity vs reference", "train mem GB (ref.)", "fps V100 (ref.)", "input", "weights from",
+            + ["parity vs reference", "training parity", "train mem GB (ref.)", "fps V100 (ref.)", "input", "weights from",
                "reference checkpoint"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cfgs:
         sched = c.schedule + (", multi-scale" if c.multiscale_train else "")
         row = ([f"`{c.name}`", sched] + [_fmt(c.metrics.get(k)) for k, _ in keys]
                + [_fmt((c.parity or {}).get(k)) for k, _ in keys]
-               + [parity_summary(c.arch), _fmt(c.metrics.get("train_mem_gb")).replace("pending", "–"),
+               + [parity_summary(c.arch), train_parity_summary(c.arch), _fmt(c.metrics.get("train_mem_gb")).replace("pending", "–"),
                   _fmt(c.metrics.get("fps")).replace("pending", "–"), _input(c), _weights_source(c),
                   f"[{c.reference_sha256_prefix}]({c.reference_url})"])
         lines.append("| " + " | ".join(row) + " |")
@@ -142,12 +142,38 @@ def model_zoo_markdown() -> str:
     if widths:
         out += [f"Widths without published detector weights (build from scratch or with `weights_backbone`): "
                 f"{', '.join(f'W{w}' for w in widths)}.", ""]
+    out += _train_parity_lines()
     out += ["## Speed and memory (hrnetdet)", ""]
     if BENCHMARKS.exists():
         out += [BENCHMARKS.read_text().strip(), ""]
     else:
         out += ["Not measured yet; `benchmarks/results.md` is included here once it exists.", ""]
     return "\n".join(out)
+
+
+def _fig(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.2g}"
+
+
+def _train_parity_lines() -> List[str]:
+    """The training-parity harness's figures per family (hrnetdet/zoo/train_parity.json)."""
+    out = ["## Training parity (one step, W18)", "",
+           "One training forward and backward of each family at W18 against mmdetection 3.3 on the same"
+           " checkpoint, images and ground truth, with the reference's random samples replayed"
+           " (`tools/parity/train_reference.py`, `train_compare.py`): the relative difference of each loss"
+           " term and of the worst parameter gradient (L2 norm, over every parameter), both sides in float64."
+           " In float32 the worst gradients differ by about as much as 1e-7 of input noise moves hrnetdet's own"
+           " float32 gradients (*float32 rounding*): random-weight HRNets amplify rounding.", "",
+           "| model | passes (1e-4 / 1e-3) | loss terms (relative difference) | worst gradient | parameter |"
+           " float32: loss / gradient | float32 rounding: loss / gradient |", "|---|---|---|---|---|---|---|"]
+    for name, p in TRAIN_PARITY.items():
+        losses = ", ".join(f"{k} {v:.1g}" for k, v in p["losses"].items())
+        f32 = p["float32"]
+        out.append(f"| `{name}` | {'yes' if p['passed'] else 'no'} | {losses} | {p['worst_grad_rel_diff']:.2g} |"
+                   f" `{p['worst_grad_param']}` |"
+                   f" {f32['max_loss_rel_diff']:.1g} / {f32['worst_grad_rel_diff']:.2g} |"
+                   f" {_fig(f32['rounding_max_loss'])} / {_fig(f32['rounding_worst_grad'])} |")
+    return out + [""]
 
 
 def _registered(arch: str) -> bool:
