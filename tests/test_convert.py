@@ -124,7 +124,7 @@ def test_truncated_and_foreign_files(ref_files, tmp_path):
 
 
 def test_truncated_safetensors(tmp_path):
-    from hrnetdet.zoo.convert import save_safetensors
+    from hrnetdet.zoo.checkpoint import save_safetensors
     model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18")
     path = tmp_path / "model.safetensors"
     save_safetensors(model, str(path), "faster_rcnn_hrnetv2p_w18")

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import CocoDetection, Compose, GroupedBatchSampler, RandomHorizontalFlip, collate
-from ..zoo.convert import _atomic, save_safetensors
+from ..zoo.checkpoint import atomic_write, save_safetensors
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
 from .curves import plot_curves
 from .evaluate import evaluate
@@ -147,7 +147,7 @@ class _Metrics:
         if resume_iter is not None and os.path.isfile(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-        _atomic(path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        atomic_write(path, lambda tmp: open(tmp, "w").write("".join(kept)))
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.enabled:
@@ -305,7 +305,7 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": it,
                      "best_ap": best_ap, "rng": rng, "world_size": world, "total_iters": total}
-            _atomic(state_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
             plot_curves(metrics.path, out_dir)
         if ddp:
             dist.barrier()

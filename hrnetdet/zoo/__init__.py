@@ -1,5 +1,6 @@
 from . import models  # noqa: F401  (registers every family and published checkpoint)
-from .convert import CheckpointError, read_checkpoint, save_safetensors
+from .checkpoint import read_checkpoint, save_safetensors
+from .convert import CheckpointError
 from .factory import build_factories, create_model
 from .registry import (get_arch_pretrained_cfgs, get_pretrained_cfg, list_families, list_models,
                        split_name)

@@ -2,8 +2,9 @@
 import argparse
 import os
 
-from .convert import read_checkpoint, save_safetensors
+from .checkpoint import read_checkpoint, save_safetensors
 from .factory import create_model
+from .records import arch_name
 from .registry import get_arch_pretrained_cfgs, get_family, list_models
 
 
@@ -31,7 +32,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 def _convert_run(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
-    arch = args.model or f"{ckpt.family}_hrnetv2p_w{ckpt.width}"
+    arch = args.model or arch_name(ckpt.family, ckpt.width)
     model = create_model(arch, checkpoint_path=args.checkpoint)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model.safetensors")

@@ -4,25 +4,14 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
+from .checkpoint import Checkpoint, load_into, read_checkpoint
 from .coco import BACKGROUND, COCO_CATEGORIES
-from .convert import Checkpoint, CheckpointError, load_into, read_checkpoint
-from .registry import (PretrainedCfg, get_arch_pretrained_cfgs, get_family, get_pretrained_cfg,
-                       list_models, split_name)
+from .convert import CheckpointError, categories_for
+from .hub import load_backbone_weights, load_except_class_layers, load_pretrained_checkpoint
+from .records import PretrainedCfg, arch_name
+from .registry import get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models, split_name
 
 logger = logging.getLogger("hrnetdet")
-
-
-def _categories(num_classes: int, categories: Optional[Sequence[str]]) -> list:
-    if categories is not None:
-        categories = list(categories)
-        if categories[0] != BACKGROUND:
-            categories = [BACKGROUND] + categories
-        if len(categories) != num_classes:
-            raise ValueError(f"{len(categories)} categories (with background) for num_classes={num_classes}")
-        return categories
-    if num_classes == len(COCO_CATEGORIES):
-        return list(COCO_CATEGORIES)
-    return [BACKGROUND] + [f"class_{i}" for i in range(1, num_classes)]
 
 
 def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes: Optional[int] = None,
@@ -60,22 +49,23 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         ckpt = read_checkpoint(checkpoint_path)
         if ckpt.family is not None and (ckpt.family, ckpt.width) != (family.name, width):
             raise CheckpointError(
-                f"{checkpoint_path} holds a {ckpt.family}_hrnetv2p_w{ckpt.width} checkpoint, not {arch}")
+                f"{checkpoint_path} holds a {arch_name(ckpt.family, ckpt.width)} checkpoint, not {arch}")
     elif pretrained:
-        from .hub import load_pretrained_checkpoint
         ckpt = load_pretrained_checkpoint(cfg, local_files_only=local_files_only)
 
     ckpt_classes = (ckpt.num_classes or (len(ckpt.categories) if ckpt.categories else None)) if ckpt else None
     if num_classes is None:
         num_classes = ckpt_classes or len(COCO_CATEGORIES)
-    if categories is None and ckpt is not None and ckpt.categories and len(ckpt.categories) == num_classes:
+    if categories is not None:
+        names = list(categories)
+        if len(names) + (names[0] != BACKGROUND) != num_classes:
+            raise ValueError(f"{len(names)} categories for num_classes={num_classes} (which counts the background)")
+    elif ckpt is not None:
         categories = ckpt.categories
-    model = family.builder(width, num_classes=num_classes, categories=_categories(num_classes, categories),
-                           **{**family.builder_kwargs, **kwargs})
+    model = family.build(width, num_classes=num_classes, categories=categories_for(num_classes, categories), **kwargs)
     if ckpt is not None:
         source = checkpoint_path or cfg.name
         if ckpt_classes is not None and ckpt_classes != num_classes:
-            from .hub import load_except_class_layers
             load_except_class_layers(model, ckpt.state_dict, source, arch)
         else:
             load_into(model, ckpt.state_dict, source, arch)
@@ -83,7 +73,6 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
             logger.info("weights_backbone=%r not fetched: %s has the whole detector's weights",
                         weights_backbone, source)
     elif weights_backbone:
-        from .hub import load_backbone_weights
         load_backbone_weights(model, weights_backbone, width, local_files_only=local_files_only)
     model.pretrained_cfg = cfg
     model.arch = arch

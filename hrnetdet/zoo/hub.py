@@ -27,8 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from ..backbone import HRNet
-from .convert import Checkpoint, CheckpointError, _atomic, load_into, read_checkpoint, save_safetensors
-from .registry import REFERENCE_URL_ROOT, PretrainedCfg, get_family, get_pretrained_cfg, list_models
+from ..version import __version__
+from .checkpoint import Checkpoint, atomic_write, load_into, read_checkpoint, save_safetensors
+from .convert import CheckpointError
+from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
+from .registry import get_family, get_pretrained_cfg, list_models
 
 logger = logging.getLogger("hrnetdet")
 
@@ -100,8 +103,6 @@ def _hub_file(repo_id: str, filename: str, revision: Optional[str], *, cache_dir
     nor reachable is a FileNotFoundError that says where it belongs."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from .. import __version__
     try:
         return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                library_name="hrnetdet", library_version=__version__,
@@ -159,11 +160,13 @@ def _converted_reference(cfg: PretrainedCfg, home: str, offline: bool) -> str:
         logger.warning("%s: %s has sha256 %s, expected %s; converting it again", cfg.name, path, actual, expected)
         os.remove(path)
     pth = _reference_file(cfg, home, offline)
-    from .factory import create_model  # a strict load checks the conversion before it is cached
-    model = create_model(cfg.arch, checkpoint_path=pth)
+    ckpt = read_checkpoint(pth)
+    family, width = get_family(cfg.arch)
+    model = family.build(width, num_classes=ckpt.num_classes, categories=ckpt.categories)
+    load_into(model, ckpt.state_dict, pth, cfg.arch)  # a strict load checks the conversion before it is cached
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
-    _atomic(digest_path, lambda tmp: Path(tmp).write_text(sha256_file(path)))
+    atomic_write(digest_path, lambda tmp: Path(tmp).write_text(sha256_file(path)))
     with contextlib.suppress(FileNotFoundError):  # another process may have converted it too
         os.remove(pth)  # the converted file replaces it
     logger.info("%s: converted %s to %s", cfg.name, cfg.reference_file, path)
@@ -199,8 +202,8 @@ def load_pretrained_checkpoint(cfg: PretrainedCfg, *, local_files_only: bool = F
     """``cfg``'s weights in hrnetdet's layout (fetched if needed), checked to be of ``cfg.arch``."""
     path = fetch_pretrained(cfg, local_files_only=local_files_only)
     ckpt = read_checkpoint(path)
-    if ckpt.family is not None and f"{ckpt.family}_hrnetv2p_w{ckpt.width}" != cfg.arch:
-        raise CheckpointError(f"{path} ({cfg.name}) holds a {ckpt.family}_hrnetv2p_w{ckpt.width} checkpoint")
+    if ckpt.family is not None and arch_name(ckpt.family, ckpt.width) != cfg.arch:
+        raise CheckpointError(f"{path} ({cfg.name}) holds a {arch_name(ckpt.family, ckpt.width)} checkpoint")
     return ckpt
 
 
@@ -238,7 +241,7 @@ def class_dependent_keys(arch: str) -> FrozenSet[str]:
     on the meta device, with two class counts, and the shapes compared."""
     family, width = get_family(arch)
     with torch.device("meta"):
-        a, b = (family.builder(width, num_classes=n, **family.builder_kwargs).state_dict() for n in (2, 3))
+        a, b = (family.build(width, num_classes=n).state_dict() for n in (2, 3))
     return frozenset(k for k in a if k not in b or a[k].shape != b[k].shape)
 
 
