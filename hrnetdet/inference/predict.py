@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .calibrate import score_thresholds, set_score_thresh
+from .thresholds import score_threshold
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 Result = Dict[str, Any]
@@ -112,23 +112,19 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(flat), unit="img")
-    saved = score_thresholds(model)
-    if score_thresh is not None:
-        set_score_thresh(model, score_thresh)
     try:
-        for batch in _batches(flat, batch_size):
-            images = [load_image(x, f"input {len(results) + i}").to(device) for i, x in enumerate(batch)]
-            for item, out in zip(batch, model(images)):
-                out = {k: v.cpu() for k, v in out.items()}
-                out["names"] = [categories[i] if i < len(categories) else str(i) for i in out["labels"].tolist()]
-                if isinstance(item, (str, os.PathLike)):
-                    out["file_name"] = os.fspath(item)
-                results.append(out)
-            if bar is not None:
-                bar.update(len(batch))
+        with score_threshold(model, score_thresh):
+            for batch in _batches(flat, batch_size):
+                images = [load_image(x, f"input {len(results) + i}").to(device) for i, x in enumerate(batch)]
+                for item, out in zip(batch, model(images)):
+                    out = {k: v.cpu() for k, v in out.items()}
+                    out["names"] = [categories[i] if i < len(categories) else str(i) for i in out["labels"].tolist()]
+                    if isinstance(item, (str, os.PathLike)):
+                        out["file_name"] = os.fspath(item)
+                    results.append(out)
+                if bar is not None:
+                    bar.update(len(batch))
     finally:
-        for m, t in saved.items():
-            m.score_thresh = t
         if bar is not None:
             bar.close()
     return results[0] if single and len(results) == 1 else results
