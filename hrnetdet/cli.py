@@ -10,8 +10,6 @@ COMMANDS = {
     "models": "hrnetdet.zoo.commands",
     "convert": "hrnetdet.zoo.commands",
     "download": "hrnetdet.zoo.hub",
-    "push": "hrnetdet.zoo.model_zoo",
-    "zoo-md": "hrnetdet.zoo.model_zoo",
     "train": "hrnetdet.engine.commands",
     "eval": "hrnetdet.engine.commands",
     "predict": "hrnetdet.inference.commands",

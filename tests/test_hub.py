@@ -21,12 +21,15 @@ from hrnetdet.backbone import HRNet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.zoo import registry
 from hrnetdet.zoo.coco import COCO_CATEGORY_NAMES
-from hrnetdet.zoo.convert import REFERENCE_LAYOUTS, CheckpointError, background_first
+from hrnetdet.zoo.convert import CheckpointError
 from hrnetdet.zoo.hub import (_reference_file, backbone_weights_file, class_dependent_keys, converted_path, fetch_pretrained,
                               load_except_class_layers, load_pretrained_checkpoint)
-from hrnetdet.zoo.model_zoo import MODEL_ZOO, model_zoo_markdown
+from model_zoo import MODEL_ZOO, model_zoo_markdown
+from model_zoo import main as model_zoo_main
+from reference_layout import reference_checkpoint
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
+REF_ARCH = "faster_rcnn_hrnetv2p_w32"  # the key listing's width
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 REPO = "hrnetdet-test/faster_rcnn_hrnetv2p_w18"
@@ -193,58 +196,25 @@ def test_offline_missing_file_says_what_to_put_where(hub, env, monkeypatch):
 
 # ---- the reference's own checkpoints: download, check, convert, cache -------------------------
 
-def _to_reference(sd, family="faster_rcnn", num_classes=81):
-    """Invert convert's rules (tests only): hrnetdet layout -> the reference's."""
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl, fn in REFERENCE_LAYOUTS[family][0]:
-            groups = re.findall(r"\([^()]*\)", pattern)
-            parts = re.split(r"\\(\d)", repl)
-            refs = [int(g) for g in parts[1::2]]
-            inverse = "".join(re.escape(p) if i % 2 == 0 else groups[int(p) - 1] for i, p in enumerate(parts))
-            m = re.fullmatch(inverse, key)
-            if m:
-                template, group = "", 0
-                for i, piece in enumerate(re.split(r"(\([^()]*\))", pattern)):
-                    if i % 2:  # the pattern's group number `group` is the inverse's refs.index(group) + 1
-                        group += 1
-                        template += m.group(refs.index(group) + 1)
-                    else:
-                        template += piece.replace("\\", "")
-                if fn is background_first:
-                    value = torch.cat([value[1:], value[:1]])
-                elif fn is not None:  # prepend_zero_rows(n): n rows per class for the background
-                    value = value[value.shape[0] // num_classes:]
-                out[template] = value
-                break
-        else:
-            raise KeyError(key)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A W18 Faster R-CNN in the reference's layout: (hrnetdet state dict, .pth bytes, .pth path)."""
-    model = hrnetdet.create_model(ARCH)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.bbox_pred.weight[:4] = 0  # the background rows conversion adds
-        model.roi_heads.box_predictor.bbox_pred.bias[:4] = 0
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"state_dict": _to_reference(sd), "meta": {"CLASSES": COCO_CATEGORY_NAMES}}, buf)
-    data = buf.getvalue()
-    path = tmp_path_factory.mktemp("reference") / "faster_rcnn_w18.pth"
-    path.write_bytes(data)
-    return sd, data, str(path)
+    """A W32 Faster R-CNN checkpoint in the reference's layout (keys from the key listing, random
+    values): (its direct conversion's state dict, .pth bytes, .pth path)."""
+    path = tmp_path_factory.mktemp("reference") / "faster_rcnn_w32.pth"
+    ckpt = reference_checkpoint("faster_rcnn")
+    ckpt["meta"]["CLASSES"] = COCO_CATEGORY_NAMES
+    torch.save(ckpt, path)
+    sd = hrnetdet.create_model(REF_ARCH, checkpoint_path=str(path)).state_dict()
+    return sd, path.read_bytes(), str(path)
 
 
 def _serve_reference(hub, monkeypatch, data, tag="coco_1x"):
-    """Patch the record so its file name carries our file's sha256 prefix, and serve the file."""
-    cfg = hrnetdet.get_pretrained_cfg(f"{ARCH}.{tag}")
+    """Patch REF_ARCH's record so its file name carries our file's sha256 prefix, and serve the file."""
+    cfg = hrnetdet.get_pretrained_cfg(f"{REF_ARCH}.{tag}")
     prefix = hashlib.sha256(data).hexdigest()[:8]
     cfg = dataclasses.replace(cfg, reference_file=re.sub(r"-[0-9a-f]{8}\.pth$", f"-{prefix}.pth", cfg.reference_file))
-    records = [cfg if c.tag == tag else c for c in registry._pretrained[ARCH]]
-    monkeypatch.setitem(registry._pretrained, ARCH, records)
+    records = [cfg if c.tag == tag else c for c in registry._pretrained[REF_ARCH]]
+    monkeypatch.setitem(registry._pretrained, REF_ARCH, records)
     path = urllib.parse.urlparse(cfg.reference_url_at(hub.url + "/ref")).path
     hub.raw[path] = data
     return cfg, path
@@ -263,7 +233,7 @@ def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monk
     sd, data, _ = reference
     cfg, path = _serve_reference(hub, monkeypatch, data)
     hub_cfg = _hub_cfg(hub, tag="coco_2x")
-    monkeypatch.setitem(registry._pretrained, ARCH, [cfg, hub_cfg])
+    monkeypatch.setitem(registry._pretrained, ARCH, [hub_cfg])
     dl = tmp_path / "dl"
     assert cli_main(["download", cfg.name, hub_cfg.name, "--dir", str(dl)]) == 0
     assert "HF_HUB_OFFLINE=1" in capsys.readouterr().out
@@ -321,9 +291,9 @@ def test_reference_corrupted_download_is_fetched_again_once(hub, monkeypatch, en
 def test_num_classes_loads_all_but_class_layers(reference, caplog):
     sd, _, pth = reference
     with caplog.at_level("INFO", logger="hrnetdet"):
-        model = hrnetdet.create_model(ARCH, checkpoint_path=pth, num_classes=4)
+        model = hrnetdet.create_model(REF_ARCH, checkpoint_path=pth, num_classes=4)
     own = model.state_dict()
-    skipped = class_dependent_keys(ARCH)
+    skipped = class_dependent_keys(REF_ARCH)
     assert skipped == {f"roi_heads.box_predictor.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")}
     assert own["roi_heads.box_predictor.cls_score.weight"].shape == (4, 1024)
     assert all(torch.equal(own[k], sd[k]) for k in sd if k not in skipped)
@@ -337,7 +307,7 @@ def test_class_dependent_layers_of_every_family():
     for family in hrnetdet.list_families():
         arch = registry.arch_name(family.name, min(family.widths))
         with torch.device("meta"):
-            coco, small = (family.builder(min(family.widths), num_classes=n, **family.builder_kwargs) for n in (81, 3))
+            coco, small = (family.build(min(family.widths), num_classes=n) for n in (81, 3))
         a, b = coco.state_dict(), small.state_dict()
         skipped = class_dependent_keys(arch)
         assert skipped and skipped == {k for k in a if a[k].shape != b[k].shape}, family.name
@@ -382,7 +352,7 @@ def test_push_uploads_converted_weights_and_model_card(reference, monkeypatch, c
 
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploads.setdefault("created", repo_id))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert cli_main(["push", f"{ARCH}.coco_1x", "--repo-id", "me/frcnn", "--checkpoint", pth]) == 0
+    assert model_zoo_main(["push", f"{REF_ARCH}.coco_1x", "--repo-id", "me/frcnn", "--checkpoint", pth]) == 0
     assert set(uploads) == {"model.safetensors", "config.json", "README.md", "repo_id", "created"}
     assert uploads["repo_id"] == uploads["created"] == "me/frcnn"
     weights = load(uploads["model.safetensors"])
@@ -392,20 +362,20 @@ def test_push_uploads_converted_weights_and_model_card(reference, monkeypatch, c
     card = uploads["README.md"].decode()
     front = card.split("---")[1]
     for line in ("library_name: hrnetdet", "pipeline_tag: object-detection", "- coco", "license: apache-2.0",
-                 "model-index:", "value: 36.9"):
+                 "model-index:", "value: 40.2"):
         assert line in front, line
-    assert 'create_model("faster_rcnn_hrnetv2p_w18.coco_1x", pretrained=True)' in card
+    assert 'create_model("faster_rcnn_hrnetv2p_w32.coco_1x", pretrained=True)' in card
     assert "toothbrush" in card and "pending" in card
-    assert json.loads(uploads["config.json"])["architecture"] == ARCH
+    assert json.loads(uploads["config.json"])["architecture"] == REF_ARCH
 
 
 def test_model_zoo_md_is_up_to_date(tmp_path):
     assert MODEL_ZOO.read_text() == model_zoo_markdown(), \
-        "MODEL_ZOO.md is out of date: run `python -m hrnetdet.zoo.model_zoo`"
+        "MODEL_ZOO.md is out of date: run `python tools/model_zoo.py`"
     stale = tmp_path / "MODEL_ZOO.md"
     stale.write_text(MODEL_ZOO.read_text().replace("36.9", "36.8"))
-    assert cli_main(["zoo-md", "--check", "--out", str(stale)]) == 1
-    assert cli_main(["zoo-md", "--out", str(stale)]) == 0 and stale.read_text() == model_zoo_markdown()
+    assert model_zoo_main(["--check", "--out", str(stale)]) == 1
+    assert model_zoo_main(["--out", str(stale)]) == 0 and stale.read_text() == model_zoo_markdown()
     text = MODEL_ZOO.read_text()
     from hrnetdet.zoo.models import PUBLISHED
     for arch, tag, file, *_ in PUBLISHED:  # every reference row, with its own checkpoint
