@@ -75,6 +75,17 @@ class ReferenceRPN(RegionProposalNetwork):
         return ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
                 & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b))
 
+    def top_n_idx(self, objectness: Tensor, num_anchors_per_level: List[int]) -> Tensor:
+        """Per image, the indices of each level's ``pre_nms_top_n`` highest objectness scores
+        (torchvision's private ``_get_top_n_idx``, which may change without notice)."""
+        idx: List[Tensor] = []
+        offset = 0
+        for level in objectness.split(num_anchors_per_level, 1):
+            num_anchors = level.shape[1]
+            idx.append(level.topk(min(self.pre_nms_top_n(), num_anchors), dim=1)[1] + offset)
+            offset += num_anchors
+        return torch.cat(idx, dim=1)
+
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: List[Tuple[int, int]],
                          num_anchors_per_level: List[int]) -> Tuple[List[Tensor], List[Tensor]]:
         """The reference's proposal filter: the top ``pre_nms_top_n`` per level, clipped, boxes of
@@ -84,7 +95,7 @@ class ReferenceRPN(RegionProposalNetwork):
         objectness = objectness.detach().reshape(num_images, -1)
         levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=proposals.device)
                             for i, n in enumerate(num_anchors_per_level)])
-        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        top_n_idx = self.top_n_idx(objectness, num_anchors_per_level)
         batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
         scores_all = torch.sigmoid(objectness[batch_idx, top_n_idx])
         final_boxes: List[Tensor] = []
