@@ -10,6 +10,7 @@ COMMANDS = {
     "models": "hrnetdet.zoo.commands",
     "convert": "hrnetdet.zoo.commands",
     "download": "hrnetdet.zoo.hub",
+    "push": "hrnetdet.zoo.push",
     "train": "hrnetdet.engine.commands",
     "eval": "hrnetdet.engine.commands",
     "predict": "hrnetdet.inference.commands",

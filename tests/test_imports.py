@@ -7,8 +7,8 @@ from typing import Dict, Set
 PACKAGE = Path(__file__).resolve().parents[1] / "hrnetdet"
 
 # records leaf, pure conversion, the table, checkpoint I/O, the Hub, the factory, the commands.
-ZOO_LAYERS = ["coco", "records", "registry", "convert", "models", "parity", "checkpoint", "hub", "factory",
-              "commands", "__init__"]
+ZOO_LAYERS = ["coco", "records", "registry", "convert", "models", "parity", "checkpoint", "hub", "push",
+              "factory", "commands", "__init__"]
 
 
 def _module_name(path: Path) -> str:

@@ -12,7 +12,7 @@ from hrnetdet.cli import main
 from calibrate import calibrate
 from hrnetdet.inference import expand_inputs, load_image, match_detections
 from hrnetdet.inference.match import MIN_MATCHED
-from hrnetdet.zoo.checkpoint import save_safetensors
+from hrnetdet.zoo.checkpoint import save_pretrained
 
 SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
 ARCH = "mask_rcnn_hrnetv2p_w18"
@@ -99,8 +99,8 @@ def test_draw_marks_the_detections(model, rgb):
 
 
 def test_predict_command_writes_coco_json_and_pictures(model, folder, tmp_path):
-    ckpt = tmp_path / "model.safetensors"
-    save_safetensors(model, str(ckpt), ARCH)
+    save_pretrained(model, str(tmp_path / "saved"))
+    ckpt = tmp_path / "saved" / "model.safetensors"
     out = tmp_path / "out"
     rc = main(["predict", str(folder), "--model", ARCH, "--checkpoint", str(ckpt), "--score-thr", "0",
                "--out", str(out), "--min-size", "96", "--max-size", "128", "--batch-size", "2"])

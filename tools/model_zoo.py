@@ -170,10 +170,10 @@ Paper: [Deep High-Resolution Representation Learning]({PAPER}).
 ## How to load
 
 ```python
-import huggingface_hub, hrnetdet
+import hrnetdet
 model = hrnetdet.create_model("{cfg.name}", pretrained=True).eval()
 # or from this repository directly:
-model = hrnetdet.create_model("{cfg.arch}", checkpoint_path=huggingface_hub.hf_hub_download("{repo_id}", "{cfg.hf_filename}"))
+model = hrnetdet.create_model("hf-hub:{repo_id}", pretrained=True).eval()
 detections = model([image])  # image: CHW float RGB tensor in [0, 1]
 ```
 
@@ -203,26 +203,22 @@ def push(name: str, repo_id: str, checkpoint: Optional[str] = None, private: boo
          token: Optional[str] = None) -> Tuple[str, str]:
     """Convert ``name``'s weights (or ``checkpoint``), upload model.safetensors, config.json and the
     model card; returns (commit, sha256) to pin in the registry."""
-    from huggingface_hub import HfApi
-
-    from hrnetdet.zoo.checkpoint import save_safetensors
+    from hrnetdet.zoo.checkpoint import WEIGHTS_FILE, save_pretrained
     from hrnetdet.zoo.factory import create_model
     from hrnetdet.zoo.hub import sha256_file
+    from hrnetdet.zoo.push import upload_folder
     from hrnetdet.zoo.registry import get_pretrained_cfg
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         raise ValueError(f"{name} has no registry record to describe it; `hrnetdet models --pretrained` lists them")
     model = create_model(cfg.name, pretrained=checkpoint is None, checkpoint_path=checkpoint)
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, cfg.hf_filename)
-        save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
-        digest = sha256_file(path)
+        save_pretrained(model, folder, {"weights": cfg.name, "source": cfg.reference_url})
+        digest = sha256_file(os.path.join(folder, WEIGHTS_FILE))
         Path(folder, "README.md").write_text(model_card(cfg, repo_id))
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                                   commit_message=f"hrnetdet: {cfg.name} converted from {cfg.reference_file}")
-    return commit.oid, digest
+        commit = upload_folder(folder, repo_id, f"hrnetdet: {cfg.name} converted from {cfg.reference_file}",
+                               private=private, token=token)
+    return commit, digest
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,7 +2,7 @@
 import argparse
 import os
 
-from .checkpoint import read_checkpoint, save_safetensors
+from .checkpoint import WEIGHTS_FILE, read_checkpoint, save_pretrained
 from .factory import create_model
 from .records import arch_name
 from .registry import get_arch_pretrained_cfgs, get_family, list_models
@@ -34,10 +34,8 @@ def _convert_run(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     arch = args.model or arch_name(ckpt.family, ckpt.width)
     model = create_model(arch, checkpoint_path=args.checkpoint)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model.safetensors")
-    save_safetensors(model, path, arch, {"source": os.path.basename(args.checkpoint)})
-    print(f"wrote {path} and config.json ({arch}, {len(model.categories)} classes)")
+    save_pretrained(model, args.out, {"source": os.path.basename(args.checkpoint)})
+    print(f"wrote {os.path.join(args.out, WEIGHTS_FILE)} and config.json ({arch}, {len(model.categories)} classes)")
     return 0
 
 

@@ -3,8 +3,10 @@
 * Published weights: ``hf_hub_download`` at the record's pinned commit, then our own sha256 check
   (huggingface_hub only checks the size).
 * Records without published weights (every record today): the reference's own checkpoint, checked
-  against the sha256 prefix in its file name, converted once and cached as safetensors under
-  ``$HRNETDET_HOME`` (default ``~/.cache/hrnetdet``).
+  against the sha256 prefix in its file name, converted once (one process at a time) and cached as
+  safetensors under ``$HRNETDET_HOME`` (default ``~/.cache/hrnetdet``).
+* ``hf-hub:org/name[@revision]``: any repository ``hrnetdet push`` wrote (its config.json and
+  model.safetensors, side by side in the Hub cache).
 * Backbone-only initialisation: timm's ImageNet HRNet from the Hub (our HRNet's names are timm's).
 * ``num_classes`` other than the checkpoint's: everything but the class-dependent layers.
 
@@ -13,7 +15,6 @@ is an error that says which file to put where. ``hrnetdet download`` fills a fol
 copied to an air-gapped machine.
 """
 import argparse
-import contextlib
 import functools
 import hashlib
 import logging
@@ -21,14 +22,14 @@ import os
 import re
 import urllib.error
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, List, Optional, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..backbone import HRNet
 from ..version import __version__
-from .checkpoint import Checkpoint, atomic_write, load_into, read_checkpoint, save_safetensors
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write, load_into, read_checkpoint, save_pretrained
 from .convert import CheckpointError
 from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
 from .registry import get_family, get_pretrained_cfg, list_models
@@ -146,31 +147,42 @@ def fetch_pretrained(cfg: PretrainedCfg, *, local_files_only: bool = False, home
 
 
 def _converted_reference(cfg: PretrainedCfg, home: str, offline: bool) -> str:
-    """The reference checkpoint converted once and cached, with its sha256 beside it."""
+    """The reference checkpoint converted once and cached, with its sha256 beside it. Processes
+    sharing ``home`` (torchrun ranks) take turns on a lock file: one downloads and converts, the
+    others then find the result; no file another process may be reading is deleted."""
+    from filelock import FileLock
     path = converted_path(cfg, home)
-    digest_path = path + ".sha256"
-    if os.path.exists(path):
-        if not os.path.exists(digest_path):
-            return path  # placed by hand
-        with open(digest_path) as f:
-            expected = f.read().strip()
-        actual = sha256_file(path)
-        if actual == expected:
-            return path
-        logger.warning("%s: %s has sha256 %s, expected %s; converting it again", cfg.name, path, actual, expected)
-        os.remove(path)
-    pth = _reference_file(cfg, home, offline)
-    ckpt = read_checkpoint(pth)
-    family, width = get_family(cfg.arch)
-    model = family.build(width, num_classes=ckpt.num_classes, categories=ckpt.categories)
-    load_into(model, ckpt.state_dict, pth, cfg.arch)  # a strict load checks the conversion before it is cached
+    if _converted_ok(cfg, path, warn=False):
+        return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
-    atomic_write(digest_path, lambda tmp: Path(tmp).write_text(sha256_file(path)))
-    with contextlib.suppress(FileNotFoundError):  # another process may have converted it too
-        os.remove(pth)  # the converted file replaces it
+    with FileLock(path + ".lock"):
+        if _converted_ok(cfg, path):  # another process converted it while this one waited
+            return path
+        pth = _reference_file(cfg, home, offline)
+        ckpt = read_checkpoint(pth)
+        family, width = get_family(cfg.arch)
+        model = family.build(width, num_classes=ckpt.num_classes, categories=ckpt.categories)
+        load_into(model, ckpt.state_dict, pth, cfg.arch)  # a strict load checks the conversion before it is cached
+        model.arch = cfg.arch
+        save_pretrained(model, os.path.dirname(path), {"weights": cfg.name, "source": cfg.reference_url})
+        atomic_write(path + ".sha256", lambda tmp: Path(tmp).write_text(sha256_file(path)))
+        os.remove(pth)  # the converted file replaces it; only a lock holder reads it
     logger.info("%s: converted %s to %s", cfg.name, cfg.reference_file, path)
     return path
+
+
+def _converted_ok(cfg: PretrainedCfg, path: str, warn: bool = True) -> bool:
+    """Whether the cached conversion is there and matches the sha256 beside it (a file placed by
+    hand has none). A mismatch is converted again and replaced, never deleted under a reader."""
+    if not os.path.exists(path):
+        return False
+    if not os.path.exists(path + ".sha256"):
+        return True
+    expected = Path(path + ".sha256").read_text().strip()
+    actual = sha256_file(path)
+    if actual != expected and warn:
+        logger.warning("%s: %s has sha256 %s, expected %s; converting it again", cfg.name, path, actual, expected)
+    return actual == expected
 
 
 def _reference_file(cfg: PretrainedCfg, home: str, offline: bool) -> str:
@@ -196,6 +208,21 @@ def _reference_file(cfg: PretrainedCfg, home: str, offline: bool) -> str:
 
     return _verified(fetch, cfg.reference_sha256_prefix, f"{cfg.name} reference checkpoint {url}",
                      retry=not offline)
+
+
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def hub_model_files(repo_id: str, revision: Optional[str], *, weights: bool = True,
+                    local_files_only: bool = False) -> Tuple[str, Optional[str]]:
+    """A Hub repository written by ``hrnetdet push`` (or holding save_pretrained's two files): the
+    local paths of its config.json and, with ``weights``, its model.safetensors, side by side in
+    the Hub cache. Offline (HF_HUB_OFFLINE=1) the cache answers."""
+    fetch = functools.partial(_hub_file, repo_id, revision=revision, cache_dir=hub_cache_dir(),
+                              local_files_only=is_offline(local_files_only), force=False,
+                              hint=f"Load {HF_HUB_PREFIX}{repo_id} once online to fill the cache.")
+    config = fetch(filename=CONFIG_FILE)
+    return config, (fetch(filename=WEIGHTS_FILE) if weights else None)
 
 
 def load_pretrained_checkpoint(cfg: PretrainedCfg, *, local_files_only: bool = False) -> Checkpoint:
