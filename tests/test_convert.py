@@ -183,6 +183,11 @@ def test_mmengine_era_checkpoint_loads_and_runs_no_code(tmp_path, monkeypatch):
     torch.testing.assert_close(model.state_dict()["rpn.head.conv.0.0.weight"], ckpt["state_dict"]["rpn_head.rpn_conv.weight"])
     assert model.categories[1] == "thing0" and len(model.categories) == 81
     assert not (tmp_path / MARKER).exists()
+    # class names held in an object hrnetdet does not unpickle: the default (COCO's) names
+    _, ConfigDict = _mmengine_classes(monkeypatch)
+    torch.save({"state_dict": ckpt["state_dict"],
+                "meta": {"dataset_meta": ConfigDict(classes=tuple(f"thing{i}" for i in range(80)))}}, path)
+    assert read_checkpoint(str(path)).categories[1] == "person"
 
 
 def test_malicious_pickle_is_refused_by_name_and_never_run(tmp_path):

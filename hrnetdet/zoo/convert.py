@@ -162,6 +162,8 @@ def category_ids_for(categories: Sequence[str], ids: Optional[Sequence[int]] = N
 
 def reference_categories(meta: dict, num_classes: int) -> List[str]:
     """The category names a reference checkpoint's ``meta`` records (mmdet 2.x: CLASSES, 3.x:
-    dataset_meta.classes)."""
-    classes = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
-    return categories_for(num_classes, classes if classes and len(classes) == num_classes - 1 else None)
+    dataset_meta.classes), when they are plain names that fit."""
+    dataset_meta = meta.get("dataset_meta")
+    classes = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
+    fits = isinstance(classes, (list, tuple)) and len(classes) == num_classes - 1 and all(isinstance(c, str) for c in classes)
+    return categories_for(num_classes, classes if fits else None)
