@@ -5,7 +5,7 @@
 
 All models run in one process on the same images, alternating model by model within each round
 after a warm-up round, so that load from other processes falls on all of them alike. Weights are
-random but calibrated (``hrnetdet.inference.calibrate``: batch-norm statistics re-estimated on the
+random but calibrated (``tools/calibrate.py``: batch-norm statistics re-estimated on the
 images, pyramid levels at unit scale, score threshold 0), so every image carries the full 100
 detections a trained model would; with raw random weights the RPN finds no valid boxes and the
 timing would measure an empty pipeline. torchvision's models are measured "as shipped" (frozen batch
@@ -30,8 +30,12 @@ from torchvision.models import detection as tvd
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import hrnetdet
-from hrnetdet.inference import calibrate, optimize_for_inference
+from hrnetdet.detectors import has_masks
+from hrnetdet.inference import optimize_for_inference
 from hrnetdet.inference.fast import fold_batchnorm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
+from calibrate import calibrate  # noqa: E402  (a maintainer helper, not in the installed package)
 
 TORCHVISION = {"faster_rcnn": "fasterrcnn_resnet50_fpn", "mask_rcnn": "maskrcnn_resnet50_fpn",
                "fcos": "fcos_resnet50_fpn", "cascade_rcnn": "fasterrcnn_resnet50_fpn",
@@ -190,8 +194,7 @@ def bench_train(models: Dict[str, nn.Module], imgs: List[torch.Tensor], device: 
     for r in range(iters + 1):
         for k, model in models.items():
             model.train()
-            y = synthetic_targets(x, getattr(model.roi_heads, "has_mask", lambda: False)()
-                                  if hasattr(model, "roi_heads") else False, device)
+            y = synthetic_targets(x, has_masks(model), device)
 
             def step():
                 with torch.autocast(device.type, enabled=amp):

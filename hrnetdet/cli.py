@@ -81,10 +81,9 @@ def _download_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", help="arch.tag with a registry record")
-    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. org/faster_rcnn_hrnetv2p_w32.coco_2x")
-    p.add_argument("--checkpoint", help="a local reference .pth or hrnetdet .safetensors (default: pretrained)")
-    p.add_argument("--private", action="store_true", help="create the Hub repository private")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder (hrnetdet train --out)")
+    p.add_argument("--repo", required=True, help="the Hub repository to create or update, e.g. org/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--token", help="a Hub token (default: the logged-in one)")
 
 
@@ -169,8 +168,8 @@ COMMANDS: Dict[str, Command] = {
                         _download_args, "hrnetdet.zoo.commands:run_download"),
     "convert": Command("convert a reference (mmdetection) checkpoint to hrnetdet safetensors",
                        _convert_args, "hrnetdet.zoo.commands:run_convert"),
-    "push": Command("(maintainers) upload a zoo model's converted weights and model card to the Hub",
-                    _push_args, "hrnetdet.zoo.commands:run_push"),
+    "push": Command("publish a training run on the Hugging Face Hub with a generated model card",
+                    _push_args, "hrnetdet.zoo.push:run_push"),
 }
 
 # Errors a user can fix (a missing or wrong file, an unknown name, bad input; CheckpointError is a

@@ -7,7 +7,10 @@ import torch
 
 import hrnetdet
 from hrnetdet.detectors.cascade import STAGE_STDS
-from hrnetdet.zoo.convert import REFERENCE_NUM_CLASSES, convert_reference, identify_reference, load_into
+from hrnetdet.zoo.checkpoint import load_into
+from hrnetdet.zoo.convert import convert_reference, identify_reference
+from hrnetdet.zoo.records import arch_name
+from hrnetdet.zoo.registry import list_families
 from reference_layout import APPENDIX, APPENDIX_FAMILY, reference_keys
 
 FAMILIES = ("cascade_rcnn", "cascade_mask_rcnn", "htc")
@@ -28,7 +31,7 @@ def reference_params(family: str, width: int) -> int:
 @pytest.mark.parametrize("width", [18, 32, 40])
 def test_parameter_counts_equal_reference(family, width):
     with torch.device("meta"):
-        model = hrnetdet.create_model(f"{family}_hrnetv2p_w{width}")
+        model = hrnetdet.create_model(arch_name(family, width))
     n = sum(p.numel() for p in model.parameters())
     assert n - BACKGROUND_ROWS[family] == reference_params(family, width)
 
@@ -63,9 +66,10 @@ def test_reference_layout_converts_and_loads_strictly(family):
     g = torch.Generator().manual_seed(0)
     sd = {k: (torch.empty(s, device="meta") if k.startswith(("backbone.", "neck.")) else torch.randn(s, generator=g))
           for k, s in reference_keys(family)}
-    assert identify_reference(sd, "appendix") == (family, 32)
-    assert REFERENCE_NUM_CLASSES[family](sd) == 81
-    ours = convert_reference(sd, family, "appendix")
+    found, width = identify_reference(sd, "appendix", list_families())
+    assert (found.name, width) == (family, 32)
+    assert found.reference.num_classes(sd) == 81
+    ours = convert_reference(sd, found, "appendix")
     with torch.device("meta"):
         model = hrnetdet.create_model(f"{family}_hrnetv2p_w32")
     load_into(model, ours, "appendix", f"{family}_hrnetv2p_w32")

@@ -1,12 +1,18 @@
-"""Reference checkpoints convert and load; hrnetdet's safetensors round-trip; bad files get clear errors."""
+"""Reference checkpoints convert and load (also those an mmengine trainer wrote, with no code run);
+hrnetdet's safetensors round-trip; bad files get clear errors."""
 import json
 import os
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import hrnetdet
 from hrnetdet.cli import main as cli
+from hrnetdet.zoo.checkpoint import read_checkpoint
 from hrnetdet.zoo.convert import CheckpointError
 from reference_layout import reference_checkpoint
 
@@ -109,11 +115,12 @@ def test_truncated_and_foreign_files(ref_files, tmp_path):
     data = open(ref_files["faster_rcnn"], "rb").read()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated.pth: truncated or corrupted PyTorch checkpoint") as e:
         hrnetdet.create_model("faster_rcnn_hrnetv2p_w32", checkpoint_path=str(truncated))
+    assert "weights_only" not in str(e.value)
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(CheckpointError, match="notes.txt: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.txt: not a checkpoint at all"):
         hrnetdet.create_model("faster_rcnn_hrnetv2p_w32", checkpoint_path=str(text))
     other = tmp_path / "other.pth"
     torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, other)
@@ -123,11 +130,92 @@ def test_truncated_and_foreign_files(ref_files, tmp_path):
         hrnetdet.create_model("faster_rcnn_hrnetv2p_w32", checkpoint_path=str(tmp_path / "nowhere.pth"))
 
 
-def test_truncated_safetensors(tmp_path):
-    from hrnetdet.zoo.convert import save_safetensors
-    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18")
+MARKER = "ran.txt"
+
+
+class _Malicious:
+    """Pickles as a call of os.system, which unpickling would run."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.system, (f"touch {os.path.join(self.folder, MARKER)}",)
+
+
+def _mmengine_classes(monkeypatch):
+    """Classes at mmengine's module paths (mmengine itself is not needed): pickle finds them while
+    the test saves, and they are gone again when hrnetdet loads."""
+    modules = {name: types.ModuleType(name) for name in
+               ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer", "mmengine.config",
+                "mmengine.config.config")}
+
+    class HistoryBuffer:
+        def __init__(self):
+            self._log_history, self._count_history, self.max_length = np.array([0.5, 0.25]), np.array([1, 1]), 1000
+
+    class ConfigDict(dict):
+        pass
+
+    for cls, module in ((HistoryBuffer, "mmengine.logging.history_buffer"), (ConfigDict, "mmengine.config.config")):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(modules[module], cls.__name__, cls)
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return HistoryBuffer, ConfigDict
+
+
+def test_mmengine_era_checkpoint_loads_and_runs_no_code(tmp_path, monkeypatch):
+    """An mmengine trainer's checkpoint: numpy scalars and arrays, a ConfigDict and a HistoryBuffer
+    beside the weights (and a call of os.system in its meta) still yields its state dict, with the
+    classes its dataset_meta names; the os.system call never runs."""
+    HistoryBuffer, ConfigDict = _mmengine_classes(monkeypatch)
+    ckpt = reference_checkpoint("faster_rcnn")
+    ckpt["meta"] = {"epoch": np.int64(12), "lr": np.float64(0.02), "seed": np.array([1, 2, 3]),
+                    "cfg": ConfigDict(model=ConfigDict(type="FasterRCNN")), "hook": _Malicious(str(tmp_path)),
+                    "dataset_meta": {"classes": tuple(f"thing{i}" for i in range(80))}}
+    ckpt["message_hub"] = {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {"iter": np.int64(90000)}}
+    path = tmp_path / "epoch_12.pth"
+    torch.save(ckpt, path)
+    for name in [n for n in sys.modules if n.startswith("mmengine")]:
+        monkeypatch.delitem(sys.modules, name)
+    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w32", checkpoint_path=str(path))
+    torch.testing.assert_close(model.state_dict()["rpn.head.conv.0.0.weight"], ckpt["state_dict"]["rpn_head.rpn_conv.weight"])
+    assert model.categories[1] == "thing0" and len(model.categories) == 81
+    assert not (tmp_path / MARKER).exists()
+    # class names held in an object hrnetdet does not unpickle: the default (COCO's) names
+    _, ConfigDict = _mmengine_classes(monkeypatch)
+    torch.save({"state_dict": ckpt["state_dict"],
+                "meta": {"dataset_meta": ConfigDict(classes=tuple(f"thing{i}" for i in range(80)))}}, path)
+    assert read_checkpoint(str(path)).categories[1] == "person"
+
+
+def test_malicious_pickle_is_refused_by_name_and_never_run(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save(_Malicious(str(tmp_path)), path)
+    with pytest.raises(CheckpointError, match=r"evil.pth: holds objects hrnetdet will not unpickle \(posix.system\)") as e:
+        read_checkpoint(str(path))
+    assert "weights_only" not in str(e.value)
+    torch.save({"state_dict": {"backbone.conv1.weight": _Malicious(str(tmp_path))}}, path)
+    with pytest.raises(CheckpointError, match=r"holds objects hrnetdet will not unpickle \(posix.system\)"):
+        read_checkpoint(str(path))
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_broken_json_in_a_safetensors_header_names_the_file(tmp_path):
     path = tmp_path / "model.safetensors"
-    save_safetensors(model, str(path), "faster_rcnn_hrnetv2p_w18")
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"hrnetdet": '{"architecture": "faster_rcnn_hrnet'})
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(its 'hrnetdet' header\): broken JSON"):
+        read_checkpoint(str(path))
+    (tmp_path / "config.json").write_text("{,}")
+    with pytest.raises(CheckpointError, match=r"config.json: broken JSON at line 1, column 2"):
+        read_checkpoint(str(path))
+
+
+def test_truncated_safetensors(tmp_path):
+    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18")
+    hrnetdet.save_pretrained(model, str(tmp_path))
+    path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):

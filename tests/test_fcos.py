@@ -1,5 +1,6 @@
 """FCOS: the reference's layout and parameter counts, its training rules, both test-time rules and
 the BGR-to-RGB conversion of its checkpoints."""
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -11,8 +12,10 @@ from hrnetdet.detectors.fcos import FCOSDetector, build_fcos
 from hrnetdet.detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform, hrnetv2p_backbone
 from hrnetdet.heads.fcos import FCOSHead, fcos_points
 from hrnetdet.zoo import create_model
-from hrnetdet.zoo.convert import (REFERENCE_NUM_CLASSES, convert_reference, identify_reference, load_into,
-                                  read_checkpoint)
+from hrnetdet.zoo.checkpoint import load_into
+from hrnetdet.zoo.convert import convert_reference, identify_reference
+from hrnetdet.zoo.registry import get_family, list_families
+from reference_layout import reference_checkpoint
 
 APPENDIX = Path(__file__).parent / "data" / "mmdet_hrnet_keys_appendix.txt"
 TINY = dict(min_size=96, max_size=128)
@@ -31,16 +34,6 @@ def _appendix_section(title: str):
     return rows
 
 
-def _reference_keys(model: FCOSDetector):
-    """The model's state dict renamed back to the reference's layout (convert.py's inverse)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        k = re.sub(r"^backbone\.body\.", "backbone.", k)
-        k = re.sub(r"^backbone\.fpn\.(reduction_conv|fpn_convs\.\d)\.", r"neck.\1.conv.", k)
-        out[re.sub(r"^head\.", "bbox_head.", k)] = v.clone()
-    return out
-
-
 @pytest.mark.parametrize("width,count", [(18, 17_500_654), (32, 37_297_690), (40, 53_544_090)])
 def test_parameter_counts_match_reference(width, count):
     with torch.device("meta"):
@@ -56,11 +49,12 @@ def test_appendix_key_listing_converts_and_loads_strictly():
     assert len(backbone) == 1830 and neck[0] == ("neck.reduction_conv.conv.weight", (256, 480, 1, 1))
     assert len(head) == 35
     sd = {k: torch.empty(s, device="meta") for k, s in backbone + neck + head}
-    assert identify_reference(sd, "appendix") == ("fcos", 32)
-    assert REFERENCE_NUM_CLASSES["fcos"](sd) == 81
+    family, width = identify_reference(sd, "appendix", list_families())
+    assert (family.name, width) == ("fcos", 32)
+    assert family.reference.num_classes(sd) == 81
     with torch.device("meta"):
         model = build_fcos(32)
-    load_into(model, convert_reference(sd, "fcos"), "appendix", "fcos_hrnetv2p_w32")
+    load_into(model, convert_reference(sd, family), "appendix", "fcos_hrnetv2p_w32")
 
 
 def test_losses_are_finite_and_reach_every_part():
@@ -176,18 +170,19 @@ def test_eval_contract():
 
 
 def test_bgr_checkpoint_converts_to_rgb_input(tmp_path):
-    """The reference's model on a BGR picture with BGR mean/std == the converted model on RGB."""
-    reference = build_fcos(18, score_thresh=0.02, **TINY,
-                           image_mean=IMAGENET_MEAN[::-1], image_std=IMAGENET_STD[::-1]).eval()
-    torch.nn.init.normal_(reference.head.conv_cls.weight, std=0.05)   # spread the scores
-    path = tmp_path / "fcos_w18.pth"
-    torch.save({"state_dict": _reference_keys(reference), "meta": {}}, path)
-    ckpt = read_checkpoint(str(path))
-    assert ckpt.family == "fcos"
-    converted = build_fcos(18, score_thresh=0.02, **TINY).eval()
-    load_into(converted, ckpt.state_dict, str(path), "fcos_hrnetv2p_w18")
-    torch.testing.assert_close(converted.backbone.body.conv1.weight,
-                               reference.backbone.body.conv1.weight.flip(1))
+    """The reference's model (its weights as they are) on a BGR picture with BGR mean/std == the
+    converted model on the RGB picture."""
+    ckpt = reference_checkpoint("fcos")
+    torch.nn.init.normal_(ckpt["state_dict"]["bbox_head.conv_cls.weight"], std=0.05)  # spread the scores
+    path = tmp_path / "fcos_w32.pth"
+    torch.save(ckpt, path)
+    fcos = get_family("fcos_hrnetv2p_w32")[0]
+    as_trained = dataclasses.replace(fcos, reference=dataclasses.replace(fcos.reference, bgr_input=False))
+    reference = build_fcos(32, score_thresh=0.02, **TINY, image_mean=IMAGENET_MEAN[::-1],
+                           image_std=IMAGENET_STD[::-1]).eval()
+    load_into(reference, convert_reference(ckpt["state_dict"], as_trained), str(path), "fcos_hrnetv2p_w32")
+    converted = create_model("fcos_hrnetv2p_w32", checkpoint_path=str(path), score_thresh=0.02, **TINY).eval()
+    torch.testing.assert_close(converted.backbone.body.conv1.weight, ckpt["state_dict"]["backbone.conv1.weight"].flip(1))
     rgb = torch.rand(3, 80, 110)
     with torch.no_grad():
         expected = reference([rgb[[2, 1, 0]]])[0]

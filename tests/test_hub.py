@@ -1,16 +1,12 @@
 """Getting weights, against a loopback server that answers as the Hugging Face Hub (for
-hf_hub_download) and as the reference's download site do. No network."""
+hf_hub_download) and as the reference's download site do (tests/fake_hub.py). No network."""
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import re
-import runpy
 import shutil
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,111 +14,24 @@ import torch
 from safetensors.torch import load, save
 
 import hrnetdet
+from fake_hub import env, hub  # noqa: F401  (fixtures)
 from hrnetdet.backbone import HRNet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.zoo import registry
 from hrnetdet.zoo.coco import COCO_CATEGORY_NAMES
-from hrnetdet.zoo.convert import REFERENCE_LAYOUTS, CheckpointError, background_first
+from hrnetdet.zoo.convert import CheckpointError
 from hrnetdet.zoo.hub import (_reference_file, backbone_weights_file, class_dependent_keys, converted_path, fetch_pretrained,
                               load_except_class_layers, load_pretrained_checkpoint)
-from hrnetdet.zoo.model_zoo import MODEL_ZOO, model_zoo_markdown
+from model_zoo import MODEL_ZOO, model_zoo_markdown
+from model_zoo import main as model_zoo_main
+from reference_layout import reference_checkpoint
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
+REF_ARCH = "faster_rcnn_hrnetv2p_w32"  # the key listing's width
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 REPO = "hrnetdet-test/faster_rcnn_hrnetv2p_w18"
 TIMM_REPO = "timm/hrnet_w18.ms_in1k"
-
-
-class FakeHub(ThreadingHTTPServer):
-    """Serves /{repo}/resolve/{revision}/{file} with the Hub's headers (X-Repo-Commit, ETag,
-    Content-Length), and plain files under /ref/. Records every request."""
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files, self.refs, self.raw, self.corrupt = {}, {}, {}, {}
-        self.requests = []
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def reset(self):
-        self.files.clear(), self.refs.clear(), self.raw.clear(), self.corrupt.clear(), self.requests.clear()
-
-    def gets(self, fragment=""):
-        return [p for m, p, _ in self.requests if m == "GET" and fragment in p]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
-
-    def _serve(self, body):
-        hub = self.server
-        path = urllib.parse.unquote(self.path.split("?")[0])
-        hub.requests.append((self.command, path, self.headers.get("User-Agent", "")))
-        headers = {}
-        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if m:
-            repo, rev, name = m.groups()
-            commit = hub.refs.get((repo, rev), rev)
-            data = hub.files.get((repo, commit, name))
-            headers["X-Repo-Commit"] = commit
-            if data is not None:
-                headers["ETag"] = f'"{hashlib.sha256(data).hexdigest()}"'
-        else:
-            data = hub.raw.get(path)
-        if data is None:
-            self.send_response(404)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if body and hub.corrupt.get(path):
-            hub.corrupt[path] -= 1
-            data = bytes([data[0] ^ 0xFF]) + data[1:]  # same size: only a checksum notices
-        self.send_response(200)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-
-@pytest.fixture(scope="module")
-def hub():
-    server = FakeHub()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    stopper = threading.Timer(600, server.shutdown)  # stops by itself should teardown never run
-    stopper.daemon = True
-    stopper.start()
-    yield server
-    stopper.cancel()
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(autouse=True)
-def env(hub, tmp_path, monkeypatch):
-    """Every cache in tmp_path, every download from the loopback server, online."""
-    from huggingface_hub import constants
-    hub.reset()
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    for var in ("HF_HUB_OFFLINE", "HF_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HRNETDET_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HRNETDET_REFERENCE_URL", hub.url + "/ref")
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    return tmp_path
 
 
 def _tiny_weights(value: float) -> bytes:
@@ -194,58 +103,25 @@ def test_offline_missing_file_says_what_to_put_where(hub, env, monkeypatch):
 
 # ---- the reference's own checkpoints: download, check, convert, cache -------------------------
 
-def _to_reference(sd, family="faster_rcnn", num_classes=81):
-    """Invert convert's rules (tests only): hrnetdet layout -> the reference's."""
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl, fn in REFERENCE_LAYOUTS[family][0]:
-            groups = re.findall(r"\([^()]*\)", pattern)
-            parts = re.split(r"\\(\d)", repl)
-            refs = [int(g) for g in parts[1::2]]
-            inverse = "".join(re.escape(p) if i % 2 == 0 else groups[int(p) - 1] for i, p in enumerate(parts))
-            m = re.fullmatch(inverse, key)
-            if m:
-                template, group = "", 0
-                for i, piece in enumerate(re.split(r"(\([^()]*\))", pattern)):
-                    if i % 2:  # the pattern's group number `group` is the inverse's refs.index(group) + 1
-                        group += 1
-                        template += m.group(refs.index(group) + 1)
-                    else:
-                        template += piece.replace("\\", "")
-                if fn is background_first:
-                    value = torch.cat([value[1:], value[:1]])
-                elif fn is not None:  # prepend_zero_rows(n): n rows per class for the background
-                    value = value[value.shape[0] // num_classes:]
-                out[template] = value
-                break
-        else:
-            raise KeyError(key)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """A W18 Faster R-CNN in the reference's layout: (hrnetdet state dict, .pth bytes, .pth path)."""
-    model = hrnetdet.create_model(ARCH)
-    with torch.no_grad():
-        model.roi_heads.box_predictor.bbox_pred.weight[:4] = 0  # the background rows conversion adds
-        model.roi_heads.box_predictor.bbox_pred.bias[:4] = 0
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"state_dict": _to_reference(sd), "meta": {"CLASSES": COCO_CATEGORY_NAMES}}, buf)
-    data = buf.getvalue()
-    path = tmp_path_factory.mktemp("reference") / "faster_rcnn_w18.pth"
-    path.write_bytes(data)
-    return sd, data, str(path)
+    """A W32 Faster R-CNN checkpoint in the reference's layout (keys from the key listing, random
+    values): (its direct conversion's state dict, .pth bytes, .pth path)."""
+    path = tmp_path_factory.mktemp("reference") / "faster_rcnn_w32.pth"
+    ckpt = reference_checkpoint("faster_rcnn")
+    ckpt["meta"]["CLASSES"] = COCO_CATEGORY_NAMES
+    torch.save(ckpt, path)
+    sd = hrnetdet.create_model(REF_ARCH, checkpoint_path=str(path)).state_dict()
+    return sd, path.read_bytes(), str(path)
 
 
 def _serve_reference(hub, monkeypatch, data, tag="coco_1x"):
-    """Patch the record so its file name carries our file's sha256 prefix, and serve the file."""
-    cfg = hrnetdet.get_pretrained_cfg(f"{ARCH}.{tag}")
+    """Patch REF_ARCH's record so its file name carries our file's sha256 prefix, and serve the file."""
+    cfg = hrnetdet.get_pretrained_cfg(f"{REF_ARCH}.{tag}")
     prefix = hashlib.sha256(data).hexdigest()[:8]
     cfg = dataclasses.replace(cfg, reference_file=re.sub(r"-[0-9a-f]{8}\.pth$", f"-{prefix}.pth", cfg.reference_file))
-    records = [cfg if c.tag == tag else c for c in registry._pretrained[ARCH]]
-    monkeypatch.setitem(registry._pretrained, ARCH, records)
+    records = [cfg if c.tag == tag else c for c in registry._pretrained[REF_ARCH]]
+    monkeypatch.setitem(registry._pretrained, REF_ARCH, records)
     path = urllib.parse.urlparse(cfg.reference_url_at(hub.url + "/ref")).path
     hub.raw[path] = data
     return cfg, path
@@ -264,7 +140,7 @@ def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monk
     sd, data, _ = reference
     cfg, path = _serve_reference(hub, monkeypatch, data)
     hub_cfg = _hub_cfg(hub, tag="coco_2x")
-    monkeypatch.setitem(registry._pretrained, ARCH, [cfg, hub_cfg])
+    monkeypatch.setitem(registry._pretrained, ARCH, [hub_cfg])
     dl = tmp_path / "dl"
     assert cli_main(["download", cfg.name, hub_cfg.name, "--dir", str(dl)]) == 0
     assert "HF_HUB_OFFLINE=1" in capsys.readouterr().out
@@ -289,14 +165,15 @@ def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monk
     assert model.categories[1:] == list(COCO_CATEGORY_NAMES)
     assert torch.equal(load_pretrained_checkpoint(hub_cfg).state_dict["w"], torch.full((4, 4), 1.0))
     assert hub.requests == []
-    # a damaged cached file is caught by the sha256 beside it and deleted; offline, the error says what to fetch
+    # a damaged cached file is caught by the sha256 beside it and not used (nor deleted: another
+    # process may be reading it); offline, the error says what to fetch
     cached = Path(converted_path(cfg))
     with open(cached, "r+b") as f:
         f.seek(1000)
         f.write(b"\0" * 8)
     with pytest.raises(FileNotFoundError, match=re.escape(cfg.reference_file)):
         fetch_pretrained(cfg)
-    assert not cached.exists() and hub.requests == []
+    assert hub.requests == []
 
 
 def test_reference_corrupted_download_is_fetched_again_once(hub, monkeypatch, env):
@@ -322,9 +199,9 @@ def test_reference_corrupted_download_is_fetched_again_once(hub, monkeypatch, en
 def test_num_classes_loads_all_but_class_layers(reference, caplog):
     sd, _, pth = reference
     with caplog.at_level("INFO", logger="hrnetdet"):
-        model = hrnetdet.create_model(ARCH, checkpoint_path=pth, num_classes=4)
+        model = hrnetdet.create_model(REF_ARCH, checkpoint_path=pth, num_classes=4)
     own = model.state_dict()
-    skipped = class_dependent_keys(ARCH)
+    skipped = class_dependent_keys(REF_ARCH)
     assert skipped == {f"roi_heads.box_predictor.{m}.{p}" for m in ("cls_score", "bbox_pred") for p in ("weight", "bias")}
     assert own["roi_heads.box_predictor.cls_score.weight"].shape == (4, 1024)
     assert all(torch.equal(own[k], sd[k]) for k in sd if k not in skipped)
@@ -338,7 +215,7 @@ def test_class_dependent_layers_of_every_family():
     for family in hrnetdet.list_families():
         arch = registry.arch_name(family.name, min(family.widths))
         with torch.device("meta"):
-            coco, small = (family.builder(min(family.widths), num_classes=n, **family.builder_kwargs) for n in (81, 3))
+            coco, small = (family.build(min(family.widths), num_classes=n) for n in (81, 3))
         a, b = coco.state_dict(), small.state_dict()
         skipped = class_dependent_keys(arch)
         assert skipped and skipped == {k for k in a if a[k].shape != b[k].shape}, family.name
@@ -372,49 +249,35 @@ def test_weights_backbone_loads_timm_imagenet_hrnet(hub, tmp_path, monkeypatch):
     assert hub.requests == []
 
 
-def test_push_uploads_converted_weights_and_model_card(reference, monkeypatch, capsys):
-    from huggingface_hub import HfApi
+def test_record_push_uploads_converted_weights_and_model_card(hub, reference, capsys):
+    """The maintainer's publishing of a registry record (tools/model_zoo.py push), to the loopback Hub."""
     sd, _, pth = reference
-    uploads = {}
-
-    def upload_folder(self, *, repo_id, folder_path, **kw):
-        uploads.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()}, repo_id=repo_id)
-        return type("CommitInfo", (), {"oid": COMMIT_B})()
-
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploads.setdefault("created", repo_id))
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert cli_main(["push", f"{ARCH}.coco_1x", "--repo-id", "me/frcnn", "--checkpoint", pth]) == 0
-    assert set(uploads) == {"model.safetensors", "config.json", "README.md", "repo_id", "created"}
-    assert uploads["repo_id"] == uploads["created"] == "me/frcnn"
+    assert model_zoo_main(["push", f"{REF_ARCH}.coco_1x", "--repo-id", "me/frcnn", "--checkpoint", pth]) == 0
+    commit = hub.refs[("me/frcnn", "main")]
+    uploads = {name: data for (repo, c, name), data in hub.files.items() if repo == "me/frcnn" and c == commit}
+    assert set(uploads) == {"model.safetensors", "config.json", "README.md"} and "me/frcnn" in hub.repos
     weights = load(uploads["model.safetensors"])
     assert weights.keys() == sd.keys() and all(torch.equal(weights[k], sd[k]) for k in sd)
     out = capsys.readouterr().out
-    assert f"hf_revision='{COMMIT_B}'" in out and hashlib.sha256(uploads["model.safetensors"]).hexdigest() in out
+    assert f"hf_revision='{commit}'" in out and hashlib.sha256(uploads["model.safetensors"]).hexdigest() in out
     card = uploads["README.md"].decode()
     front = card.split("---")[1]
     for line in ("library_name: hrnetdet", "pipeline_tag: object-detection", "- coco", "license: apache-2.0",
-                 "model-index:", "value: 36.9"):
+                 "model-index:", "value: 40.2"):
         assert line in front, line
-    assert 'create_model("faster_rcnn_hrnetv2p_w18.coco_1x", pretrained=True)' in card
+    assert 'create_model("faster_rcnn_hrnetv2p_w32.coco_1x", pretrained=True)' in card
+    assert 'create_model("hf-hub:me/frcnn", pretrained=True)' in card
     assert "toothbrush" in card and "pending" in card
-    assert json.loads(uploads["config.json"])["architecture"] == ARCH
+    assert json.loads(uploads["config.json"])["architecture"] == REF_ARCH
 
 
-def _zoo_md(*argv: str) -> int:
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as exit_:
-        mp.setattr("sys.argv", ["model_zoo", *argv])
-        runpy.run_module("hrnetdet.zoo.model_zoo", run_name="__main__")
-    return exit_.value.code
-
-
-@pytest.mark.filterwarnings("ignore:'hrnetdet.zoo.model_zoo' found in sys.modules:RuntimeWarning")
 def test_model_zoo_md_is_up_to_date(tmp_path):
     assert MODEL_ZOO.read_text() == model_zoo_markdown(), \
-        "MODEL_ZOO.md is out of date: run `python -m hrnetdet.zoo.model_zoo`"
+        "MODEL_ZOO.md is out of date: run `python tools/model_zoo.py`"
     stale = tmp_path / "MODEL_ZOO.md"
     stale.write_text(MODEL_ZOO.read_text().replace("36.9", "36.8"))
-    assert _zoo_md("--check", "--out", str(stale)) == 1  # `python -m hrnetdet.zoo.model_zoo`
-    assert _zoo_md("--out", str(stale)) == 0 and stale.read_text() == model_zoo_markdown()
+    assert model_zoo_main(["--check", "--out", str(stale)]) == 1
+    assert model_zoo_main(["--out", str(stale)]) == 0 and stale.read_text() == model_zoo_markdown()
     text = MODEL_ZOO.read_text()
     from hrnetdet.zoo.models import PUBLISHED
     for arch, tag, file, *_ in PUBLISHED:  # every reference row, with its own checkpoint

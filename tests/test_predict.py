@@ -12,8 +12,10 @@ from PIL import Image
 
 import hrnetdet
 from hrnetdet.cli import main
-from hrnetdet.inference import calibrate, expand_inputs, load_image, match_detections
-from hrnetdet.zoo.convert import save_safetensors
+from calibrate import calibrate
+from hrnetdet.inference import expand_inputs, load_image, match_detections
+from hrnetdet.inference.match import MIN_MATCHED
+from hrnetdet.zoo.checkpoint import save_pretrained
 
 SMALL = dict(min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
 ARCH = "mask_rcnn_hrnetv2p_w18"
@@ -80,7 +82,7 @@ def test_predict_matches_the_model_and_names_categories(model, rgb, folder):
     # a folder gives a list, in file order, batched or not, with file names recorded
     many = hrnetdet.predict(model, str(folder), batch_size=2)
     assert [os.path.basename(r["file_name"]) for r in many] == ["a.png", "b.jpg"]
-    assert match_detections(ref, many[0])["matched_frac"] >= 0.98  # batching may reorder near-ties
+    assert match_detections(ref, many[0])["matched_frac"] >= MIN_MATCHED  # batching may reorder near-ties
 
 
 def test_draw_marks_the_detections(model, rgb):
@@ -100,8 +102,8 @@ def test_draw_marks_the_detections(model, rgb):
 
 
 def test_predict_command_writes_coco_json_and_pictures(model, folder, tmp_path):
-    ckpt = tmp_path / "model.safetensors"
-    save_safetensors(model, str(ckpt), ARCH)
+    save_pretrained(model, str(tmp_path / "saved"))
+    ckpt = tmp_path / "saved" / "model.safetensors"
     out = tmp_path / "out"
     rc = main(["predict", str(folder), "--model", ARCH, "--checkpoint", str(ckpt), "--score-thr", "0",
                "--out", str(out), "--min-size", "96", "--max-size", "128", "--batch-size", "2"])

@@ -14,6 +14,7 @@ from hrnetdet.heads.anchors import ReferenceAnchorGenerator
 from hrnetdet.heads.masks import paste_masks
 from hrnetdet.heads.nms import batched_nms
 from hrnetdet.heads.roi_align import map_roi_levels
+from hrnetdet.zoo.records import arch_name
 
 SMALL = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
              rpn_post_nms_top_n_train=200, box_batch_size_per_image=64)
@@ -31,7 +32,7 @@ BACKGROUND_ROWS = {"faster_rcnn": 4 * 1024 + 4, "mask_rcnn": 4 * 1024 + 4 + 256 
 @pytest.mark.parametrize("width", [18, 32, 40])
 def test_parameter_counts_equal_reference(family, width):
     with torch.device("meta"):
-        model = hrnetdet.create_model(f"{family}_hrnetv2p_w{width}")
+        model = hrnetdet.create_model(arch_name(family, width))
     n = sum(p.numel() for p in model.parameters())
     assert n - BACKGROUND_ROWS[family] == REFERENCE_PARAMS[family][width]
 

@@ -55,7 +55,7 @@ def build_cascade_rcnn(width: int, num_classes: int = 81, *, with_mask: bool = F
     return build_detector(width, roi_heads, categories=categories, cascade=True, **kwargs)
 
 
-def build_htc(width: int, num_classes: int = 81, *, semantic: bool = True,
+def build_htc(width: int, num_classes: int = 81, *, with_mask: bool = True, semantic: bool = True,
               categories: Optional[Sequence[str]] = None, box_score_thresh: float = 0.001,
               box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
               box_batch_size_per_image: int = 512, mask_ensemble: str = "mean",
@@ -64,6 +64,8 @@ def build_htc(width: int, num_classes: int = 81, *, semantic: bool = True,
     information flow and, unless ``semantic=False``, the fused semantic branch (trained from the
     targets' ``semantic_seg`` maps when they have them). ``mask_ensemble="last"`` reproduces
     mmdetection 3.x's test-time masks; the default ``"mean"`` is the published models' (v2)."""
+    if not with_mask:
+        raise ValueError("HTC's mask branch is part of its cascade: with_mask=False is Cascade R-CNN")
     stages = _stages(num_classes, with_mask=True, info_flow=True, low_quality=True,
                      score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
                      detections_per_img=box_detections_per_img, batch_size_per_image=box_batch_size_per_image)

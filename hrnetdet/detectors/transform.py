@@ -153,11 +153,8 @@ class ReferenceTransform(GeneralizedRCNNTransform):
     def resize(self, image: Tensor, target: Optional[Dict[str, Tensor]] = None
                ) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
         h, w = int(image.shape[-2]), int(image.shape[-1])
-        if self.training and self._skip_resize:
-            new_h, new_w = h, w
-        else:
-            size = float(self.torch_choice(self.min_size)) if self.training else float(self.min_size[-1])
-            new_h, new_w = reference_size(h, w, size, float(self.max_size))
+        size = float(self.torch_choice(self.min_size)) if self.training else float(self.min_size[-1])
+        new_h, new_w = reference_size(h, w, size, float(self.max_size))
         if (new_h, new_w) != (h, w):
             image = cv2_linear_resize(image, new_h, new_w)
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)

@@ -15,19 +15,13 @@ from tqdm import tqdm
 
 from ..data.coco import CocoDetection, collate
 from ..data.results import coco_records
+from ..detectors import has_masks
 from ..inference.modes import check_mode, detect
-from ..zoo.convert import _atomic
+from ..zoo.checkpoint import atomic_write
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def has_masks(model: nn.Module) -> bool:
-    """Whether the model predicts instance masks (its family says so when it came from create_model)."""
-    arch = getattr(model, "arch", None)
-    if arch is not None:
-        from ..zoo.registry import get_family
-        return get_family(arch)[0].has_masks
-    return bool(getattr(getattr(model, "roi_heads", None), "mask_predictor", None))
 
 
 def _coco_gt(ds: CocoDetection) -> COCO:
@@ -134,7 +128,7 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     metrics["num_detections"] = len(results)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        _atomic(os.path.join(out_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(json.dumps(results)))
-        _atomic(os.path.join(out_dir, "metrics.json"),
+        atomic_write(os.path.join(out_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(json.dumps(results)))
+        atomic_write(os.path.join(out_dir, "metrics.json"),
                 lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
     return metrics

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import CocoDetection, Compose, GroupedBatchSampler, RandomHorizontalFlip, collate
-from ..zoo.convert import _atomic, save_safetensors
+from ..zoo.checkpoint import atomic_write, save_pretrained
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
 from .curves import plot_curves
 from .evaluate import evaluate
@@ -148,7 +148,7 @@ class _Metrics:
         if resume_iter is not None and os.path.isfile(path):
             with open(path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-        _atomic(path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        atomic_write(path, lambda tmp: open(tmp, "w").write("".join(kept)))
 
     def write(self, record: Dict[str, Any]) -> None:
         if self.enabled:
@@ -226,6 +226,7 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
                          f"has {len(ds.categories) - 1} categories: build it with "
                          f"num_classes={len(ds.categories)}")
     model.categories = list(ds.categories)
+    model.category_ids = [None, *ds.cat_ids]
     if multiscale is not None:
         model.transform.min_size = tuple(int(s) for s in multiscale)
     sampler = GroupedBatchSampler(ds.aspect_ratios(), batch_size, seed=seed, rank=rank, world_size=world)
@@ -301,12 +302,12 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
                 extra["val_metrics"] = last_val
                 if last_val["bbox_AP"] > best_ap:
                     best_ap = last_val["bbox_AP"]
-                    save_safetensors(model, os.path.join(out_dir, "best", "model.safetensors"), arch, extra)
-            save_safetensors(model, os.path.join(out_dir, "last", "model.safetensors"), arch, extra)
+                    save_pretrained(model, os.path.join(out_dir, "best"), extra)
+            save_pretrained(model, os.path.join(out_dir, "last"), extra)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": it,
                      "best_ap": best_ap, "rng": rng, "world_size": world, "total_iters": total}
-            _atomic(state_path, lambda tmp: torch.save(state, tmp))
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
             plot_curves(metrics.path, out_dir)
         if ddp:
             dist.barrier()

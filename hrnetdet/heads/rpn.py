@@ -1,7 +1,7 @@
 """Region proposal network with the reference's training rules: L1 or SmoothL1(1/9)
 box loss, MaxIoU low-quality matching with a minimum IoU, and an optional allowed border.
 See docs/NUMERICS.md, 'RPN proposals', 'Assignment and sampling' and 'Losses'."""
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,17 @@ class ReferenceRPN(RegionProposalNetwork):
         return (valid & (anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
                 & (anchors[:, 2] < w + b) & (anchors[:, 3] < h + b))
 
+    def top_n_idx(self, objectness: Tensor, num_anchors_per_level: List[int]) -> Tensor:
+        """Per image, the indices of each level's ``pre_nms_top_n`` highest objectness scores
+        (torchvision's private ``_get_top_n_idx``, which may change without notice)."""
+        idx: List[Tensor] = []
+        offset = 0
+        for level in objectness.split(num_anchors_per_level, 1):
+            num_anchors = level.shape[1]
+            idx.append(level.topk(min(self.pre_nms_top_n(), num_anchors), dim=1)[1] + offset)
+            offset += num_anchors
+        return torch.cat(idx, dim=1)
+
     def filter_proposals(self, proposals: Tensor, objectness: Tensor, image_shapes: List[Tuple[int, int]],
                          num_anchors_per_level: List[int]) -> Tuple[List[Tensor], List[Tensor]]:
         """The reference's proposal filter: the top ``pre_nms_top_n`` per level, clipped, boxes of
@@ -105,7 +116,7 @@ class ReferenceRPN(RegionProposalNetwork):
         objectness = objectness.detach().reshape(num_images, -1)
         levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=proposals.device)
                             for i, n in enumerate(num_anchors_per_level)])
-        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
+        top_n_idx = self.top_n_idx(objectness, num_anchors_per_level)
         batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
         scores_all = torch.sigmoid(objectness[batch_idx, top_n_idx])
         final_boxes: List[Tensor] = []

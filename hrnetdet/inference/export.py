@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import resize_boxes
 
-from .calibrate import score_thresholds, set_score_thresh
+from ..detectors import has_masks
+from .thresholds import score_threshold
 
 
 class _FlatOutputs(nn.Module):
@@ -41,8 +42,7 @@ class _FlatOutputs(nn.Module):
 
 
 def output_keys(model: nn.Module) -> List[str]:
-    has_masks = bool(getattr(getattr(model, "roi_heads", None), "has_mask", lambda: False)())
-    return ["boxes", "labels", "scores"] + (["masks"] if has_masks else [])
+    return ["boxes", "labels", "scores"] + (["masks"] if has_masks(model) else [])
 
 
 def export_onnx(model: nn.Module, path: str, batch_size: int = 1, image_size: Tuple[int, int] = (800, 1216),
@@ -59,18 +59,12 @@ def export_onnx(model: nn.Module, path: str, batch_size: int = 1, image_size: Tu
     keys = output_keys(model)
     names = [f"{k}_{i}" for i in range(batch_size) for k in keys]
     x = torch.rand(batch_size, 3, *image_size)
-    saved = score_thresholds(model)
-    if "masks" in keys:
-        # Tracing freezes the detection count in the per-image mask split: with threshold 0
-        # every image carries detections_per_img detections.
-        set_score_thresh(model, 0.0)
-    try:
+    # Tracing freezes the detection count in the per-image mask split: with threshold 0
+    # every image carries detections_per_img detections.
+    with score_threshold(model, 0.0 if "masks" in keys else None):
         torch.onnx.export(_FlatOutputs(model, keys), (x,), path, dynamo=False, opset_version=opset_version,
                           input_names=["images"], output_names=names,
                           dynamic_axes={n: {0: f"num_{n}"} for n in names})
-    finally:
-        for m, t in saved.items():
-            m.score_thresh = t
     return names
 
 

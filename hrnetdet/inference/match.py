@@ -1,14 +1,21 @@
 """One-to-one matching of two detection sets, the parity criterion between two implementations
-(or between a model and its exported / optimised copy)."""
+(or between a model and its exported / optimised copy), and the thresholds of that criterion: the
+parity harness (tools/parity/compare.py), the tests, the benchmarks and export-time checks all use
+these."""
 from typing import Dict
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+BOX_IOU = 0.98      # a matched detection overlaps its reference with at least this box IoU,
+SCORE_TOL = 0.01    # scores within this,
+MASK_IOU = 0.9      # and, for mask models, at least this mask IoU;
+MIN_MATCHED = 0.98  # two sets agree when at least this share of the reference's detections match.
 
-def match_detections(ref: Dict[str, Tensor], det: Dict[str, Tensor], iou_thresh: float = 0.98,
-                     score_tol: float = 0.01) -> Dict[str, float]:
+
+def match_detections(ref: Dict[str, Tensor], det: Dict[str, Tensor], iou_thresh: float = BOX_IOU,
+                     score_tol: float = SCORE_TOL) -> Dict[str, float]:
     """Greedily match ``ref`` detections (highest score first) to unused ``det`` detections of the
     same label with box IoU >= ``iou_thresh`` and |score difference| <= ``score_tol``, taking the
     candidate of highest IoU. Both are {boxes (N, 4), labels, scores}.

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from ..data.images import to_float
 from ..data.results import mask_rle
-from .calibrate import score_thresholds, set_score_thresh
 from .modes import check_mode, detect
 from .sources import ImageInputs, as_list, expand_inputs, is_url, is_video, video_frames
+from .thresholds import score_threshold
 
 Result = Dict[str, Any]
 MASK_FORMATS = ("uint8", "rle")
@@ -180,15 +180,12 @@ def _stream(model: nn.Module, items: List[Any], score_thresh: Optional[float], *
             **kwargs: Any) -> Iterator[Result]:
     """``iter_predictions`` with the score threshold override, no_grad, a progress bar, and
     unreadable inputs raised."""
-    saved = score_thresholds(model)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=None if any(is_video(x) for x in items) else len(items), unit="img")
     try:
-        if score_thresh is not None:
-            set_score_thresh(model, score_thresh)
-        with torch.no_grad():
+        with score_threshold(model, score_thresh), torch.no_grad():
             for res in iter_predictions(model, items, **kwargs):
                 if "error" in res:
                     raise ValueError(res["error"])
@@ -196,7 +193,5 @@ def _stream(model: nn.Module, items: List[Any], score_thresh: Optional[float], *
                     bar.update(1)
                 yield res
     finally:
-        for m, t in saved.items():
-            m.score_thresh = t
         if bar is not None:
             bar.close()

@@ -20,9 +20,9 @@ from torch import nn
 
 from ..data.images import to_float
 from ..data.results import category_ids_of, coco_records
-from .calibrate import score_thresholds, set_score_thresh
 from .predict import iter_predictions
 from .sources import is_video, video_rate
+from .thresholds import score_threshold
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_JSON = "results.json"
@@ -293,7 +293,6 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
     category_ids = category_ids_of(model)
     own = os.path.join(out, RESULTS_JSONL if world == 1 else f"results.rank{rank}.jsonl")
     counts = {"done": 0, "skipped": 0, "failed": 0, "detections": 0}
-    saved = score_thresholds(model)
     with RunLock(out, rank):
         _repair(own)
         done = {key for key, (_, _, ok) in _index(out).items() if ok}
@@ -303,9 +302,7 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
         videos: Dict[int, _VideoWriter] = {}
         bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
         try:
-            if score_thresh is not None:
-                set_score_thresh(model, score_thresh)
-            with open(own, "a") as jsonl, torch.no_grad():
+            with score_threshold(model, score_thresh), open(own, "a") as jsonl, torch.no_grad():
                 stream = iter_predictions(model, [paths[i] for i in mine], indices=mine, batch_size=batch_size,
                                           device=dev, num_workers=num_workers, half=half, mask_format="rle",
                                           with_images=True, mode=mode)
@@ -350,8 +347,6 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
                     counts["done"] += 1
                     counts["detections"] += len(detections)
         finally:
-            for m, t in saved.items():
-                m.score_thresh = t
             for writer in videos.values():
                 writer.close()
             bar.close()

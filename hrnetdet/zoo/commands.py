@@ -1,13 +1,12 @@
-"""``hrnetdet models``, ``download``, ``convert`` and ``push`` (their arguments are in
-``hrnetdet/cli.py``)."""
+"""``hrnetdet models``, ``download`` and ``convert`` (their arguments are in ``hrnetdet/cli.py``)."""
 import argparse
 import os
 from typing import List
 
-from .convert import read_checkpoint, save_safetensors
+from .checkpoint import WEIGHTS_FILE, read_checkpoint, save_pretrained
 from .factory import create_model
 from .hub import backbone_weights_file, fetch_pretrained
-from .model_zoo import push
+from .records import arch_name
 from .registry import get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models
 
 
@@ -44,17 +43,8 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
-    arch = args.model or f"{ckpt.family}_hrnetv2p_w{ckpt.width}"
+    arch = args.model or arch_name(ckpt.family, ckpt.width)
     model = create_model(arch, checkpoint_path=args.checkpoint)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model.safetensors")
-    save_safetensors(model, path, arch, {"source": os.path.basename(args.checkpoint)})
-    print(f"wrote {path} and config.json ({arch}, {len(model.categories)} classes)")
-    return 0
-
-
-def run_push(args: argparse.Namespace) -> int:
-    commit, digest = push(args.name, args.repo_id, args.checkpoint, args.private, args.token)
-    print(f"pushed {args.name} to {args.repo_id}@{commit}; registry record: "
-          f"hf_hub_id={args.repo_id!r}, hf_revision={commit!r}, sha256={digest!r}")
+    save_pretrained(model, args.out, {"source": os.path.basename(args.checkpoint)})
+    print(f"wrote {os.path.join(args.out, WEIGHTS_FILE)} and config.json ({arch}, {len(model.categories)} classes)")
     return 0

@@ -1,50 +1,61 @@
 """``create_model`` and the generated per-architecture factories (timm's ``_builder`` role)."""
 import logging
+import os
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, read_config
 from .coco import BACKGROUND, COCO_CATEGORIES
-from .convert import Checkpoint, CheckpointError, load_into, read_checkpoint
-from .registry import (PretrainedCfg, get_arch_pretrained_cfgs, get_family, get_pretrained_cfg,
-                       list_models, split_name)
+from .convert import CheckpointError, categories_for, category_ids_for
+from .hub import (HF_HUB_PREFIX, hub_model_files, load_backbone_weights, load_except_class_layers,
+                  load_pretrained_checkpoint)
+from .records import PretrainedCfg, arch_name
+from .registry import get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models, split_name
 
 logger = logging.getLogger("hrnetdet")
 
 
-def _categories(num_classes: int, categories: Optional[Sequence[str]]) -> list:
-    if categories is not None:
-        categories = list(categories)
-        if categories[0] != BACKGROUND:
-            categories = [BACKGROUND] + categories
-        if len(categories) != num_classes:
-            raise ValueError(f"{len(categories)} categories (with background) for num_classes={num_classes}")
-        return categories
-    if num_classes == len(COCO_CATEGORIES):
-        return list(COCO_CATEGORIES)
-    return [BACKGROUND] + [f"class_{i}" for i in range(1, num_classes)]
-
-
 def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes: Optional[int] = None,
                  checkpoint_path: Optional[str] = None, categories: Optional[Sequence[str]] = None,
-                 weights_backbone: Union[bool, str, None] = None, local_files_only: bool = False,
-                 **kwargs: Any) -> nn.Module:
+                 category_ids: Optional[Sequence[int]] = None, weights_backbone: Union[bool, str, None] = None,
+                 local_files_only: bool = False, **kwargs: Any) -> nn.Module:
     """Build a detector by name, optionally with weights.
 
     Args:
         name: an architecture from ``list_models()``, optionally with a weight tag
-            (``"mask_rcnn_hrnetv2p_w18.coco_2x"``).
-        pretrained: ``True`` loads the tag's (or the default) published weights; a string names a tag.
+            (``"mask_rcnn_hrnetv2p_w18.coco_2x"``); a folder written by ``save_pretrained`` (a
+            training run's ``best/``), rebuilt with its weights and settings; or
+            ``"hf-hub:org/name[@revision]"``, such a folder on the Hugging Face Hub.
+        pretrained: ``True`` loads the tag's (or the default) published weights, or the Hub
+            repository's; a string names a tag.
         num_classes: classes including the background (COCO: 81). With pretrained weights and a
             different value, everything but the class-dependent layers is loaded.
-        checkpoint_path: a reference (mmdetection) ``.pth`` or an hrnetdet ``.safetensors`` file.
+        checkpoint_path: a reference (mmdetection) ``.pth`` or an hrnetdet ``.safetensors`` file;
+            the build arguments, categories and ids of a config.json beside it apply.
         categories: category names (background first, or it is added).
+        category_ids: the dataset's id of each category (without the background), kept as
+            ``model.category_ids`` (aligned with ``model.categories``, None for the background).
         weights_backbone: without detector weights, initialise the HRNet from timm's ImageNet
             weights on the Hub: ``True`` (``hrnet_w{width}.ms_in1k``) or a timm name. Never fetched
             when detector weights are loaded.
         local_files_only: use cached files only (as ``HF_HUB_OFFLINE=1`` does).
-        **kwargs: passed to the family's builder (``min_size``, ``box_score_thresh``, ...).
+        **kwargs: passed to the family's builder (``min_size``, ``box_score_thresh``, ...); they
+            override a saved config's.
     """
+    config: Dict[str, Any] = {}
+    if name.startswith(HF_HUB_PREFIX):
+        repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
+        config_path, weights_path = hub_model_files(repo_id, revision or None, weights=bool(pretrained),
+                                                    local_files_only=local_files_only)
+        name, config, pretrained = _saved_arch(config_path), read_config(config_path), False
+        checkpoint_path = checkpoint_path or weights_path
+    elif os.path.isdir(name):
+        config_path = os.path.join(name, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{name} is a folder without {CONFIG_FILE}: not one save_pretrained wrote")
+        checkpoint_path = checkpoint_path or os.path.join(name, WEIGHTS_FILE)
+        name = _saved_arch(config_path)
     arch, tag = split_name(name)
     if isinstance(pretrained, str):
         if tag is not None and tag != pretrained:
@@ -60,22 +71,28 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         ckpt = read_checkpoint(checkpoint_path)
         if ckpt.family is not None and (ckpt.family, ckpt.width) != (family.name, width):
             raise CheckpointError(
-                f"{checkpoint_path} holds a {ckpt.family}_hrnetv2p_w{ckpt.width} checkpoint, not {arch}")
+                f"{checkpoint_path} holds a {arch_name(ckpt.family, ckpt.width)} checkpoint, not {arch}")
+        config = ckpt.config or config
     elif pretrained:
-        from .hub import load_pretrained_checkpoint
         ckpt = load_pretrained_checkpoint(cfg, local_files_only=local_files_only)
 
     ckpt_classes = (ckpt.num_classes or (len(ckpt.categories) if ckpt.categories else None)) if ckpt else None
     if num_classes is None:
-        num_classes = ckpt_classes or len(COCO_CATEGORIES)
-    if categories is None and ckpt is not None and ckpt.categories and len(ckpt.categories) == num_classes:
-        categories = ckpt.categories
-    model = family.builder(width, num_classes=num_classes, categories=_categories(num_classes, categories),
-                           **{**family.builder_kwargs, **kwargs})
+        num_classes = ckpt_classes or config.get("num_classes") or len(COCO_CATEGORIES)
+    if categories is not None:
+        names = list(categories)
+        if len(names) + (names[0] != BACKGROUND) != num_classes:
+            raise ValueError(f"{len(names)} categories for num_classes={num_classes} (which counts the background)")
+    else:
+        categories = ckpt.categories if ckpt is not None else config.get("categories")
+    categories = categories_for(num_classes, categories)
+    if category_ids is None and config.get("categories") == categories:
+        category_ids = config.get("category_ids")
+    model = family.build(width, num_classes=num_classes, categories=categories,
+                         **{**config.get("build_args", {}), **kwargs})
     if ckpt is not None:
         source = checkpoint_path or cfg.name
         if ckpt_classes is not None and ckpt_classes != num_classes:
-            from .hub import load_except_class_layers
             load_except_class_layers(model, ckpt.state_dict, source, arch)
         else:
             load_into(model, ckpt.state_dict, source, arch)
@@ -83,11 +100,18 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
             logger.info("weights_backbone=%r not fetched: %s has the whole detector's weights",
                         weights_backbone, source)
     elif weights_backbone:
-        from .hub import load_backbone_weights
         load_backbone_weights(model, weights_backbone, width, local_files_only=local_files_only)
+    model.category_ids = category_ids_for(categories, category_ids)
     model.pretrained_cfg = cfg
     model.arch = arch
     return model
+
+
+def _saved_arch(config_path: str) -> str:
+    arch = read_config(config_path).get("architecture")
+    if not isinstance(arch, str):
+        raise CheckpointError(f"{config_path}: no 'architecture' (a config.json from hrnetdet's save_pretrained has one)")
+    return arch
 
 
 def _factory(arch: str) -> Callable[..., nn.Module]:

@@ -3,8 +3,10 @@
 * Published weights: ``hf_hub_download`` at the record's pinned commit, then our own sha256 check
   (huggingface_hub only checks the size).
 * Records without published weights (every record today): the reference's own checkpoint, checked
-  against the sha256 prefix in its file name, converted once and cached as safetensors under
-  ``$HRNETDET_HOME`` (default ``~/.cache/hrnetdet``).
+  against the sha256 prefix in its file name, converted once (one process at a time) and cached as
+  safetensors under ``$HRNETDET_HOME`` (default ``~/.cache/hrnetdet``).
+* ``hf-hub:org/name[@revision]``: any repository ``hrnetdet push`` wrote (its config.json and
+  model.safetensors, side by side in the Hub cache).
 * Backbone-only initialisation: timm's ImageNet HRNet from the Hub (our HRNet's names are timm's).
 * ``num_classes`` other than the checkpoint's: everything but the class-dependent layers.
 
@@ -12,7 +14,6 @@ Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) nothing is requested
 is an error that says which file to put where. ``hrnetdet download`` fills a folder that can be
 copied to an air-gapped machine.
 """
-import contextlib
 import functools
 import hashlib
 import logging
@@ -20,14 +21,17 @@ import os
 import re
 import urllib.error
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Optional, Union
+from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..backbone import HRNet
-from .convert import Checkpoint, CheckpointError, _atomic, load_into, read_checkpoint, save_safetensors
-from .registry import REFERENCE_URL_ROOT, PretrainedCfg, get_family, get_pretrained_cfg
+from ..version import __version__
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write, load_into, read_checkpoint, save_pretrained
+from .convert import CheckpointError
+from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
+from .registry import get_family
 
 logger = logging.getLogger("hrnetdet")
 
@@ -99,8 +103,6 @@ def _hub_file(repo_id: str, filename: str, revision: Optional[str], *, cache_dir
     nor reachable is a FileNotFoundError that says where it belongs."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from .. import __version__
     try:
         return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                library_name="hrnetdet", library_version=__version__,
@@ -144,29 +146,42 @@ def fetch_pretrained(cfg: PretrainedCfg, *, local_files_only: bool = False, home
 
 
 def _converted_reference(cfg: PretrainedCfg, home: str, offline: bool) -> str:
-    """The reference checkpoint converted once and cached, with its sha256 beside it."""
+    """The reference checkpoint converted once and cached, with its sha256 beside it. Processes
+    sharing ``home`` (torchrun ranks) take turns on a lock file: one downloads and converts, the
+    others then find the result; no file another process may be reading is deleted."""
+    from filelock import FileLock
     path = converted_path(cfg, home)
-    digest_path = path + ".sha256"
-    if os.path.exists(path):
-        if not os.path.exists(digest_path):
-            return path  # placed by hand
-        with open(digest_path) as f:
-            expected = f.read().strip()
-        actual = sha256_file(path)
-        if actual == expected:
-            return path
-        logger.warning("%s: %s has sha256 %s, expected %s; converting it again", cfg.name, path, actual, expected)
-        os.remove(path)
-    pth = _reference_file(cfg, home, offline)
-    from .factory import create_model  # a strict load checks the conversion before it is cached
-    model = create_model(cfg.arch, checkpoint_path=pth)
+    if _converted_ok(cfg, path, warn=False):
+        return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
-    _atomic(digest_path, lambda tmp: Path(tmp).write_text(sha256_file(path)))
-    with contextlib.suppress(FileNotFoundError):  # another process may have converted it too
-        os.remove(pth)  # the converted file replaces it
+    with FileLock(path + ".lock"):
+        if _converted_ok(cfg, path):  # another process converted it while this one waited
+            return path
+        pth = _reference_file(cfg, home, offline)
+        ckpt = read_checkpoint(pth)
+        family, width = get_family(cfg.arch)
+        model = family.build(width, num_classes=ckpt.num_classes, categories=ckpt.categories)
+        load_into(model, ckpt.state_dict, pth, cfg.arch)  # a strict load checks the conversion before it is cached
+        model.arch = cfg.arch
+        save_pretrained(model, os.path.dirname(path), {"weights": cfg.name, "source": cfg.reference_url})
+        atomic_write(path + ".sha256", lambda tmp: Path(tmp).write_text(sha256_file(path)))
+        os.remove(pth)  # the converted file replaces it; only a lock holder reads it
     logger.info("%s: converted %s to %s", cfg.name, cfg.reference_file, path)
     return path
+
+
+def _converted_ok(cfg: PretrainedCfg, path: str, warn: bool = True) -> bool:
+    """Whether the cached conversion is there and matches the sha256 beside it (a file placed by
+    hand has none). A mismatch is converted again and replaced, never deleted under a reader."""
+    if not os.path.exists(path):
+        return False
+    if not os.path.exists(path + ".sha256"):
+        return True
+    expected = Path(path + ".sha256").read_text().strip()
+    actual = sha256_file(path)
+    if actual != expected and warn:
+        logger.warning("%s: %s has sha256 %s, expected %s; converting it again", cfg.name, path, actual, expected)
+    return actual == expected
 
 
 def _reference_file(cfg: PretrainedCfg, home: str, offline: bool) -> str:
@@ -194,12 +209,27 @@ def _reference_file(cfg: PretrainedCfg, home: str, offline: bool) -> str:
                      retry=not offline)
 
 
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def hub_model_files(repo_id: str, revision: Optional[str], *, weights: bool = True,
+                    local_files_only: bool = False) -> Tuple[str, Optional[str]]:
+    """A Hub repository written by ``hrnetdet push`` (or holding save_pretrained's two files): the
+    local paths of its config.json and, with ``weights``, its model.safetensors, side by side in
+    the Hub cache. Offline (HF_HUB_OFFLINE=1) the cache answers."""
+    fetch = functools.partial(_hub_file, repo_id, revision=revision, cache_dir=hub_cache_dir(),
+                              local_files_only=is_offline(local_files_only), force=False,
+                              hint=f"Load {HF_HUB_PREFIX}{repo_id} once online to fill the cache.")
+    config = fetch(filename=CONFIG_FILE)
+    return config, (fetch(filename=WEIGHTS_FILE) if weights else None)
+
+
 def load_pretrained_checkpoint(cfg: PretrainedCfg, *, local_files_only: bool = False) -> Checkpoint:
     """``cfg``'s weights in hrnetdet's layout (fetched if needed), checked to be of ``cfg.arch``."""
     path = fetch_pretrained(cfg, local_files_only=local_files_only)
     ckpt = read_checkpoint(path)
-    if ckpt.family is not None and f"{ckpt.family}_hrnetv2p_w{ckpt.width}" != cfg.arch:
-        raise CheckpointError(f"{path} ({cfg.name}) holds a {ckpt.family}_hrnetv2p_w{ckpt.width} checkpoint")
+    if ckpt.family is not None and arch_name(ckpt.family, ckpt.width) != cfg.arch:
+        raise CheckpointError(f"{path} ({cfg.name}) holds a {arch_name(ckpt.family, ckpt.width)} checkpoint")
     return ckpt
 
 
@@ -237,7 +267,7 @@ def class_dependent_keys(arch: str) -> FrozenSet[str]:
     on the meta device, with two class counts, and the shapes compared."""
     family, width = get_family(arch)
     with torch.device("meta"):
-        a, b = (family.builder(width, num_classes=n, **family.builder_kwargs).state_dict() for n in (2, 3))
+        a, b = (family.build(width, num_classes=n).state_dict() for n in (2, 3))
     return frozenset(k for k in a if k not in b or a[k].shape != b[k].shape)
 
 

@@ -2,8 +2,8 @@
 (``tools/parity/``: seeded random weights made realistic, the reference's own inference on real photos,
 the same checkpoint loaded here). ``parity.json`` beside this file holds the figures, written by
 ``tools/parity/compare.py --record``: ``matched`` is the lowest share, over the harness images, of the
-reference's top-100 detections matched by hrnetdet's (same class, box IoU >= 0.98, score within 0.01;
-masks of matched detections at IoU >= 0.9)."""
+reference's top-100 detections matched by hrnetdet's (same class, box IoU, score and mask IoU
+within the thresholds of ``hrnetdet.inference.match``)."""
 import json
 import math
 from pathlib import Path

@@ -5,88 +5,13 @@ derived from these records, timm style. Names may carry a weight tag: ``arch.tag
 """
 import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from torch import nn
-
-from ..detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD
-from .coco import COCO_CATEGORIES
-
-
-@dataclass(frozen=True)
-class Family:
-    """A detector family: how to build it and how to convert the reference's checkpoints."""
-    name: str                      # "faster_rcnn"
-    title: str                     # "Faster R-CNN"
-    builder: Callable[..., nn.Module]
-    builder_kwargs: Dict[str, Any] = field(default_factory=dict)
-    widths: Tuple[int, ...] = (18, 32, 40, 48)
-    has_masks: bool = False
-
-
-@dataclass(frozen=True)
-class PretrainedCfg:
-    """One published weight set of an architecture (timm's PretrainedCfg, detection flavoured)."""
-    arch: str
-    tag: str
-    reference_file: str            # the reference checkpoint's file name (carries its sha256 prefix)
-    metrics: Dict[str, float]      # the reference's published figures (box_ap, mask_ap, ...)
-    schedule: str
-    multiscale_train: bool = False
-    hf_hub_id: Optional[str] = None
-    hf_filename: str = "model.safetensors"
-    hf_revision: Optional[str] = None  # a full 40-hex commit: downloads are pinned to it
-    sha256: Optional[str] = None   # of our converted safetensors file, once published
-    parity: Optional[Dict[str, float]] = None  # our measured figures (parity harness), same keys as metrics
-    license: str = "Apache-2.0"
-    dataset: str = "COCO"
-    categories: Tuple[str, ...] = COCO_CATEGORIES
-    # What our weights expect: RGB in [0, 1], normalised as (x - mean) / std inside the model.
-    input_format: str = "RGB"
-    mean: Tuple[float, ...] = IMAGENET_MEAN
-    std: Tuple[float, ...] = IMAGENET_STD
-
-    @property
-    def name(self) -> str:
-        return f"{self.arch}.{self.tag}"
-
-    @property
-    def reference_dir(self) -> str:
-        return re.sub(r"_\d{8}(_\d{6})?-[0-9a-f]{8}\.pth$", "", self.reference_file)
-
-    @property
-    def reference_url(self) -> str:
-        return self.reference_url_at(REFERENCE_URL_ROOT)
-
-    def reference_url_at(self, root: str) -> str:
-        """The reference checkpoint's URL under another root (a mirror)."""
-        return f"{root.rstrip('/')}/{self.reference_dir}/{self.reference_file}"
-
-    @property
-    def reference_input_format(self) -> str:
-        """The channel order the reference checkpoint was trained on: BGR where converting it flips
-        the first convolution's input channels (FCOS; docs/NUMERICS.md,
-        'FCOS BGR first conv'), else RGB."""
-        from .convert import REFERENCE_LAYOUTS, flip_input_channels
-        family = get_family(self.arch)[0].name
-        rules = REFERENCE_LAYOUTS[family][0] if family in REFERENCE_LAYOUTS else []
-        return "BGR" if any(fn is flip_input_channels for _, _, fn in rules) else "RGB"
-
-    @property
-    def reference_sha256_prefix(self) -> str:
-        return re.search(r"-([0-9a-f]{8})\.pth$", self.reference_file).group(1)
-
-
-REFERENCE_URL_ROOT = "https://download.openmmlab.com/mmdetection/v2.0/hrnet"
+from .records import Family, PretrainedCfg, arch_name
 
 _families: Dict[str, Family] = {}
 _archs: Dict[str, Tuple[Family, int]] = {}
 _pretrained: Dict[str, List[PretrainedCfg]] = {}
-
-
-def arch_name(family: str, width: int) -> str:
-    return f"{family}_hrnetv2p_w{width}"
 
 
 def register_family(family: Family) -> Family:

@@ -24,6 +24,7 @@ The matching helpers (``match_detections`` etc.) import neither hrnetdet nor mmd
 ``make_reference.py`` reuses them for its resize-sensitivity probe.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -34,7 +35,15 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-DEFAULTS = dict(iou=0.98, score_tol=0.01, mask_iou=0.9, min_matched=0.98, top_k=100)
+# The parity thresholds are hrnetdet's (hrnetdet/inference/match.py), read from that file so that
+# make_reference.py, which runs in the reference's venv without hrnetdet, shares them.
+_spec = importlib.util.spec_from_file_location(
+    "hrnetdet_parity_thresholds", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                               "hrnetdet", "inference", "match.py"))
+_match = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_match)
+DEFAULTS = dict(iou=_match.BOX_IOU, score_tol=_match.SCORE_TOL, mask_iou=_match.MASK_IOU,
+                min_matched=_match.MIN_MATCHED, top_k=100)
 # Builder options that make hrnetdet follow mmdet 3.3 where 3.3 departs from the rule the published
 # numbers were made with: FCOS's test-time top-k/threshold order (hrnetdet defaults to v2.7's;
 # docs/NUMERICS.md, 'FCOS test-time order').
@@ -179,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--record', metavar='PARITY_JSON',
                     help='merge the results into this figures file (hrnetdet/zoo/parity.json), then run '
-                         '`hrnetdet zoo-md` to show them in MODEL_ZOO.md')
+                         '`python tools/model_zoo.py` to show them in MODEL_ZOO.md')
     ap.add_argument('--iou', type=float, default=DEFAULTS['iou'])
     ap.add_argument('--score-tol', type=float, default=DEFAULTS['score_tol'])
     ap.add_argument('--mask-iou', type=float, default=DEFAULTS['mask_iou'])

@@ -1,7 +1,8 @@
-"""MODEL_ZOO.md and the Hub model cards, both generated from the registry, and ``hrnetdet push``.
+"""Maintainer tool: MODEL_ZOO.md and the Hub model cards of the zoo's records, both generated from
+the registry, and publishing a record's converted weights.
 
-``python -m hrnetdet.zoo.model_zoo`` rewrites MODEL_ZOO.md; ``--check``
-fails when the file is out of date.
+    python tools/model_zoo.py [--check]                 # rewrite MODEL_ZOO.md (--check: exit 1 if stale)
+    python tools/model_zoo.py push ARCH.TAG --repo-id ORG/NAME [--checkpoint FILE]
 """
 import argparse
 import os
@@ -10,11 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .models import PUBLISHED
-from .parity import TRAIN_PARITY, parity_summary, train_parity_summary
-from .registry import PretrainedCfg, get_arch_pretrained_cfgs, get_family, list_families, list_models
+from hrnetdet.inference.match import BOX_IOU, MASK_IOU, SCORE_TOL
+from hrnetdet.zoo.parity import TRAIN_PARITY, parity_summary, train_parity_summary
+from hrnetdet.zoo.records import PretrainedCfg
+from hrnetdet.zoo.registry import get_arch_pretrained_cfgs, get_family, list_families, list_models
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MODEL_ZOO = ROOT / "MODEL_ZOO.md"
 BENCHMARKS = ROOT / "benchmarks" / "results.md"
 METRICS = (("box_ap", "box AP"), ("mask_ap", "mask AP"))
@@ -32,17 +34,21 @@ def _weights_source(cfg: PretrainedCfg) -> str:
     return f"[{cfg.hf_hub_id}@{cfg.hf_revision[:8]}](https://huggingface.co/{cfg.hf_hub_id}/tree/{cfg.hf_revision})"
 
 
+def _reference_input_format(cfg: PretrainedCfg) -> str:
+    return get_family(cfg.arch)[0].reference.input_format
+
+
 def _input(cfg: PretrainedCfg) -> str:
-    ref = cfg.reference_input_format
+    ref = _reference_input_format(cfg)
     return cfg.input_format if ref == cfg.input_format else f"{cfg.input_format} (reference: {ref})"
 
 
 def _reference_normalisation(cfg: PretrainedCfg) -> str:
     """The reference's mean/std on 0-255 input in its own channel order."""
-    order = slice(None, None, -1) if cfg.reference_input_format != cfg.input_format else slice(None)
+    order = slice(None, None, -1) if _reference_input_format(cfg) != cfg.input_format else slice(None)
     mean = tuple(round(m * 255, 3) for m in cfg.mean)[order]
     std = tuple(round(s * 255, 3) for s in cfg.std)[order]
-    return f"{cfg.reference_input_format} 0-255, mean {mean}, std {std}"
+    return f"{_reference_input_format(cfg)} 0-255, mean {mean}, std {std}"
 
 
 def _family_table(cfgs: List[PretrainedCfg]) -> List[str]:
@@ -80,8 +86,8 @@ def model_zoo_markdown() -> str:
     out = [
         "# hrnetdet model zoo",
         "",
-        "<!-- Generated from the registry (hrnetdet/zoo/models.py) by `python -m hrnetdet.zoo.model_zoo`"
-        " (or `hrnetdet zoo-md`); do not edit by hand. -->",
+        "<!-- Generated from the registry (hrnetdet/zoo/models.py) by `python tools/model_zoo.py`;"
+        " do not edit by hand. -->",
         "",
         "Every weight set below is a checkpoint published by mmdetection 3.3's HRNet model zoo (the"
         " *reference*), converted to hrnetdet's layout. Figures marked *(reference)* are the reference's"
@@ -89,14 +95,14 @@ def model_zoo_markdown() -> str:
         " weights (*pending*: COCO cannot be downloaded where this file is made). *Parity vs reference* is"
         " measured per architecture by the parity harness (`tools/parity/`, recorded in `hrnetdet/zoo/parity.json`):"
         " the lowest share, over its images, of the reference's top-100 detections that hrnetdet matches"
-        " (same class, box IoU >= 0.98, score within 0.01, mask IoU >= 0.9), which is what carries the"
+        f" (same class, box IoU >= {BOX_IOU}, score within {SCORE_TOL}, mask IoU >= {MASK_IOU}), which is what carries the"
         " reference's accuracy over. Speed and memory are the reference's (V100).",
         "",
         "## Loading",
         "",
         "```python",
         "import hrnetdet, torch",
-        f"model = hrnetdet.create_model(\"{cfgs[0].name if cfgs else 'faster_rcnn_hrnetv2p_w32'}\", pretrained=True).eval()",
+        f"model = hrnetdet.create_model(\"{cfgs[0].name}\", pretrained=True).eval()",
         "model = hrnetdet.faster_rcnn_hrnetv2p_w32(pretrained=True)           # the default (best) weights",
         "model = hrnetdet.create_model(\"mask_rcnn_hrnetv2p_w18\", pretrained=True, num_classes=3)  # fine-tuning",
         "model = hrnetdet.create_model(\"faster_rcnn_hrnetv2p_w32\", weights_backbone=True)  # ImageNet HRNet only",
@@ -126,28 +132,14 @@ def model_zoo_markdown() -> str:
     for family in list_families():
         fam_cfgs = [c for c in cfgs if get_family(c.arch)[0] is family]
         out += [f"## {family.title}", ""]
-        out += _family_table(fam_cfgs) if fam_cfgs else ["No published weights."]
-        out += [""]
-    missing = [row for row in PUBLISHED if not _registered(row[0])]
-    if missing:
-        out += ["## Reference checkpoints of families hrnetdet does not build yet", "",
-                "| weights | schedule | box AP (reference) | mask AP (reference) | reference checkpoint |",
-                "|---|---|---|---|---|"]
-        for arch, tag, file, sched, ms, metrics in missing:
-            out.append(f"| `{arch}.{tag}` | {sched}{', multi-scale' if ms else ''} | {_fmt(metrics.get('box_ap'))}"
-                       f" | {_fmt(metrics['mask_ap']) if 'mask_ap' in metrics else '–'} | `{file}` |")
-        out += [""]
+        out += _family_table(fam_cfgs) + [""]
     widths = sorted({w for f in list_families() for w in f.widths}
                     - {get_family(c.arch)[1] for c in cfgs})
     if widths:
         out += [f"Widths without published detector weights (build from scratch or with `weights_backbone`): "
                 f"{', '.join(f'W{w}' for w in widths)}.", ""]
     out += _train_parity_lines()
-    out += ["## Speed and memory (hrnetdet)", ""]
-    if BENCHMARKS.exists():
-        out += [BENCHMARKS.read_text().strip(), ""]
-    else:
-        out += ["Not measured yet; `benchmarks/results.md` is included here once it exists.", ""]
+    out += ["## Speed and memory (hrnetdet)", "", BENCHMARKS.read_text().strip(), ""]
     return "\n".join(out)
 
 
@@ -174,14 +166,6 @@ def _train_parity_lines() -> List[str]:
                    f" {f32['max_loss_rel_diff']:.1g} / {f32['worst_grad_rel_diff']:.2g} |"
                    f" {_fig(f32['rounding_max_loss'])} / {_fig(f32['rounding_worst_grad'])} |")
     return out + [""]
-
-
-def _registered(arch: str) -> bool:
-    try:
-        get_family(arch)
-        return True
-    except ValueError:
-        return False
 
 
 def model_card(cfg: PretrainedCfg, repo_id: str) -> str:
@@ -212,10 +196,10 @@ Paper: [Deep High-Resolution Representation Learning]({PAPER}).
 ## How to load
 
 ```python
-import huggingface_hub, hrnetdet
+import hrnetdet
 model = hrnetdet.create_model("{cfg.name}", pretrained=True).eval()
 # or from this repository directly:
-model = hrnetdet.create_model("{cfg.arch}", checkpoint_path=huggingface_hub.hf_hub_download("{repo_id}", "{cfg.hf_filename}"))
+model = hrnetdet.create_model("hf-hub:{repo_id}", pretrained=True).eval()
 detections = model([image])  # image: CHW float RGB tensor in [0, 1]
 ```
 
@@ -245,39 +229,46 @@ def push(name: str, repo_id: str, checkpoint: Optional[str] = None, private: boo
          token: Optional[str] = None) -> Tuple[str, str]:
     """Convert ``name``'s weights (or ``checkpoint``), upload model.safetensors, config.json and the
     model card; returns (commit, sha256) to pin in the registry."""
-    from huggingface_hub import HfApi
-
-    from .convert import save_safetensors
-    from .factory import create_model
-    from .hub import sha256_file
-    from .registry import get_pretrained_cfg
+    from hrnetdet.zoo.checkpoint import WEIGHTS_FILE, save_pretrained
+    from hrnetdet.zoo.factory import create_model
+    from hrnetdet.zoo.hub import sha256_file
+    from hrnetdet.zoo.push import upload_folder
+    from hrnetdet.zoo.registry import get_pretrained_cfg
     cfg = get_pretrained_cfg(name)
     if cfg is None:
         raise ValueError(f"{name} has no registry record to describe it; `hrnetdet models --pretrained` lists them")
     model = create_model(cfg.name, pretrained=checkpoint is None, checkpoint_path=checkpoint)
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, cfg.hf_filename)
-        save_safetensors(model, path, cfg.arch, {"weights": cfg.name, "source": cfg.reference_url})
-        digest = sha256_file(path)
+        save_pretrained(model, folder, {"weights": cfg.name, "source": cfg.reference_url})
+        digest = sha256_file(os.path.join(folder, WEIGHTS_FILE))
         Path(folder, "README.md").write_text(model_card(cfg, repo_id))
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                                   commit_message=f"hrnetdet: {cfg.name} converted from {cfg.reference_file}")
-    return commit.oid, digest
+        commit = upload_folder(folder, repo_id, f"hrnetdet: {cfg.name} converted from {cfg.reference_file}",
+                               private=private, token=token)
+    return commit, digest
 
 
-def _zoo_md_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=str(MODEL_ZOO), help=f"default: {MODEL_ZOO}")
-    p.add_argument("--check", action="store_true", help="exit 1 when the file is out of date")
-
-
-def _zoo_md_run(args: argparse.Namespace) -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(MODEL_ZOO), help=f"default: {MODEL_ZOO}")
+    parser.add_argument("--check", action="store_true", help="exit 1 when the file is out of date")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("push", help="convert a record's weights and upload them with its model card")
+    p.add_argument("name", help="arch.tag with a registry record")
+    p.add_argument("--repo-id", required=True, help="the Hub repository, e.g. org/faster_rcnn_hrnetv2p_w32.coco_2x")
+    p.add_argument("--checkpoint", help="a local reference .pth or hrnetdet .safetensors (default: pretrained)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="a Hub token (default: the logged-in one)")
+    args = parser.parse_args(argv)
+    if args.command == "push":
+        commit, digest = push(args.name, args.repo_id, args.checkpoint, args.private, args.token)
+        print(f"pushed {args.name} to {args.repo_id}@{commit}; registry record: "
+              f"hf_hub_id={args.repo_id!r}, hf_revision={commit!r}, sha256={digest!r}")
+        return 0
     text = model_zoo_markdown()
     current = Path(args.out).read_text() if Path(args.out).exists() else None
     if args.check:
         if current != text:
-            print(f"{args.out} is out of date: run `python -m hrnetdet.zoo.model_zoo`", file=sys.stderr)
+            print(f"{args.out} is out of date: run `python tools/model_zoo.py`", file=sys.stderr)
             return 1
         return 0
     Path(args.out).write_text(text)
@@ -286,6 +277,4 @@ def _zoo_md_run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m hrnetdet.zoo.model_zoo", description=__doc__.splitlines()[0])
-    _zoo_md_args(parser)
-    sys.exit(_zoo_md_run(parser.parse_args()))
+    sys.exit(main())

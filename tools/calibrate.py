@@ -1,4 +1,5 @@
-"""Calibration of randomly initialised detectors, for benchmarks and export checks.
+"""Calibration of randomly initialised detectors, for tests, benchmarks and export checks (not part
+of the installed package: ``pythonpath`` in pyproject.toml puts tools/ on the tests' path).
 
 With random weights HRNet's activations grow stage after stage, the RPN's box deltas explode and
 every proposal is clipped away, so a timing would measure an empty pipeline. Calibration
@@ -6,27 +7,12 @@ re-estimates every batch norm's statistics on the given images and rescales each
 unit standard deviation; with a score threshold of 0 every image then carries a full set of
 detections, as a trained model does.
 """
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import Tensor, nn
 
-
-def score_thresholds(model: nn.Module) -> Dict[nn.Module, float]:
-    """Every box head's detection score threshold (the RPN's is its own business)."""
-    from torchvision.models.detection.rpn import RegionProposalNetwork
-
-    return {m: m.score_thresh for m in model.modules()
-            if hasattr(m, "score_thresh") and not isinstance(m, RegionProposalNetwork)}
-
-
-def set_score_thresh(model: nn.Module, score_thresh: float) -> None:
-    """Set the detection score threshold of every box head."""
-    heads = score_thresholds(model)
-    if not heads:
-        raise ValueError(f"{type(model).__name__} has no module with a score_thresh to set")
-    for m in heads:
-        m.score_thresh = float(score_thresh)
+from hrnetdet.inference.thresholds import score_heads
 
 
 @torch.no_grad()
@@ -53,5 +39,6 @@ def calibrate(model: nn.Module, images: List[Tensor], score_thresh: float = 0.0)
         std = level.std().clamp(min=1e-6)
         conv.weight /= std
         conv.bias /= std
-    set_score_thresh(model, score_thresh)
+    for head in score_heads(model):
+        head.score_thresh = float(score_thresh)
     return model

@@ -1,0 +1,67 @@
+"""hrnetdet's modules import one way: no cycles (imports inside functions count), and the zoo in
+layers, each importing only what sits below it."""
+import ast
+from pathlib import Path
+from typing import Dict, Set
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hrnetdet"
+
+# records leaf, pure conversion, the table, checkpoint I/O, the Hub, the factory, the commands.
+ZOO_LAYERS = ["coco", "records", "registry", "convert", "models", "parity", "checkpoint", "hub", "push",
+              "factory", "commands", "__init__"]
+
+
+def _module_name(path: Path) -> str:
+    parts = ("hrnetdet",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> Set[str]:
+    """hrnetdet modules imported anywhere in the file (relative imports resolved)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("hrnetdet")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            if base.startswith("hrnetdet"):
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def _graph() -> Dict[str, Set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in _imports(path) if m in files and m != name} for name, path in files.items()}
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: Dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_zoo_modules_import_only_lower_layers():
+    graph = _graph()
+    for i, layer in enumerate(ZOO_LAYERS):
+        name = "hrnetdet.zoo" if layer == "__init__" else f"hrnetdet.zoo.{layer}"
+        zoo_deps = {d.rpartition(".")[2] for d in graph[name] if d.startswith("hrnetdet.zoo.")}
+        assert zoo_deps <= set(ZOO_LAYERS[:i]), f"{name} imports {sorted(zoo_deps - set(ZOO_LAYERS[:i]))}"
+    assert set(ZOO_LAYERS) == {p.stem for p in (PACKAGE / "zoo").glob("*.py")}, "a zoo module without a layer"
