@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "hrnetdet.engine.commands",
     "eval": "hrnetdet.engine.commands",
     "predict": "hrnetdet.inference.commands",
+    "export": "hrnetdet.inference.commands",
 }
 
 

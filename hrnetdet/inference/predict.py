@@ -85,14 +85,15 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None, *,
             batch_size: int = 1, device: Union[str, torch.device, None] = None,
-            progress: bool = False) -> Union[Result, List[Result]]:
+            progress: bool = False, backend: str = "torch") -> Union[Result, List[Result]]:
     """Run a detector on one image or many.
 
     ``inputs``: an image (path, PIL image, HWC uint8 RGB array, CHW tensor), a folder or glob
     pattern, or a list of these. Returns one result for one image, else a list, each
     {boxes (N, 4) xyxy, labels, scores[, masks (N, 1, H, W)], names (category names),
     file_name (for paths)}. ``score_thresh`` replaces the model's box score threshold for this
-    call (detections must score above it). The model is put in eval mode.
+    call (detections must score above it). The model is put in eval mode. ``backend``: see
+    ``optimize_for_inference`` (a runtime backend works on a copy of the model).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -103,6 +104,11 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
         is_path = isinstance(item, (str, os.PathLike))
         flat += expand_inputs([item]) if is_path else [item]
     model.eval()
+    if backend != "torch":
+        import copy
+
+        from .fast import optimize_for_inference
+        model = optimize_for_inference(copy.deepcopy(model), backend=backend)
     if device is None:
         device = next(model.parameters()).device
     model.to(device)
