@@ -34,9 +34,12 @@ DEFAULT_MODELS = ["faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w40", "mask_
                   "fcos_hrnetv2p_w18"]
 
 
-def variants(name: str, imgs: List[torch.Tensor], backends: List[str], cache_dir: str) -> Dict[str, torch.nn.Module]:
+def variants(name: str, imgs: List[torch.Tensor], backends: List[str], cache_dir: str, fast_path: bool
+             ) -> Dict[str, torch.nn.Module]:
     eager = build(name, imgs[:1], torch.device("cpu"), 800, 1333)
-    out = {"eager": eager, "eager fast path": optimize_for_inference(copy.deepcopy(eager))}
+    out = {"eager": eager}
+    if fast_path:
+        out["eager fast path"] = optimize_for_inference(copy.deepcopy(eager))
     for backend in backends:
         out[backend] = optimize_for_inference(copy.deepcopy(eager), backend=backend, cache_dir=cache_dir)
     return out
@@ -76,6 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
     p.add_argument("--threads", nargs="+", type=int, default=[1])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fast-path", action="store_true", help="also time eager with the torch fast path")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_results.md"))
     args = p.parse_args(argv)
     imgs = images(2)
@@ -86,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(threads)
             for name in args.models:
                 print(f"{name}, {threads} thread(s)", file=sys.stderr, flush=True)
-                res = bench(variants(name, imgs, args.backends, cache_dir), imgs, args.rounds)
+                res = bench(variants(name, imgs, args.backends, cache_dir, args.fast_path), imgs, args.rounds)
                 for k, v in res.items():
                     rows.append(f"| {name} | {threads} | {k} | {v['cpu']:.2f} | {v['wall']:.2f} | {v['ratio']:.2f} "
                                 f"| {100 * v['matched']:.1f} % |")

@@ -24,7 +24,7 @@ BACKENDS = ("onnxruntime", "openvino")
 IMAGE_PARTS = ("backbone", "rpn.head", "head", "roi_heads.semantic_head")
 ROI_PARTS = ("box_head", "box_predictor", "mask_head", "mask_predictor")
 MANIFEST = "export.json"
-EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino", "onnx": "onnx"}
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # module -> the pip extra that installs it
 
 Runner = Callable[[List[np.ndarray]], List[np.ndarray]]
 
@@ -249,17 +249,18 @@ def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
     return final
 
 
+# ``auto``'s preference on the CPU, the fastest first (benchmarks/export_results.md).
+AUTO_ORDER: Sequence[str] = ("openvino", "onnxruntime")
+
+
 def default_backend() -> str:
-    """``auto``: the fastest installed backend on the CPU by benchmarks/export.py's figures."""
+    """``auto``: the first installed backend of ``AUTO_ORDER``."""
     import importlib.util
 
     for backend in AUTO_ORDER:
         if importlib.util.find_spec(backend) is not None:
             return backend
     raise ImportError("backend 'auto' needs onnxruntime or openvino: pip install 'hrnetdet[onnx]'")
-
-
-AUTO_ORDER: Sequence[str] = ("openvino", "onnxruntime")
 
 
 def runtime_model(model: nn.Module, backend: str = "auto", cache_dir: str = "") -> nn.Module:
