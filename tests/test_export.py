@@ -161,7 +161,7 @@ def test_export_command(image, tmp_path, calibrate, capsys):
               "--out", str(out), "--half"])
 
 
-def test_runtime_export_is_cached_per_weights(image, tmp_path, monkeypatch, calibrate):
+def test_runtime_export_is_cached_per_weights(tmp_path, monkeypatch):
     """One export per weights and settings; other weights, another export."""
     calls = []
 
@@ -171,7 +171,7 @@ def test_runtime_export_is_cached_per_weights(image, tmp_path, monkeypatch, cali
             json.dump({"parts": {}}, f)
 
     monkeypatch.setattr(runtime, "export_parts", fake_export)
-    model = small_model("faster_rcnn", image, calibrate)
+    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18")
     first = runtime.cached_export(model, str(tmp_path))
     assert runtime.cached_export(copy.deepcopy(model), str(tmp_path)) == first and len(calls) == 1
     with torch.no_grad():
@@ -180,10 +180,10 @@ def test_runtime_export_is_cached_per_weights(image, tmp_path, monkeypatch, cali
     assert len(os.listdir(tmp_path)) == 2  # the two exports, no temporary folder
 
 
-def test_runtime_export_survives_a_concurrent_writer(image, tmp_path, monkeypatch, calibrate):
+def test_runtime_export_survives_a_concurrent_writer(tmp_path, monkeypatch):
     """Another process renames its finished export into place while this one exports: this one
     returns that folder, keeps it intact and leaves no temporary folder behind."""
-    model = small_model("faster_rcnn", image, calibrate)
+    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18")
     final = os.path.join(tmp_path, runtime.weights_key(model, {"dynamic": True, "opset": 17}))
 
     def racing_export(model, img, out_dir, **kwargs):
