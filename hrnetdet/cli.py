@@ -152,8 +152,24 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
     _max_size_arg(p)
     p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
+    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
+                   help="run the dense parts in this runtime, exported once and cached (auto: the fastest "
+                        "installed; default: torch)")
     p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
     _mode_args(p)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="architecture, optionally with a weight tag (NAME[.tag])")
+    p.add_argument("--checkpoint", help="a reference .pth or hrnetdet .safetensors file")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx", "openvino"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dynamic", action="store_true",
+                   help="ONNX/OpenVINO graphs for any image size (default: the padded size of a 480x640 image)")
+    p.add_argument("--half", action="store_true", help="OpenVINO: store the weights in float16")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
+    p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
+    _max_size_arg(p)
 
 
 COMMANDS: Dict[str, Command] = {
@@ -170,6 +186,8 @@ COMMANDS: Dict[str, Command] = {
                        _convert_args, "hrnetdet.zoo.commands:run_convert"),
     "push": Command("publish a training run on the Hugging Face Hub with a generated model card",
                     _push_args, "hrnetdet.zoo.push:run_push"),
+    "export": Command("export a model to TorchScript, ONNX or OpenVINO, checked against eager",
+                      _export_args, "hrnetdet.inference.commands:run_export"),
 }
 
 # Errors a user can fix (a missing or wrong file, an unknown name, bad input; CheckpointError is a

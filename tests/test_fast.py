@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 import hrnetdet
-from calibrate import calibrate
 from hrnetdet.inference import match_detections, optimize_for_inference
 from hrnetdet.inference.match import MIN_MATCHED
 from hrnetdet.inference.fast import FastHRFPN, fold_batchnorm
@@ -62,7 +61,7 @@ def test_fast_hrfpn_equals_hrfpn(stride):
     # needs a C++ compiler (inductor) and 15-60 s of compiling
     pytest.param("faster_rcnn_hrnetv2p_w18", True, marks=pytest.mark.slow),
 ])
-def test_fast_path_parity(arch, compiled, image):
+def test_fast_path_parity(arch, compiled, image, calibrate):
     """>= 98% of the plain model's detections found again with box IoU >= 0.98, score within 0.01."""
     torch.manual_seed(0)
     model = calibrate(hrnetdet.create_model(arch, **SMALL), [image])

@@ -80,7 +80,9 @@ class ReferenceTransform(GeneralizedRCNNTransform):
     """GeneralizedRCNNTransform with the reference's resize rounding and mask pasting.
 
     ``min_size`` may be a tuple: in training one value is drawn per image (the reference's
-    multi-scale "value" mode); evaluation uses the last. ``mask_thresh=None`` returns soft masks.
+    multi-scale "value" mode); evaluation uses the last. ``mask_thresh=None`` returns soft masks;
+    ``paste = False`` leaves them as the heads' (N, 1, M, M) probabilities in each box's frame
+    (for export graphs, where tracing would freeze the per-box paste windows).
     """
 
     def __init__(self, min_size, max_size: int, image_mean: List[float], image_std: List[float],
@@ -88,6 +90,7 @@ class ReferenceTransform(GeneralizedRCNNTransform):
         super().__init__(min_size, max_size, image_mean, image_std, size_divisible=size_divisible)
         self.mask_thresh = mask_thresh
         # Attributes: TorchScript cannot read str or int globals.
+        self.paste = True  # False: masks stay per box (export traces the model without pasting)
         self.semantic_key = SEMANTIC_KEY
         self.min_image_side = MIN_IMAGE_SIDE
         self.range_tolerance = RANGE_TOLERANCE
@@ -178,7 +181,7 @@ class ReferenceTransform(GeneralizedRCNNTransform):
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             boxes = resize_boxes(pred["boxes"], list(im_s), list(o_im_s))
             pred["boxes"] = boxes
-            if "masks" in pred:
+            if "masks" in pred and self.paste:
                 pred["masks"] = paste_masks(pred["masks"], boxes, int(o_im_s[0]), int(o_im_s[1]),
                                             self.mask_thresh)
         return result

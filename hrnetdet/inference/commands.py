@@ -19,8 +19,11 @@ def run_predict(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
     model = create_model(args.model, pretrained=args.pretrained or "." in args.model,
                          checkpoint_path=args.checkpoint, **kwargs)
-    if args.fast:
-        optimize_for_inference(model)
+    if args.fast or args.backend != "torch":
+        try:
+            optimize_for_inference(model, backend=args.backend)
+        except ImportError as e:  # the backend's package is missing: the message says which extra
+            raise SystemExit(f"hrnetdet predict: error: --backend {args.backend}: {e}") from None
     try:
         counts = predict_run.run_predict(model, paths, args.out, score_thresh=args.score_thr, batch_size=args.batch_size,
                              device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_workers=args.workers, half=args.half, strict=args.strict,
@@ -31,4 +34,16 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"{counts['done']} images or frames, {counts['detections']} detections scoring above "
           f"{args.score_thr}; {counts['skipped']} already done, {counts['failed']} unreadable: "
           f"{os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..zoo.factory import create_model
+    from .export import export
+
+    kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
+    model = create_model(args.model, pretrained="." in args.model, checkpoint_path=args.checkpoint, **kwargs)
+    export(model, args.out, args.format, dynamic=args.dynamic, half=args.half, opset=args.opset,
+           log=lambda line: print(f"check against eager, {line}"))
+    print(f"{args.model}: {args.format} written to {args.out}")
     return 0

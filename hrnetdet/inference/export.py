@@ -1,25 +1,117 @@
-"""Export helpers: ONNX graphs of the detectors and of the backbone + neck (see docs/EXPORT.md).
+"""Export: ``export(model, out_dir, format)`` writes TorchScript, ONNX or OpenVINO files of any
+family and checks them against the eager model at export time (see docs/EXPORT.md).
 
-ONNX export traces the model, so the graph is fixed to the batch size and image size it was
-exported with (the resize, anchor grid and padding are computed for that size); the number of
-detections stays dynamic. TorchScript needs no helper: ``torch.jit.script(model)``.
+ONNX and OpenVINO exports hold one graph per dense part (``runtime.py``): the runtime backends
+load them and keep torchvision's contract. ``export_onnx`` writes instead one graph of a whole
+Faster R-CNN, Mask R-CNN or FCOS for a fixed image size, which runs without PyTorch.
 """
-from typing import List, Sequence, Tuple
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.transform import resize_boxes
 
 from ..detectors import has_masks
 from .thresholds import score_threshold
+from .match import match_detections
+from .runtime import MANIFEST, attach, export_parts, generated_image, require
+
+FORMATS = ("torchscript", "onnx", "openvino")
+EXAMPLE_SIZE = (480, 640)
+# The export-time check: a second size of the example's aspect ratio (the same padded input, for
+# static graphs) or of another aspect ratio (dynamic graphs and TorchScript).
+STATIC_CHECK_SIZES = (EXAMPLE_SIZE, (600, 800))
+DYNAMIC_CHECK_SIZES = (EXAMPLE_SIZE, (544, 416))
+
+
+def _load_torchscript(path: str) -> Callable[[List[Tensor]], List[Dict[str, Tensor]]]:
+    scripted = torch.jit.load(path)
+
+    def run(images: List[Tensor]) -> List[Dict[str, Tensor]]:
+        out = scripted(images)
+        return out[1] if isinstance(out, tuple) else out  # GeneralizedRCNN scripts to (losses, detections)
+    return run
+
+
+def _openvino_ir(onnx_dir: str, out_dir: str, half: bool) -> None:
+    """Convert each part's ONNX graph to OpenVINO IR (``half``: weights stored in float16)."""
+    import json
+
+    ov = require("openvino")
+    with open(os.path.join(onnx_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    for entry in manifest["parts"].values():
+        xml = entry["file"].replace(".onnx", ".xml")
+        ov.save_model(ov.convert_model(os.path.join(onnx_dir, entry["file"])), os.path.join(out_dir, xml),
+                      compress_to_fp16=half)
+        entry["file"] = xml
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: bool = False,
+           half: bool = False, opset: int = 17, check: bool = True,
+           log: Callable[[str], Any] = print) -> List[Dict[str, float]]:
+    """Export ``model`` to ``out_dir`` as ``format`` and, with ``check``, compare the exported
+    model's detections with eager's on a generated image at two sizes, logging the matched share.
+
+    ``torchscript``: ``model.pt``, the whole model (any size). ``onnx``: one graph per dense part
+    plus ``export.json``, run through ``hrnetdet.optimize_for_inference(model, backend=...)`` or
+    ``runtime.attach``; RoI parts take any number of RoIs, image parts any batch and image size
+    with ``dynamic``, else only the padded size of a 480x640 image (any image of that aspect ratio).
+    ``openvino``: the same graphs as OpenVINO IR; ``half`` stores their weights in float16 (the
+    CPU still computes in float32). Returns the match statistics per checked size."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if half and format != "openvino":
+        raise ValueError("half: only --format openvino stores float16 weights; onnxruntime's CPU provider "
+                         "has no float16 convolutions and eager float16 is slower than float32 on the CPU")
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export.", dir=out_dir)
+    try:
+        with warnings.catch_warnings():  # the tracer's notes on Python values it records as constants
+            warnings.simplefilter("ignore")
+            if format == "torchscript":
+                torch.jit.script(model).save(os.path.join(tmp, "model.pt"))
+            elif format == "onnx":
+                export_parts(model, generated_image(*EXAMPLE_SIZE), tmp, dynamic=dynamic, opset=opset)
+            else:
+                with tempfile.TemporaryDirectory() as onnx_dir:
+                    export_parts(model, generated_image(*EXAMPLE_SIZE), onnx_dir, dynamic=dynamic, opset=opset)
+                    _openvino_ir(onnx_dir, tmp, half)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == MANIFEST):  # the manifest last
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not check:
+        return []
+    if format == "torchscript":
+        run = _load_torchscript(os.path.join(out_dir, "model.pt"))
+    else:
+        run = attach(copy.deepcopy(model), out_dir, "onnxruntime" if format == "onnx" else "openvino")
+    sizes = DYNAMIC_CHECK_SIZES if dynamic or format == "torchscript" else STATIC_CHECK_SIZES
+    return [check_export(model, run, size, log) for size in sizes]
+
+
+def check_export(model: nn.Module, exported: Callable[[List[Tensor]], List[Dict[str, Tensor]]],
+                 size: Tuple[int, int], log: Callable[[str], Any] = print) -> Dict[str, float]:
+    """Match ``exported``'s detections against ``model``'s on a generated image of ``size``."""
+    image = generated_image(*size, seed=1)
+    with torch.no_grad():
+        stats = match_detections(model([image])[0], exported([image])[0])
+    log(f"{size[0]}x{size[1]}: {stats['n_matched']} of eager's {stats['n_ref']} detections matched "
+        f"({100 * stats['matched_frac']:.1f}%)")
+    return stats
 
 
 class _FlatOutputs(nn.Module):
     """A detector taking one (B, 3, H, W) batch and returning a flat tuple of per-image tensors
-    (boxes, labels, scores[, masks] for image 0, then image 1, ...), which ONNX can express.
-
-    Mask models return the RoI heads' (N, 1, 28, 28) mask probabilities unpasted: pasting crops a
-    window per box whose bounds tracing would freeze at the example's boxes."""
+    (boxes, labels, scores[, masks] for image 0, then image 1, ...), which ONNX can express."""
 
     def __init__(self, model: nn.Module, keys: Sequence[str]):
         super().__init__()
@@ -27,18 +119,7 @@ class _FlatOutputs(nn.Module):
         self.keys = list(keys)
 
     def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
-        imgs = list(images.unbind(0))
-        if "masks" not in self.keys:
-            results = self.model(imgs)
-        else:  # GeneralizedRCNN.forward without the mask pasting of transform.postprocess
-            m = self.model
-            image_list, _ = m.transform(imgs)
-            features = m.backbone(image_list.tensors)
-            proposals, _ = m.rpn(image_list, features)
-            results, _ = m.roi_heads(features, proposals, image_list.image_sizes)
-            for r, size, img in zip(results, image_list.image_sizes, imgs):
-                r["boxes"] = resize_boxes(r["boxes"], list(size), [img.shape[-2], img.shape[-1]])
-        return tuple(r[k] for r in results for k in self.keys)
+        return tuple(r[k] for r in self.model(list(images.unbind(0))) for k in self.keys)
 
 
 def output_keys(model: nn.Module) -> List[str]:
@@ -47,45 +128,29 @@ def output_keys(model: nn.Module) -> List[str]:
 
 def export_onnx(model: nn.Module, path: str, batch_size: int = 1, image_size: Tuple[int, int] = (800, 1216),
                 opset_version: int = 17) -> List[str]:
-    """Export a detector to ONNX for ``batch_size`` images of ``image_size`` (H, W) each, with the
-    TorchScript-based exporter. Input ``images`` (B, 3, H, W) floats in [0, 1]; outputs named
-    ``boxes_0, labels_0, scores_0[, masks_0], boxes_1, ...``. Returns the output names.
+    """Export a whole Faster R-CNN, Mask R-CNN or FCOS to one ONNX graph for ``batch_size`` images
+    of ``image_size`` (H, W) each, with the TorchScript-based exporter. Input ``images``
+    (B, 3, H, W) floats in [0, 1]; outputs named ``boxes_0, labels_0, scores_0[, masks_0],
+    boxes_1, ...``. Returns the output names.
 
-    Mask models: ``masks_i`` are (N, 1, 28, 28) probabilities in each box's frame, to be pasted
-    with ``hrnetdet.heads.masks.paste_masks(masks, boxes, H, W)``; they are exported with score
+    Mask models: ``masks_i`` are (N, 1, 28, 28) probabilities in each box's frame (the transform's
+    ``paste`` is off while tracing), to be pasted with
+    ``hrnetdet.heads.masks.paste_masks(masks, boxes, H, W)``; they are exported with score
     threshold 0 (per-image splits are traced as constants, so every image must carry
     ``detections_per_img`` detections; filter by score afterwards)."""
     model.eval()
     keys = output_keys(model)
     names = [f"{k}_{i}" for i in range(batch_size) for k in keys]
     x = torch.rand(batch_size, 3, *image_size)
+    model.transform.paste = False
     # Tracing freezes the detection count in the per-image mask split: with threshold 0
     # every image carries detections_per_img detections.
-    with score_threshold(model, 0.0 if "masks" in keys else None):
-        torch.onnx.export(_FlatOutputs(model, keys), (x,), path, dynamo=False, opset_version=opset_version,
-                          input_names=["images"], output_names=names,
-                          dynamic_axes={n: {0: f"num_{n}"} for n in names})
+    try:
+        with score_threshold(model, 0.0 if "masks" in keys else None):
+            torch.onnx.export(_FlatOutputs(model, keys), (x,), path, dynamo=False, opset_version=opset_version,
+                              input_names=["images"], output_names=names,
+                              dynamic_axes={n: {0: f"num_{n}"} for n in names})
+    finally:
+        model.transform.paste = True
     return names
 
-
-class _PyramidTuple(nn.Module):
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, images: Tensor) -> Tuple[Tensor, ...]:
-        return tuple(self.backbone(images).values())
-
-
-def export_backbone_onnx(model: nn.Module, path: str, batch_size: int = 1,
-                         image_size: Tuple[int, int] = (800, 1216), opset_version: int = 17) -> List[str]:
-    """Export a detector's backbone + neck (normalised, padded images -> pyramid levels ``p0..p4``)
-    to ONNX, with dynamic height and width (multiples of 32)."""
-    model.eval()
-    x = torch.rand(batch_size, 3, *image_size)
-    names = [f"p{i}" for i in range(len(model.backbone.fpn.fpn_convs))]
-    torch.onnx.export(_PyramidTuple(model.backbone), (x,), path, dynamo=False, opset_version=opset_version,
-                      input_names=["images"], output_names=names,
-                      dynamic_axes={"images": {2: "height", 3: "width"},
-                                    **{n: {2: f"{n}_height", 3: f"{n}_width"} for n in names}})
-    return names

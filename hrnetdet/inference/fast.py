@@ -74,12 +74,19 @@ class FastHRFPN(HRFPN):
         return out
 
 
-def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True,
-                           fast_neck: bool = True, compile: bool = False) -> nn.Module:
+def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn: bool = True,
+                           channels_last: bool = True, fast_neck: bool = True, compile: bool = False,
+                           cache_dir: str = "") -> nn.Module:
     """Apply the fast path to an hrnetdet detector in place and return it (in eval mode).
 
+    ``backend="onnxruntime"`` or ``"openvino"`` (``"auto"``: the faster one installed) instead runs
+    the dense parts in that runtime (``runtime.py``), exported once per weights into ``cache_dir``
+    (default ``$HRNETDET_HOME/exports``); the other options then do not apply.
     ``compile`` needs a C++ compiler on the CPU (inductor) and takes about 40 s for W18 at
     800x1216 on one core, once per input size; it pays for long runs over same-sized inputs."""
+    if backend != "torch":
+        from .runtime import runtime_model
+        return runtime_model(model, backend, cache_dir)
     model.eval()
     backbone = model.backbone
     if fold_bn:

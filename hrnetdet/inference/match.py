@@ -14,11 +14,19 @@ MASK_IOU = 0.9      # and, for mask models, at least this mask IoU;
 MIN_MATCHED = 0.98  # two sets agree when at least this share of the reference's detections match.
 
 
+def mask_iou(a: Tensor, b: Tensor) -> float:
+    """IoU of two masks binarised at 0.5; two empty masks agree."""
+    a, b = a >= 0.5, b >= 0.5
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
+
+
 def match_detections(ref: Dict[str, Tensor], det: Dict[str, Tensor], iou_thresh: float = BOX_IOU,
-                     score_tol: float = SCORE_TOL) -> Dict[str, float]:
+                     score_tol: float = SCORE_TOL, mask_iou_thresh: float = MASK_IOU) -> Dict[str, float]:
     """Greedily match ``ref`` detections (highest score first) to unused ``det`` detections of the
-    same label with box IoU >= ``iou_thresh`` and |score difference| <= ``score_tol``, taking the
-    candidate of highest IoU. Both are {boxes (N, 4), labels, scores}.
+    same label with box IoU >= ``iou_thresh`` and |score difference| <= ``score_tol`` (and mask IoU
+    >= ``mask_iou_thresh`` when both carry masks), taking the candidate of highest IoU. Both are
+    {boxes (N, 4), labels, scores[, masks (N, 1, H, W)]}; identical boxes match even when empty.
 
     Returns n_ref, n_det, n_matched, matched_frac (1.0 when ``ref`` is empty), and the worst
     matched box IoU and score difference.
@@ -27,8 +35,12 @@ def match_detections(ref: Dict[str, Tensor], det: Dict[str, Tensor], iou_thresh:
     db, dl, ds = det["boxes"].double().reshape(-1, 4), det["labels"], det["scores"].double()
     order = torch.argsort(rs, descending=True, stable=True)
     rb, rl, rs = rb[order], rl[order], rs[order]
-    ious = box_iou(rb, db)
+    ious = torch.where((rb[:, None] == db[None]).all(-1), torch.ones(()).double(), box_iou(rb, db))
     eligible = (rl[:, None] == dl[None, :]) & (ious >= iou_thresh) & ((rs[:, None] - ds[None, :]).abs() <= score_tol)
+    if "masks" in ref and "masks" in det:
+        ref_masks = ref["masks"][order]
+        for i, j in eligible.nonzero().tolist():
+            eligible[i, j] = mask_iou(ref_masks[i], det["masks"][j]) >= mask_iou_thresh
     used = torch.zeros(len(ds), dtype=torch.bool)
     min_iou, max_sdiff, n_matched = 1.0, 0.0, 0
     for i in range(len(rs)):

@@ -2,6 +2,7 @@
 decoding in DataLoader workers, batches on the model's device, results streamed as they are ready
 with category names, masks as uint8 (or RLE) at the original size."""
 import contextlib
+import copy
 import glob
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -144,7 +145,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
             batch_size: int = 1, device: Union[str, torch.device, None] = None, progress: bool = False,
             stream: bool = False, num_workers: Optional[int] = None, half: bool = False,
             mask_format: str = "uint8", slice: Optional[int] = None, overlap: float = 0.2,
-            full_image: bool = True, tta: bool = False) -> Union[Result, List[Result], Iterator[Result]]:
+            full_image: bool = True, tta: bool = False, backend: str = "torch"
+            ) -> Union[Result, List[Result], Iterator[Result]]:
     """Run a detector on one image or many.
 
     ``inputs``: an image (path, http(s) URL, PIL image, HWC uint8 RGB array, CHW tensor), a
@@ -161,12 +163,17 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
     unreadable file raises ValueError naming it. The model is put in eval mode.
     ``slice``: sliced inference in SxS tiles overlapping by ``overlap`` (plus the whole image when
     ``full_image``); ``tta``: test-time augmentation (see ``hrnetdet.inference.modes``).
+    ``backend``: see ``optimize_for_inference`` (a runtime backend works on a copy of the model).
     """
     check_mode(slice, overlap, tta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     single = _is_single(inputs)
     items = _flatten(inputs)
-    model.eval().to(device)
+    model.eval()
+    if backend != "torch":
+        from .fast import optimize_for_inference
+        model = optimize_for_inference(copy.deepcopy(model), backend=backend)
+    model.to(device)
     results = _stream(model, items, score_thresh, batch_size=batch_size, device=device, progress=progress,
                       num_workers=num_workers, half=half, mask_format=mask_format,
                       mode=dict(slice=slice, overlap=overlap, full_image=full_image, tta=tta))

@@ -1,0 +1,121 @@
+"""Speed and parity of the runtime backends (onnxruntime, OpenVINO) against eager hrnetdet.
+
+    python benchmarks/export.py                                   # the default set, 1 thread
+    python benchmarks/export.py --threads 1 2 --models faster_rcnn_hrnetv2p_w18 --rounds 5
+
+Every variant of a model runs in one process on the same COCO-sized images (resized to
+800x1199/800x1200, padded to 800x1216), alternating variant by variant within each round after a
+warm-up round, so that load from other processes falls on all alike; the table gives the median
+over rounds of each variant's time per image and its ratio to eager's median. Weights are random
+but calibrated (every image carries 100 detections). Parity: the share of eager's detections a
+variant matches (``match_detections``' criteria, masks included), over the images. The machine's
+load average is recorded at the start and the end. Writes markdown (``--out``).
+"""
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import build, images  # noqa: E402  (benchmarks/run.py: the calibrated models and images)
+
+from hrnetdet.inference import match_detections, optimize_for_inference  # noqa: E402
+
+DEFAULT_MODELS = ["faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w40", "mask_rcnn_hrnetv2p_w18",
+                  "cascade_rcnn_hrnetv2p_w18", "cascade_mask_rcnn_hrnetv2p_w18", "htc_hrnetv2p_w18",
+                  "fcos_hrnetv2p_w18"]
+
+
+def variants(name: str, imgs: List[torch.Tensor], backends: List[str], cache_dir: str, fast_path: bool
+             ) -> Dict[str, torch.nn.Module]:
+    eager = build(name, imgs[:1], torch.device("cpu"), 800, 1333)
+    out = {"eager": eager}
+    if fast_path:
+        out["eager fast path"] = optimize_for_inference(copy.deepcopy(eager))
+    for backend in backends:
+        out[backend] = optimize_for_inference(copy.deepcopy(eager), backend=backend, cache_dir=cache_dir)
+    return out
+
+
+def bench(models: Dict[str, torch.nn.Module], imgs: List[torch.Tensor], rounds: int) -> Dict[str, dict]:
+    """Median wall and CPU (process) seconds per image, and parity against the first model."""
+    wall: Dict[str, List[float]] = {k: [] for k in models}
+    cpu: Dict[str, List[float]] = {k: [] for k in models}
+    matched: Dict[str, List[int]] = {k: [] for k in models}
+    n_ref = 0
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            x = imgs[r % len(imgs)]
+            ref = None
+            for k, model in models.items():
+                t, c = time.perf_counter(), time.process_time()
+                out = model([x])[0]
+                t, c = time.perf_counter() - t, time.process_time() - c
+                ref = out if ref is None else ref
+                if r < len(imgs):  # parity once per image
+                    matched[k].append(match_detections(ref, out)["n_matched"])
+                    n_ref += len(ref["scores"]) if k == "eager" else 0
+                if r > 0:
+                    wall[k].append(t)
+                    cpu[k].append(c)
+                    print(f"  round {r} {k}: {t:.2f} s wall, {c:.2f} s CPU", file=sys.stderr, flush=True)
+    base = statistics.median(cpu["eager"])
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k]),
+                "ratio": statistics.median(cpu[k]) / base, "matched": sum(matched[k]) / max(n_ref, 1)}
+            for k in models}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    p.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
+    p.add_argument("--threads", nargs="+", type=int, default=[1])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fast-path", action="store_true", help="also time eager with the torch fast path")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_results.md"))
+    args = p.parse_args(argv)
+    imgs = images(2)
+    load_start = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name in args.models:
+                print(f"{name}, {threads} thread(s)", file=sys.stderr, flush=True)
+                res = bench(variants(name, imgs, args.backends, cache_dir, args.fast_path), imgs, args.rounds)
+                for k, v in res.items():
+                    rows.append(f"| {name} | {threads} | {k} | {v['cpu']:.2f} | {v['wall']:.2f} | {v['ratio']:.2f} "
+                                f"| {100 * v['matched']:.1f} % |")
+                    print(rows[-1], flush=True)
+    load_end = os.getloadavg()
+    import onnxruntime
+    import openvino
+    lines = [
+        "# Runtime backends against eager PyTorch (CPU)", "",
+        f"`python benchmarks/export.py {' '.join(sys.argv[1:])}` on {datetime.date.today()}: "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__}. Load average "
+        f"(1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_start)} at the start, "
+        f"{'/'.join(f'{x:.1f}' for x in load_end)} at the end.", "",
+        f"Median over {args.rounds} alternating rounds (after a warm-up) of the CPU time of the process per "
+        "image (wall time beside it; on a loaded machine wall time includes waiting for a core). Ratio: "
+        "CPU time / eager's. Parity: share of eager's detections matched (box IoU >= 0.98, score within "
+        "0.01, mask IoU >= 0.9) over the two images.", "",
+        "| model | threads | variant | CPU s/img | wall s/img | ratio to eager | parity |",
+        "|---|---|---|---|---|---|---|", *rows, ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

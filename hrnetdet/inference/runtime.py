@@ -1,0 +1,273 @@
+"""Runtime backends: a detector's dense parts run by onnxruntime or OpenVINO, the rest by PyTorch.
+
+The dense parts (backbone + neck, the RPN or FCOS head, every RoI box and mask head, HTC's
+semantic head) hold nearly all of the arithmetic and take any image size and any number of RoIs,
+so they export to ONNX graphs with dynamic shapes for every family. The data-dependent steps
+between them (resize, anchors, proposal selection, NMS, RoIAlign, the cascade's refinement, mask
+pasting) stay the model's own PyTorch code, so the model keeps torchvision's contract and eager's
+arithmetic there. Each part's ``forward`` is swapped for a call into its compiled graph.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
+
+from .thresholds import score_threshold
+
+BACKENDS = ("onnxruntime", "openvino")
+# Parts whose inputs scale with the image; the RoI parts' first dimension is the number of RoIs.
+IMAGE_PARTS = ("backbone", "rpn.head", "head", "roi_heads.semantic_head")
+ROI_PARTS = ("box_head", "box_predictor", "mask_head", "mask_predictor")
+MANIFEST = "export.json"
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # module -> the pip extra that installs it
+
+Runner = Callable[[List[np.ndarray]], List[np.ndarray]]
+
+
+def require(module: str):
+    """Import an optional dependency, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{module} is not installed: pip install 'hrnetdet[{EXTRAS[module]}]'") from None
+
+
+def dense_parts(model: nn.Module) -> Dict[str, nn.Module]:
+    """The submodules that run in the backend, by qualified name."""
+    return {name: m for name, m in model.named_modules()
+            if name in IMAGE_PARTS or (name.startswith("roi_heads.") and name.rsplit(".", 1)[-1] in ROI_PARTS)}
+
+
+def _tensor_leaves(leaves: List[Any]) -> List[Tensor]:
+    """The call's tensors; ``None`` leaves (an absent optional input) are fixed by the call's spec."""
+    return [leaf for leaf in leaves if leaf is not None]
+
+
+def _with_nones(tensors: Sequence[Tensor], none_at: Sequence[int]) -> List[Any]:
+    leaves: List[Any] = list(tensors)
+    for i in none_at:
+        leaves.insert(i, None)
+    return leaves
+
+
+class _FlatPart(nn.Module):
+    """A part with flat tensor inputs and a flat tuple of outputs, as ONNX expresses them."""
+
+    def __init__(self, part: nn.Module, in_spec, none_at: List[int]):
+        super().__init__()
+        self.part = part
+        self.in_spec = in_spec
+        self.none_at = none_at
+        self.out_spec = None
+
+    def forward(self, *flat: Tensor) -> Tuple[Tensor, ...]:
+        args, kwargs = tree_unflatten(_with_nones(flat, self.none_at), self.in_spec)
+        out, self.out_spec = tree_flatten(self.part(*args, **kwargs))
+        return tuple(out)
+
+
+def example_inputs(model: nn.Module, image: Tensor) -> Dict[str, Tuple[tuple, dict]]:
+    """Each dense part's (args, kwargs) on its first call while the model detects ``image``, with
+    every score threshold at 0 so that the mask heads see a full set of detections."""
+    parts = dense_parts(model)
+    captured: Dict[str, Tuple[tuple, dict]] = {}
+
+    def recorder(name: str):
+        def hook(module, args, kwargs):
+            captured.setdefault(name, (args, kwargs))
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(n), with_kwargs=True) for n, m in parts.items()]
+    try:
+        with score_threshold(model, 0.0), torch.no_grad():
+            model.eval()([image])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(parts) - set(captured))
+    if missing:
+        raise RuntimeError(f"parts never called on the example image: {missing}")
+    return captured
+
+
+def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool = True,
+                 opset: int = 17) -> Dict[str, Any]:
+    """Write one ONNX graph per dense part of ``model`` into ``out_dir``, traced on the inputs the
+    part sees while the model detects ``image``; returns the manifest (also written as export.json).
+
+    RoI parts take any number of RoIs. Image parts take any batch and image size when ``dynamic``,
+    else exactly the padded size ``image`` resizes to."""
+    os.makedirs(out_dir, exist_ok=True)
+    parts = dense_parts(model)
+    manifest: Dict[str, Any] = {"parts": {}}
+    for name, (args, kwargs) in example_inputs(model, image).items():
+        leaves, in_spec = tree_flatten((args, kwargs))
+        none_at = [i for i, leaf in enumerate(leaves) if leaf is None]
+        flat_in = _tensor_leaves(leaves)
+        flat = _FlatPart(parts[name], in_spec, none_at)
+        with torch.no_grad():
+            outs = flat(*flat_in)
+        in_names = [f"input_{i}" for i in range(len(flat_in))]
+        out_names = [f"output_{i}" for i in range(len(outs))]
+        if name in IMAGE_PARTS:
+            axes = {n: list(range(t.dim())) for n, t in zip(in_names, flat_in)} if dynamic else {}
+        else:
+            axes = {n: [0] for n in in_names}
+        axes.update({n: list(range(o.dim())) for n, o in zip(out_names, outs)})
+        file = f"{name}.onnx"
+        torch.onnx.export(flat, tuple(flat_in), os.path.join(out_dir, file), dynamo=False,
+                          opset_version=opset, input_names=in_names, output_names=out_names,
+                          dynamic_axes=axes)
+        manifest["parts"][name] = {"file": file, "in_spec": treespec_dumps(in_spec), "none_at": none_at,
+                                   "out_spec": treespec_dumps(flat.out_spec)}
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def onnxruntime_runner(path: str, threads: int) -> Runner:
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda arrays: session.run(None, dict(zip(names, arrays)))
+
+
+def openvino_runner(path: str, threads: int) -> Runner:
+    ov = require("openvino")
+    # f32: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, outside parity.
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                     "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+
+    def run(arrays: List[np.ndarray]) -> List[np.ndarray]:
+        result = request.infer(arrays)
+        return [result[o] for o in compiled.outputs]
+    return run
+
+
+RUNNERS: Dict[str, Callable[[str, int], Runner]] = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+
+
+class PartForward:
+    """Stands in for a part's ``forward``: flattens the call, runs the graph, rebuilds the output."""
+
+    def __init__(self, name: str, run: Runner, in_spec, none_at: List[int], out_spec):
+        self.name, self.run, self.in_spec, self.none_at, self.out_spec = name, run, in_spec, none_at, out_spec
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten((args, kwargs))
+        if spec != self.in_spec or [i for i, leaf in enumerate(leaves) if leaf is None] != self.none_at:
+            raise ValueError(f"{self.name}: called with {spec}, exported for {self.in_spec}")
+        flat = _tensor_leaves(leaves)
+        device = flat[0].device
+        outs = self.run([t.detach().float().cpu().contiguous().numpy() for t in flat])
+        return tree_unflatten([torch.from_numpy(np.asarray(o)).to(device) for o in outs], self.out_spec)
+
+
+def attach(model: nn.Module, export_dir: str, backend: str) -> nn.Module:
+    """Swap every dense part's ``forward`` of ``model`` (in place) for the graph in ``export_dir``
+    run by ``backend`` with torch's intra-op thread count; returns the model, in eval mode."""
+    if backend not in RUNNERS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    with open(os.path.join(export_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    threads = torch.get_num_threads()
+    for name, part in dense_parts(model).items():
+        if name not in manifest["parts"]:
+            raise ValueError(f"{export_dir}: no graph for part {name!r}; export this model again")
+        entry = manifest["parts"][name]
+        run = RUNNERS[backend](os.path.join(export_dir, entry["file"]), threads)
+        part.forward = PartForward(name, run, treespec_loads(entry["in_spec"]), entry["none_at"],
+                                   treespec_loads(entry["out_spec"]))
+    return model.eval()
+
+
+def generated_image(height: int, width: int, seed: int = 0) -> Tensor:
+    """A deterministic CHW image in [0, 1]: smooth colour fields with sharp-edged rectangles, so
+    that a detector finds edges and blobs at every scale."""
+    g = torch.Generator().manual_seed(seed)
+    field = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=g)
+    image = torch.nn.functional.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)[0]
+    for _ in range(12):
+        y0, x0 = int(torch.randint(0, height - 8, (1,), generator=g)), int(torch.randint(0, width - 8, (1,), generator=g))
+        h = int(torch.randint(8, max(height // 3, 9), (1,), generator=g))
+        w = int(torch.randint(8, max(width // 3, 9), (1,), generator=g))
+        image[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g)
+    return image
+
+
+def weights_key(model: nn.Module, settings: Dict[str, Any]) -> str:
+    """A cache key from the architecture, the weights' bytes, the export settings and the versions
+    of everything that writes or reads the graphs."""
+    from ..version import __version__
+
+    h = hashlib.sha256(repr(model).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    versions = {"hrnetdet": __version__, "torch": torch.__version__}
+    h.update(json.dumps({**settings, **versions}, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
+    """The folder holding ``model``'s dynamic graphs, exported once per weights and settings.
+
+    Written into a private temporary folder and renamed into place, so concurrent processes never
+    see a partial export; when two race, the first rename wins and the other's copy is dropped."""
+    key = weights_key(model, {"dynamic": True, "opset": opset})
+    final = os.path.join(cache_dir, key)
+    if os.path.exists(os.path.join(final, MANIFEST)):
+        return final
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)
+    try:
+        export_parts(model, generated_image(480, 640), tmp, dynamic=True, opset=opset)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process renamed its copy first
+            if not os.path.exists(os.path.join(final, MANIFEST)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ``auto``'s preference on the CPU, the fastest first (benchmarks/export_results.md).
+AUTO_ORDER: Sequence[str] = ("openvino", "onnxruntime")
+
+
+def default_backend() -> str:
+    """``auto``: the first installed backend of ``AUTO_ORDER``."""
+    import importlib.util
+
+    for backend in AUTO_ORDER:
+        if importlib.util.find_spec(backend) is not None:
+            return backend
+    raise ImportError("backend 'auto' needs onnxruntime or openvino: pip install 'hrnetdet[onnx]'")
+
+
+def runtime_model(model: nn.Module, backend: str = "auto", cache_dir: str = "") -> nn.Module:
+    """``model`` (changed in place) with its dense parts run by ``backend``, exported once into
+    ``cache_dir`` (default ``$HRNETDET_HOME/exports``)."""
+    from ..zoo.hub import hrnetdet_home
+
+    if backend == "auto":
+        backend = default_backend()
+    if backend not in RUNNERS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    require(backend)
+    folder = cached_export(model.eval(), cache_dir or os.path.join(hrnetdet_home(), "exports"))
+    return attach(model, folder, backend)
