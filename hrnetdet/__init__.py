@@ -3,6 +3,7 @@ from .zoo import (CheckpointError, create_model, get_arch_pretrained_cfgs, get_p
                   list_families, list_models)
 from .zoo import build_factories as _build_factories
 from .engine.evaluate import evaluate
+from .engine.train import fit
 from .inference import optimize_for_inference, predict
 from .visualize import draw
 
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 _factories = _build_factories()
 globals().update(_factories)
 
-__all__ = ["CheckpointError", "create_model", "draw", "evaluate", "get_arch_pretrained_cfgs", "get_pretrained_cfg",
+__all__ = ["CheckpointError", "create_model", "draw", "evaluate", "fit", "get_arch_pretrained_cfgs", "get_pretrained_cfg",
            "list_families", "list_models", "optimize_for_inference", "predict", *_factories]

@@ -11,8 +11,10 @@ import torch.multiprocessing as mp
 import hrnetdet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.data import make_shapes_dataset
-from hrnetdet.engine.train import RCNN_RECIPE, RECIPES, default_schedule, lr_factor, param_groups
-from hrnetdet.train import fit
+from hrnetdet import fit
+from hrnetdet.engine.curves import loss_keys, plot_curves
+from hrnetdet.engine.train import default_schedule, lr_factor, param_groups
+from hrnetdet.zoo.recipe import FCOS_RECIPE, RCNN_RECIPE
 
 RPN_SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
                  rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)
@@ -40,12 +42,12 @@ def test_recipes():
     assert lr_factor(500, [600, 900], 500, RCNN_RECIPE) == 1.0
     assert lr_factor(600, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.1)
     assert lr_factor(950, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.01)
-    assert lr_factor(10, [600, 900], 500, RECIPES["fcos"]) == pytest.approx(1 / 3)
+    assert lr_factor(10, [600, 900], 500, FCOS_RECIPE) == pytest.approx(1 / 3)
     assert [default_schedule(a) for a in ("faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w32",
                                           "cascade_rcnn_hrnetv2p_w18", "htc_hrnetv2p_w18", "fcos_hrnetv2p_w18")] \
         == ["1x", "1x", "20e", "20e", "1x"]
     model = hrnetdet.create_model("fcos_hrnetv2p_w18", num_classes=4)
-    plain, bias = param_groups(model, 0.01, 1e-4, RECIPES["fcos"])
+    plain, bias = param_groups(model, 0.01, 1e-4, FCOS_RECIPE)
     assert (bias["lr"], bias["weight_decay"], plain["lr"], plain["weight_decay"]) == (0.02, 0.0, 0.01, 1e-4)
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))}
     assert not norm_biases & {id(p) for p in bias["params"]} and norm_biases <= {id(p) for p in plain["params"]}
@@ -181,8 +183,6 @@ FAMILIES = {"two-stage": ("faster_rcnn_hrnetv2p_w18", 0.005), "cascade": ("casca
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_short_finetune_lowers_loss_and_evaluates(family, shapes, tmp_path):
     arch, lr = FAMILIES[family]
-    if arch not in hrnetdet.list_models():
-        pytest.skip(f"{arch} is not registered yet")
     (ann, images), (val_ann, val_images) = shapes
     model = tiny_model(arch, norm_eval=False)
     summary = fit(model, ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=12, batch_size=2,
@@ -200,3 +200,42 @@ def test_short_finetune_lowers_loss_and_evaluates(family, shapes, tmp_path):
     reloaded = tiny_model(arch, checkpoint_path=summary["best"])
     again = hrnetdet.evaluate(reloaded, val_ann, val_images, progress=False)
     assert again["bbox"]["stats"] == metrics["bbox"]["stats"]
+
+
+def test_fcos_losses_reach_the_loss_curve(tmp_path):
+    model = tiny_model("fcos_hrnetv2p_w18").train()
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+    losses = model([torch.rand(3, 64, 80)], [target])
+    record = {"type": "train", "iter": 1, "lr": 0.01, "loss": sum(losses.values()).item(),
+              **{k: v.item() for k, v in losses.items()}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path)) == [str(tmp_path / "loss.png"),
+                                                                           str(tmp_path / "lr.png")]
+    assert loss_keys([record]) == ["loss", *sorted(losses)]
+
+
+BAD_TARGETS = {  # (field changed, value) -> the field the error must name
+    "label 0 (background)": ("labels", torch.tensor([0]), r"targets\[1\]\['labels'\]\[0\] is 0"),
+    "label past the classes": ("labels", torch.tensor([4]), r"targets\[1\]\['labels'\]\[0\] is 4: .* 1\.\.3"),
+    "no labels": ("labels", None, r"targets\[1\] has no 'labels'"),
+    "inverted box": ("boxes", torch.tensor([[40.0, 8.0, 10.0, 30.0]]), r"targets\[1\]\['boxes'\]\[0\]"),
+    "box outside the image": ("boxes", torch.tensor([[90.0, 8.0, 99.0, 30.0]]), r"targets\[1\]\['boxes'\]\[0\]"),
+    "NaN box": ("boxes", torch.tensor([[float("nan"), 8.0, 20.0, 30.0]]), r"targets\[1\]\['boxes'\]\[0\]"),
+    "mask of another size": ("masks", torch.ones(1, 32, 40, dtype=torch.uint8), r"targets\[1\]\['masks'\]"),
+}
+
+
+@pytest.mark.parametrize("family", [f.name for f in hrnetdet.list_families()])
+def test_every_family_rejects_bad_targets_naming_image_and_field(family):
+    model = tiny_model(f"{family}_hrnetv2p_w18").train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 64, 80)]
+    good = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 80, dtype=torch.uint8)}
+    for case, (key, value, message) in BAD_TARGETS.items():
+        bad = dict(good)
+        if value is None:
+            del bad[key]
+        else:
+            bad[key] = value
+        with pytest.raises(ValueError, match=message):
+            model(images, [good, bad])

@@ -1,5 +1,6 @@
 """Two-stage detectors (Faster R-CNN, Mask R-CNN) composed from the parts: HRNetV2p backbone ->
 RPN -> RoI heads, in torchvision's GeneralizedRCNN contract."""
+import copy
 from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
@@ -14,6 +15,7 @@ from ..heads.roi_align import ReferenceRoIAlign
 from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
 from ..heads.rpn import ReferenceRPN
 from ..neck import HRFPN, HRNetV2p
+from .targets import check_targets
 from .transform import ReferenceTransform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -29,6 +31,23 @@ class HRNetDetector(GeneralizedRCNN):
                  transform: ReferenceTransform, categories: Optional[Sequence[str]] = None):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.categories: List[str] = list(categories) if categories is not None else []
+
+    def forward(self, images, targets=None):
+        if self.training:
+            num_classes = next(m.cls_score.out_features for m in self.modules() if isinstance(m, FastRCNNPredictor))
+            check_targets(images, targets, num_classes)
+        return super().forward(images, targets)
+
+    def __prepare_scriptable__(self) -> GeneralizedRCNN:
+        """TorchScript cannot compile ``super()``: it scripts torchvision's forward (the target
+        check above is training-only)."""
+        scriptable = copy.copy(self)
+        scriptable.__class__ = _ScriptableDetector
+        return scriptable
+
+
+class _ScriptableDetector(GeneralizedRCNN):
+    """HRNetDetector without its training-time target check, for TorchScript."""
 
 
 def hrnetv2p_backbone(width: int, *, fpn_stride: int = 1, norm_eval: bool = True,

@@ -3,6 +3,7 @@
 from ..detectors.cascade import build_cascade_rcnn, build_htc
 from ..detectors.fcos import build_fcos
 from ..detectors.rcnn import build_rcnn
+from .recipe import FCOS_RECIPE
 from .registry import Family, PretrainedCfg, register_family, register_pretrained
 
 FAMILIES = (
@@ -11,7 +12,7 @@ FAMILIES = (
     Family("cascade_rcnn", "Cascade R-CNN", build_cascade_rcnn),
     Family("cascade_mask_rcnn", "Cascade Mask R-CNN", build_cascade_rcnn, {"with_mask": True}, has_masks=True),
     Family("htc", "Hybrid Task Cascade", build_htc, has_masks=True),
-    Family("fcos", "FCOS", build_fcos),
+    Family("fcos", "FCOS", build_fcos, recipe=FCOS_RECIPE),
 )
 
 # (arch, tag, reference checkpoint file, schedule, multi-scale training, published metrics).

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD
 from .coco import COCO_CATEGORIES
+from .recipe import RCNN_RECIPE, Recipe
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Family:
     builder_kwargs: Dict[str, Any] = field(default_factory=dict)
     widths: Tuple[int, ...] = (18, 32, 40, 48)
     has_masks: bool = False
+    recipe: Recipe = RCNN_RECIPE   # how to train it (engine.train reads it)
 
 
 @dataclass(frozen=True)
