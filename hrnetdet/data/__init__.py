@@ -2,7 +2,7 @@
 from .coco import BoxWarning, CocoDetection, DatasetError, collate, load_image, read_annotations
 from .samplers import GroupedBatchSampler
 from .synthetic import make_shapes_dataset
-from .transforms import Compose, RandomHorizontalFlip
+from .transforms import AUGMENTATIONS, Augment, Compose
 
 __all__ = ["BoxWarning", "CocoDetection", "DatasetError", "collate", "load_image", "read_annotations",
-           "GroupedBatchSampler", "make_shapes_dataset", "Compose", "RandomHorizontalFlip"]
+           "GroupedBatchSampler", "make_shapes_dataset", "AUGMENTATIONS", "Augment", "Compose"]

@@ -7,7 +7,8 @@ import os
 from ..data.coco import categories_of, read_annotations
 from ..zoo.factory import create_model
 from .evaluate import evaluate, format_table
-from .train import SCHEDULES, fit
+from ..data.transforms import AUGMENTATIONS
+from .train import SCHEDULES, fit, seed_everything
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -35,13 +36,26 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=int, nargs="+", help="shorter side(s); several = multi-scale training")
     p.add_argument("--max-size", type=int, help="longer side cap (default 1333)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the run")
     p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
+    p.add_argument("--aug", choices=AUGMENTATIONS, default="flip",
+                   help="augmentation preset (default flip: the reference's horizontal flip)")
+    p.add_argument("--ema", nargs="?", type=float, const=0.9998, default=None, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights (decay 0.9998)")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="stop when validation bbox AP has not improved for N validations")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="iterations between checkpoints and validations (default: about 10 per run)")
+    p.add_argument("--log-every", type=int, metavar="N",
+                   help="iterations between metrics records (default: about 50 per run, at most 20 apart)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute the HRNet body's activations in the backward pass: less memory, more time")
 
 
 def _train_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _, categories = categories_of(read_annotations(args.train_ann))
+    seed_everything(args.seed)  # before the model is built: identical commands give identical weights
     kwargs = {}
     if args.min_size:
         kwargs["min_size"] = args.min_size[-1]
@@ -53,7 +67,9 @@ def _train_run(args: argparse.Namespace) -> int:
                   epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                   schedule=args.schedule, amp=args.amp, device=args.device, resume=args.resume, seed=args.seed,
                   multiscale=args.min_size if args.min_size and len(args.min_size) > 1 else None,
-                  filter_empty=not args.keep_empty, num_workers=args.workers)
+                  filter_empty=not args.keep_empty, num_workers=args.workers, aug=args.aug, ema=args.ema,
+                  patience=args.patience, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                  grad_checkpoint=args.grad_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
@@ -66,7 +82,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="use the published weights (or this tag)")
     p.add_argument("--ann", required=True, help="COCO instances json")
     p.add_argument("--images", required=True, help="image folder")
-    p.add_argument("--out", help="folder for predictions.json (COCO results) and metrics.json")
+    p.add_argument("--out", help="folder for predictions.json (COCO results), metrics.json, a confusion matrix "
+                                 "and precision-recall curves")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--min-size", type=int, help="shorter side (default 800)")
     p.add_argument("--max-size", type=int, help="longer side cap (default 1333)")
@@ -86,7 +103,8 @@ def _eval_run(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, num_workers=args.workers)
     print(format_table(metrics))
     if args.out:
-        print(f"wrote {os.path.join(args.out, 'predictions.json')} and metrics.json")
+        print(f"wrote {os.path.join(args.out, 'predictions.json')}, metrics.json, confusion_matrix.png/.json "
+              f"and pr_curves_*.png/.json")
     return 0
 
 

@@ -39,7 +39,7 @@ def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogLocator, MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
     records = read_metrics(metrics_file) if os.path.isfile(metrics_file) else []
     write_csv(records, os.path.join(out_dir, "metrics.csv"))
     train = [r for r in records if r.get("type") == "train"]
@@ -49,6 +49,7 @@ def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
     def save(fig, ax, name):
         ax.set_xlabel("iteration")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3, which="both")
         path = os.path.join(out_dir, name)
         fig.tight_layout()
@@ -66,7 +67,8 @@ def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
         ax.set_ylabel("loss")
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
         save(fig, ax, "loss.png")
         fig, ax = plt.subplots(figsize=(7, 3))

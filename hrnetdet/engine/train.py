@@ -1,27 +1,31 @@
 """``fit``: the reference's training recipe as a small loop: SGD with linear or constant warm-up and
 step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard against non-finite losses,
-metrics in JSON lines and curves.
+EMA weights, early stopping, metrics in JSON lines, CSV and TensorBoard, and curves.
 
 Three parts: ``TrainConfig`` (the run's settings), ``TrainState`` (everything a resumed run needs,
 saved and loaded exactly) and ``train_loop`` (the iterations); ``fit`` wires them together.
 """
 import json
 import logging
+import math
 import os
+import pickle
 import random
+import re
 import time
 from collections import defaultdict, deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from ..data import CocoDetection, Compose, GroupedBatchSampler, RandomHorizontalFlip, collate
+from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
 from ..zoo.convert import _atomic, save_safetensors
 from ..zoo.recipe import Recipe
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
@@ -32,6 +36,7 @@ logger = logging.getLogger("hrnetdet")
 
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 # The learning rate drops x0.1 at these fractions of the run (1x: epochs 8 and 11 of 12, ...).
 SCHEDULES = {"1x": (8 / 12, 11 / 12), "2x": (16 / 24, 22 / 24), "20e": (16 / 20, 19 / 20)}
@@ -85,14 +90,21 @@ class TrainConfig:
         resume: True continues from ``out_dir/training_state.pt`` when it exists; a path names a
             state file. Model, optimizer, schedule, scaler, iteration, RNG states and the
             sampler position are restored, so an interrupted run ends with the same weights.
-        hflip: horizontal flip probability (the reference: 0.5).
+        aug: augmentation preset: "none", "flip" (the reference's horizontal flip, p=0.5),
+            "photometric" or "scale-jitter" (see ``data.transforms.Augment``).
         multiscale: training shorter-side choices, e.g. (640, 800) as the reference's ms configs;
             evaluation uses the last.
         filter_empty: drop training images without annotations (the reference's filter_empty_gt).
-        checkpoint_every: iterations between checkpoints (and validations); default: every epoch
-            with ``epochs``, a tenth of the run with ``iters``.
-        log_every: iterations between the records of metrics.jsonl.
+        checkpoint_every: iterations between checkpoints (and validations); default: about ten
+            per run (whole epochs with ``epochs``), and at least 10 iterations apart.
+        log_every: iterations between the records of metrics.jsonl; default: about 50 records per
+            run, at least every 20 iterations.
         max_nonfinite: stop after this many consecutive skipped (non-finite) losses.
+        ema: keep an exponential moving average of the weights with this decay (ramped up as
+            timm's ModelEmaV3 warm-up does); it is what is validated and saved in last/ and best/.
+        patience: stop when validation bbox AP has not improved for this many validations.
+        grad_checkpoint: recompute the HRNet body's activations in the backward pass (less
+            memory, about a third more compute).
     """
     epochs: Optional[int] = None
     iters: Optional[int] = None
@@ -107,18 +119,27 @@ class TrainConfig:
     device: Optional[str] = None
     resume: Union[bool, str] = False
     seed: int = 0
-    hflip: float = 0.5
+    aug: str = "flip"
     multiscale: Optional[Sequence[int]] = None
     filter_empty: bool = True
     num_workers: int = 0
     checkpoint_every: Optional[int] = None
-    log_every: int = 10
+    log_every: Optional[int] = None
     progress: bool = True
     max_nonfinite: int = 20
+    ema: Optional[float] = None
+    patience: Optional[int] = None
+    grad_checkpoint: bool = False
 
     def check(self) -> None:
         if (self.epochs is None) == (self.iters is None):
             raise ValueError("give exactly one of epochs or iters")
+        for name in ("epochs", "iters", "checkpoint_every", "log_every", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema decay must be in (0, 1), got {self.ema}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {sorted(SCHEDULES)}")
 
@@ -131,6 +152,7 @@ class Plan:
     milestones: Tuple[int, ...]
     warmup_iters: int
     checkpoint_every: int
+    log_every: int
     lr: float
     grad_clip: Optional[float]
 
@@ -140,15 +162,25 @@ class Plan:
         if config.epochs is not None:
             total = config.epochs * per_epoch
             milestones = tuple(round(f * config.epochs) * per_epoch for f in fractions)
-            checkpoint_every = config.checkpoint_every or per_epoch
+            epochs_apart = max(math.ceil(config.epochs / 10), math.ceil(min(total, 10) / per_epoch))
+            checkpoint_every = config.checkpoint_every or epochs_apart * per_epoch
         else:
             total = config.iters
             milestones = tuple(round(f * total) for f in fractions)
-            checkpoint_every = config.checkpoint_every or max(1, total // 10)
+            checkpoint_every = config.checkpoint_every or max(math.ceil(total / 10), min(total, 10))
+        log_every = config.log_every or min(20, max(1, total // 50))
         lr = config.lr if config.lr is not None else recipe.base_lr * config.batch_size * world / 16
         grad_clip = recipe.grad_clip if config.grad_clip is None else (config.grad_clip or None)
-        return cls(per_epoch, total, milestones, min(config.warmup_iters, total // 4), checkpoint_every, lr,
-                   grad_clip)
+        return cls(per_epoch, total, milestones, min(config.warmup_iters, total // 4), checkpoint_every, log_every,
+                   lr, grad_clip)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: call it before building the model, so that
+    two identical runs start from identical weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -170,14 +202,43 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def training_rng_untouched() -> Iterator[Dict[str, Any]]:
+    """Yields the RNG states and restores them on exit: evaluation (its DataLoader draws a seed)
+    and checkpointing inside do not move the training streams, so a resumed run repeats them."""
+    state = _rng_state()
+    try:
+        yield state
+    finally:
+        _set_rng_state(state)
+
+
+def ema_of(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel as an exponential moving average of parameters and buffers, its decay
+    ramped up as ``min(decay, (1 + n) / (10 + n))`` after n updates (timm's ModelEmaV3 warm-up),
+    so that short fine-tunes are not dominated by the initial weights."""
+    def update(averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+class TrainingStateError(RuntimeError):
+    """training_state.pt cannot be read (e.g. truncated by a full disk)."""
+
+
 class TrainState:
-    """What a resumed run needs: model, optimizer, LR schedule, AMP scaler, the iteration, the best
-    validation AP and the last validation metrics. RNG states are passed in by the caller (one per
-    rank) and restored on load."""
+    """What a resumed run needs: model, EMA, optimizer, LR schedule, AMP scaler, the iteration, the
+    best validation AP, validations without improvement and the last validation metrics. RNG
+    states are passed in by the caller (one per rank) and restored on load."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, plan: Plan, recipe: Recipe,
                  amp_dtype: Optional[torch.dtype]):
         self.model = model
+        self.ema = ema_of(model, config.ema) if config.ema is not None else None
         self.optimizer = torch.optim.SGD(param_groups(model, plan.lr, config.weight_decay, recipe), lr=plan.lr,
                                          momentum=config.momentum, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -185,23 +246,46 @@ class TrainState:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         self.iteration = 0
         self.best_ap = -1.0
+        self.bad_validations = 0  # since the best one
+        self.stopped_early = False
         self.last_val: Dict[str, float] = {}
+
+    @property
+    def weights(self) -> nn.Module:
+        """The weights that are validated and saved: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def save(self, path: str, rng: List[Dict[str, Any]], total: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                 "iteration": self.iteration, "best_ap": self.best_ap, "rng": rng, "world_size": len(rng),
-                 "total_iters": total}
+                 "iteration": self.iteration, "best_ap": self.best_ap, "bad_validations": self.bad_validations,
+                 "stopped_early": self.stopped_early, "last_val": self.last_val, "rng": rng,
+                 "world_size": len(rng), "total_iters": total}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         _atomic(path, lambda tmp: torch.save(state, tmp))
 
     def load(self, path: str, rank: int, world: int) -> None:
         """Restore from ``path``; the RNG streams too when the world size is unchanged."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            last = os.path.join(os.path.dirname(os.path.abspath(path)), "last", "model.safetensors")
+            fallback = (f"the last checkpoint's weights are in {last}: start a new run from them (--checkpoint "
+                        f"{last})" if os.path.isfile(last) else "no last/ checkpoint exists either")
+            raise TrainingStateError(f"cannot resume: {path} is unreadable ({str(e).splitlines()[0]}); {fallback}, "
+                                     f"or delete {path} to train from the start") from e
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise TrainingStateError(f"{path} was saved without EMA weights: resume without ema")
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.best_ap = int(state["iteration"]), float(state["best_ap"])
+        self.bad_validations, self.stopped_early = int(state["bad_validations"]), bool(state["stopped_early"])
+        self.last_val = dict(state["last_val"])
         if state["world_size"] == world:
             _set_rng_state(state["rng"][rank])
         elif rank == 0:
@@ -245,24 +329,77 @@ def _to_device(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> 
     return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
 
-class _Metrics:
-    """Appends JSON lines (rank 0); on resume, drops the records after the resumed iteration."""
+def _tensorboard_writer(log_dir: str, purge_step: Optional[int]) -> Any:
+    """A SummaryWriter when the optional ``tensorboard`` package is installed, else None."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+    except ImportError:
+        logger.info("TensorBoard logs need the optional extra: pip install 'hrnetdet[tensorboard]'")
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir, purge_step=purge_step)
 
-    def __init__(self, path: str, resume_iter: Optional[int], enabled: bool):
-        self.path = path
+
+class _Metrics:
+    """Appends JSON lines (rank 0), mirrored as TensorBoard scalars when tensorboard is installed;
+    on resume, drops the records after the resumed iteration (TensorBoard: its purge_step)."""
+
+    def __init__(self, out_dir: str, resume_iter: Optional[int], enabled: bool):
+        self.path = os.path.join(out_dir, METRICS_FILE)
         self.enabled = enabled
+        self.tensorboard = None
         if not enabled:
             return
         kept = []
-        if resume_iter is not None and os.path.isfile(path):
-            with open(path) as f:
+        if resume_iter is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-        _atomic(path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        _atomic(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        self.tensorboard = _tensorboard_writer(os.path.join(out_dir, TENSORBOARD_DIR),
+                                               resume_iter + 1 if resume_iter else None)
 
     def write(self, record: Dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("type", "iter") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['type']}/{key}", value, record["iter"])
+
+    def flush(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def remove_orphan_temporaries(folders: Sequence[str]) -> List[str]:
+    """Delete the ``*.tmp<pid>`` files that a killed process left behind (their process is gone);
+    returns their paths."""
+    removed = []
+    for folder in folders:
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            match = re.search(r"\.tmp(\d+)$", name)
+            if match and not _process_alive(int(match.group(1))):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a file of ours from a previous process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
@@ -284,32 +421,48 @@ class _Run:
 
 
 def checkpoint(run: _Run, state: TrainState) -> None:
-    """Validate (rank 0, with a validation set), save last/ (and best/) and the training state."""
-    rng = [_rng_state()] * run.world
-    if run.world > 1:
-        dist.all_gather_object(rng, _rng_state())
-    if run.rank == 0:
-        model, it = state.model, state.iteration
-        extra = {"trained_on": os.path.basename(run.train_ann), "iteration": it}
-        if run.val_ann is not None:
-            model.eval()
-            res = evaluate(model, run.val_ann, run.val_images, device=str(run.device), progress=False)
-            model.train()
-            state.last_val = {f"{t}_{k}": v for t in ("bbox", "segm") if t in res for k, v in res[t]["stats"].items()}
-            run.metrics.write({"type": "val", "iter": it, **state.last_val})
-            extra["val_metrics"] = state.last_val
-            if state.last_val["bbox_AP"] > state.best_ap:
-                state.best_ap = state.last_val["bbox_AP"]
-                save_safetensors(model, os.path.join(run.out_dir, "best", "model.safetensors"), run.arch, extra)
-        save_safetensors(model, os.path.join(run.out_dir, "last", "model.safetensors"), run.arch, extra)
-        state.save(run.state_path, rng, run.plan.total)
-        plot_curves(run.metrics.path, run.out_dir)
-    if run.world > 1:
-        dist.barrier()
+    """Validate (rank 0, with a validation set), save last/ (and best/) and the training state,
+    leaving the training RNG streams as they were; decides early stopping."""
+    with training_rng_untouched() as own_rng:
+        rng = [own_rng] * run.world
+        if run.world > 1:
+            dist.all_gather_object(rng, own_rng)
+        if run.rank == 0:
+            _validate_and_save(run, state, rng)
+        if run.world > 1:
+            stop = torch.tensor([int(state.stopped_early)], device=run.device if run.device.type == "cuda" else None)
+            dist.broadcast(stop, 0)
+            state.stopped_early = bool(stop.item())
+            dist.barrier()
+
+
+def _validate_and_save(run: _Run, state: TrainState, rng: List[Dict[str, Any]]) -> None:
+    weights, it = state.weights, state.iteration
+    extra: Dict[str, Any] = {"trained_on": os.path.basename(run.train_ann), "iteration": it}
+    if state.ema is not None:
+        extra["ema_decay"] = run.config.ema
+    if run.val_ann is not None:
+        res = evaluate(weights, run.val_ann, run.val_images, device=str(run.device), progress=False)
+        state.last_val = {f"{t}_{k}": v for t in ("bbox", "segm") if t in res for k, v in res[t]["stats"].items()}
+        run.metrics.write({"type": "val", "iter": it, **state.last_val})
+        extra["val_metrics"] = state.last_val
+        if state.last_val["bbox_AP"] > state.best_ap:
+            state.best_ap, state.bad_validations = state.last_val["bbox_AP"], 0
+            save_safetensors(weights, os.path.join(run.out_dir, "best", "model.safetensors"), run.arch, extra)
+        else:
+            state.bad_validations += 1
+        if run.config.patience is not None and state.bad_validations >= run.config.patience:
+            state.stopped_early = True
+            logger.info("early stop at iteration %d: bbox AP has not improved on %.4f for %d validations",
+                        it, state.best_ap, state.bad_validations)
+    save_safetensors(weights, os.path.join(run.out_dir, "last", "model.safetensors"), run.arch, extra)
+    state.save(run.state_path, rng, run.plan.total)
+    run.metrics.flush()
+    plot_curves(run.metrics.path, run.out_dir)
 
 
 def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils.data.DataLoader,
-               sampler: GroupedBatchSampler, transforms: Optional[Compose]) -> int:
+               sampler: GroupedBatchSampler, augment: Augment) -> int:
     """Train from ``state.iteration`` to the end of the plan, checkpointing on the way; returns the
     number of skipped (non-finite) steps."""
     config, plan, dev = run.config, run.plan, run.device
@@ -323,11 +476,10 @@ def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils
                dynamic_ncols=True, desc="train")
     t_log, it_log = time.time(), state.iteration
     try:
-        while state.iteration < plan.total:
+        while state.iteration < plan.total and not state.stopped_early:
             epoch, first_batch = divmod(state.iteration, plan.per_epoch)
             sampler.set_epoch(epoch, first_batch)
-            if transforms is not None:
-                transforms.set_epoch(epoch)
+            augment.set_epoch(epoch)
             for images, targets in loader:
                 images = [im.to(dev, non_blocking=True) for im in images]
                 targets = _to_device(targets, dev)
@@ -350,6 +502,8 @@ def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils
                         torch.nn.utils.clip_grad_norm_(params, plan.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
+                    if state.ema is not None:
+                        state.ema.update_parameters(state.model)
                     consecutive_bad = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
@@ -372,7 +526,7 @@ def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils
                 bar.update(1)
                 if main and window:
                     bar.set_postfix(loss=f"{np.mean(window['loss']):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if (it % config.log_every == 0 or it == plan.total) and since_log:
+                if (it % plan.log_every == 0 or it == plan.total) and since_log:
                     now = time.time()
                     run.metrics.write({"type": "train", "iter": it, "epoch": it / plan.per_epoch,
                                        "lr": optimizer.param_groups[0]["lr"],
@@ -382,7 +536,7 @@ def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils
                     since_log.clear()
                 if it % plan.checkpoint_every == 0 or it == plan.total:
                     checkpoint(run, state)
-                if it >= plan.total:
+                if it >= plan.total or state.stopped_early:
                     break
     finally:
         bar.close()
@@ -403,9 +557,12 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     the CPU) on its share of every batch; rank 0 writes. ``out_dir`` receives ``last/`` and
     ``best/`` (``model.safetensors`` + ``config.json``, loadable by ``create_model(arch,
     checkpoint_path=...)``; best by validation bbox AP, so only with a validation set),
-    ``training_state.pt``, ``metrics.jsonl`` and ``loss.png``, ``lr.png``, ``ap.png``.
+    ``training_state.pt``, ``metrics.jsonl``, ``metrics.csv``, ``tensorboard/`` (when tensorboard
+    is installed) and ``loss.png``, ``lr.png``, ``ap.png``. Seed with ``seed_everything`` before
+    building the model for runs that repeat exactly.
 
-    Returns a summary: iterations, last/best paths, the last validation metrics, skipped steps.
+    Returns a summary: iterations, last/best paths, the last validation metrics (also when
+    resuming a finished run), skipped steps, whether it stopped early.
     """
     unknown = set(options) - {f.name for f in fields(TrainConfig)}
     if unknown:
@@ -414,6 +571,8 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     config.check()
     if (val_ann is None) != (val_images is None):
         raise ValueError("val_ann and val_images go together")
+    if config.patience is not None and val_ann is None:
+        raise ValueError("patience (early stopping on validation AP) needs a validation set")
     arch = getattr(model, "arch", None)
     if arch is None:
         raise ValueError("fit needs a model built by hrnetdet.create_model (model.arch names its family)")
@@ -421,12 +580,10 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
 
     rank, world, dev, created_group = _setup_distributed(config.device)
     amp_dtype = _amp_dtype(config.amp, dev)
-    random.seed(config.seed + rank)
-    np.random.seed(config.seed + rank)
-    torch.manual_seed(config.seed + rank)
+    seed_everything(config.seed + rank)
 
-    transforms = Compose([RandomHorizontalFlip(config.hflip, config.seed)]) if config.hflip > 0 else None
-    ds = CocoDetection(train_ann, train_images, transforms=transforms, with_masks=family.has_masks,
+    augment = Augment(config.aug, config.seed)
+    ds = CocoDetection(train_ann, train_images, transforms=augment, with_masks=family.has_masks,
                        filter_empty=config.filter_empty, min_image_size=32)
     if len(getattr(model, "categories", [])) != len(ds.categories):
         raise ValueError(f"the model has {len(model.categories)} classes (with background) but {train_ann} "
@@ -442,10 +599,16 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
                                          generator=torch.Generator().manual_seed(config.seed))
     plan = Plan.resolve(config, len(sampler), world, family.recipe, arch)
 
+    if config.grad_checkpoint:
+        model.backbone.body.set_grad_checkpointing(True)
     model.to(dev).train()
     state = TrainState(model, config, plan, family.recipe, amp_dtype)
-    for sub in ("last", "best") if val_ann else ("last",):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    folders = [os.path.join(out_dir, sub) for sub in (("last", "best") if val_ann else ("last",))]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    if rank == 0:
+        for path in remove_orphan_temporaries([out_dir, *folders]):
+            logger.info("removed %s, left by an interrupted process", path)
     resume = config.resume
     state_path = resume if isinstance(resume, str) else os.path.join(out_dir, STATE_FILE)
     resumed = False
@@ -459,18 +622,21 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     elif resume and rank == 0:
         logger.info("no %s yet: starting from iteration 0", state_path)
 
-    metrics = _Metrics(os.path.join(out_dir, METRICS_FILE), state.iteration if resumed else None, rank == 0)
+    metrics = _Metrics(out_dir, state.iteration if resumed else None, rank == 0)
     run = _Run(arch, config, plan, out_dir, state_path, train_ann, val_ann, val_images, dev, rank, world,
                amp_dtype, metrics)
     net = nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None,
         find_unused_parameters=True) if world > 1 else model
     try:
-        skipped = train_loop(run, state, net, loader, sampler, transforms)
+        skipped = train_loop(run, state, net, loader, sampler, augment)
     finally:
+        metrics.close()
         if created_group:
             dist.destroy_process_group()
     return {"iterations": state.iteration, "out_dir": out_dir,
             "last": os.path.join(out_dir, "last", "model.safetensors"),
             "best": os.path.join(out_dir, "best", "model.safetensors") if val_ann else None,
-            "val": state.last_val, "skipped_steps": skipped, "lr": plan.lr, "milestones": list(plan.milestones)}
+            "val": state.last_val, "best_bbox_AP": state.best_ap if val_ann else None,
+            "stopped_early": state.stopped_early, "skipped_steps": skipped, "lr": plan.lr,
+            "milestones": list(plan.milestones)}
