@@ -117,10 +117,11 @@ def test_a_run_sigkilled_with_validation_on_resumes_to_identical_weights(shapes,
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as this process
-    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, json.dumps(RPN_SMALL), ann, images,
-                           val_ann, val_images, str(run), json.dumps(kw)], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, json.dumps(RPN_SMALL), ann, images,
+                             val_ann, val_images, str(run), json.dumps(kw)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
     assert torch.load(run / "training_state.pt", weights_only=True)["iteration"] == 2
     orphan = run / "last" / f"model.safetensors.tmp{proc.pid}"  # as if killed while writing
     orphan.write_bytes(b"partial")
