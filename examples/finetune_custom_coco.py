@@ -37,7 +37,7 @@ def main() -> None:
     _, categories = categories_of(read_annotations(args.train_ann))
     model = hrnetdet.create_model(args.model, pretrained=not args.from_scratch, num_classes=len(categories),
                                   categories=categories)
-    summary = fit(model, args.train_ann, args.train_images, args.val_ann, args.val_images, args.out,
+    summary = hrnetdet.fit(model, args.train_ann, args.train_images, args.val_ann, args.val_images, args.out,
                   epochs=args.epochs, batch_size=args.batch_size, resume=True)
     if int(os.environ.get("RANK", "0")) != 0:
         return

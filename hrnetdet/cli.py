@@ -109,8 +109,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=int, nargs="+", help="shorter side(s); several = multi-scale training")
     _max_size_arg(p)
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, sampling and augmentation")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the run")
     p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
+    p.add_argument("--aug", choices=("none", "flip", "photometric", "scale-jitter"), default="flip",
+                   help="augmentation preset (default flip: the reference's horizontal flip)")
+    p.add_argument("--ema", nargs="?", type=float, const=0.9998, default=None, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights (decay 0.9998)")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="stop when validation bbox AP has not improved for N validations")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="iterations between checkpoints and validations (default: about 10 per run)")
+    p.add_argument("--log-every", type=positive_int, metavar="N",
+                   help="iterations between metrics records (default: about 50 per run, at most 20 apart)")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute the HRNet body's activations in the backward pass: less memory, more time")
 
 
 def _mode_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +139,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
     p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
     p.add_argument("--images", type=existing_folder, required=True, help="image folder")
-    p.add_argument("--out", help="folder for predictions.json (COCO results) and metrics.json")
+    p.add_argument("--out", help="folder for predictions.json (COCO results), metrics.json, a confusion matrix "
+                                 "and precision-recall curves")
     _device_arg(p)
     p.add_argument("--min-size", type=int, help="shorter side (the model's default: 800)")
     _max_size_arg(p)

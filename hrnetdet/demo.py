@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 from PIL import Image
 
-from .data import CocoDetection, make_shapes_dataset
+from .data import AUGMENTATIONS, CocoDetection, make_shapes_dataset
 from .engine.evaluate import evaluate, format_table
 from .engine.train import fit
 from .threads import THREADS_HELP, physical_cores, set_num_threads
@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--lr", type=float, default=0.01, help="0.02 diverges from scratch")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aug", choices=AUGMENTATIONS, default="flip", help="augmentation preset")
+    parser.add_argument("--ema", nargs="?", type=float, const=0.9998, default=None, metavar="DECAY",
+                        help="validate and keep an exponential moving average of the weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start, cpu_start = time.time(), time.process_time()
@@ -91,15 +94,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"model: {ARCH}, {how}")
     run = os.path.join(args.out, "run")
     summary = fit(model, train_ann, train_dir, val_ann, val_dir, out_dir=run, iters=args.iters,
-                  batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, aug=args.aug, ema=args.ema,
                   checkpoint_every=max(1, args.iters // 2), log_every=20)
     train_time = time.time() - start
 
+    if args.ema is not None:  # last/ holds the EMA weights, the ones validated
+        model = create_model(ARCH, checkpoint_path=summary["last"], num_classes=len(categories), **MODEL_KWARGS)
     metrics = evaluate(model, val_ann, val_dir, out_dir=os.path.join(args.out, "eval"), progress=False)
     print(format_table(metrics))
     draw_predictions(model, CocoDetection(val_ann, val_dir), os.path.join(args.out, "predictions.png"))
     wall = time.time() - start
-    result = {"model": ARCH, "initialisation": how, "iterations": summary["iterations"],
+    result = {"model": ARCH, "initialisation": how, "iterations": summary["iterations"], "aug": args.aug,
+              "ema": args.ema, "torch": torch.__version__,
               "held_out_bbox_AP": metrics["bbox"]["stats"]["AP"], "held_out_bbox_AP50": metrics["bbox"]["stats"]["AP50"],
               "train_seconds": round(train_time, 1), "wall_seconds": round(wall, 1), "threads": threads,
               "cpu_seconds": round(time.process_time() - cpu_start, 1), "load_average_at_start": round(load, 2),

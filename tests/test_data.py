@@ -1,5 +1,5 @@
 """COCO-format dataset: targets, masks, crowd/empty handling, clear errors for bad input, image
-modes and EXIF orientation, flips and aspect-ratio grouped sampling."""
+modes and EXIF orientation, augmentation presets and aspect-ratio grouped sampling."""
 import json
 import os
 import warnings
@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from hrnetdet.data import (BoxWarning, CocoDetection, DatasetError, GroupedBatchSampler, RandomHorizontalFlip,
-                           load_image, make_shapes_dataset)
+from torchvision.ops import masks_to_boxes
+
+from hrnetdet.data import (Augment, BoxWarning, CocoDetection, DatasetError, GroupedBatchSampler, load_image,
+                           make_shapes_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -164,24 +166,49 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out[:, :8, -8:].mean() > 0.9 and out[:, :8, :8].mean() < 0.1  # now top-right
 
 
-def test_flip_boxes_masks_and_determinism(shapes):
+def test_flip_preset_flips_boxes_masks_and_semantic_map_deterministically(shapes):
     ann_file, image_dir = shapes
     ds = CocoDetection(ann_file, image_dir, with_masks=True)
     image, target = ds[0]
-    flip = RandomHorizontalFlip(p=1.0)
-    fi, ft = flip(image, target, 0)
-    w = image.shape[-1]
-    assert torch.equal(fi, image.flip(-1)) and torch.equal(ft["masks"], target["masks"].flip(-1))
-    b = target["boxes"]
-    assert torch.equal(ft["boxes"], torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1))
-    half = RandomHorizontalFlip(p=0.5, seed=1)
+    target["semantic_seg"] = torch.randint(0, 5, image.shape[-2:], dtype=torch.uint8)  # HTC's
+    flip = Augment("flip", seed=1)
+    rng = torch.get_rng_state()
     decisions = []
     for epoch in range(2):
-        half.set_epoch(epoch)
-        decisions.append([not torch.equal(half(image, target, i)[0], image) for i in range(40)])
-    half.set_epoch(0)
-    assert decisions[0] == [not torch.equal(half(image, target, i)[0], image) for i in range(40)]
+        flip.set_epoch(epoch)
+        decisions.append([not torch.equal(flip(image, target, i)[0], image) for i in range(40)])
+    flip.set_epoch(0)
+    assert decisions[0] == [not torch.equal(flip(image, target, i)[0], image) for i in range(40)]
     assert decisions[0] != decisions[1] and 10 < sum(decisions[0]) < 30
+    assert torch.equal(torch.get_rng_state(), rng)  # the training RNG stream is untouched
+    fi, ft = flip(image, target, decisions[0].index(True))
+    w = image.shape[-1]
+    assert torch.equal(fi, image.flip(-1)) and torch.equal(ft["masks"], target["masks"].flip(-1))
+    assert torch.equal(ft["semantic_seg"], target["semantic_seg"].flip(-1))
+    b = target["boxes"]
+    assert torch.equal(ft["boxes"], torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1))
+    assert torch.equal(ft["labels"], target["labels"]) and type(fi) is torch.Tensor
+
+
+@pytest.mark.parametrize("preset", ["photometric", "scale-jitter"])
+def test_presets_keep_boxes_on_their_masks(shapes, preset):
+    ann_file, image_dir = shapes
+    ds = CocoDetection(ann_file, image_dir, with_masks=True)
+    aug = Augment(preset, seed=3)
+    changed = 0
+    for index in range(len(ds)):
+        image, target = ds[index]
+        out, t = aug(image, target, index)
+        again, _ = aug(image, target, index)
+        assert torch.equal(out, again) and out.shape == image.shape
+        changed += not torch.equal(out, image)
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["masks"])
+        assert set(t["labels"].tolist()) <= set(target["labels"].tolist())
+        nonempty = (t["masks"].flatten(1) > 0).any(1)
+        # each box is its (resized, cropped) mask's extent, as torchvision's masks_to_boxes measures it
+        torch.testing.assert_close(t["boxes"][nonempty], masks_to_boxes(t["masks"][nonempty]) + torch.tensor(
+            [0.0, 0.0, 1.0, 1.0]), rtol=0, atol=3.0 if preset == "scale-jitter" else 1.0)
+    assert changed == len(ds)
 
 
 def test_grouped_sampler_groups_ranks_and_resume():

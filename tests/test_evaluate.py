@@ -98,3 +98,27 @@ def test_class_count_mismatch_is_explained(shapes):
     model = Replay([], ["__background__", "a", "b"])
     with pytest.raises(ValueError, match="predicts 2 categories but .*val.json has 3: build it with num_classes=4"):
         hrnetdet.evaluate(model, ann, images, progress=False)
+
+
+def test_confusion_matrix_and_pr_curves_written_as_json_and_png(shapes, tmp_path):
+    ann, images = shapes
+    ds = CocoDetection(ann, images)
+    counts = np.bincount(torch.cat([ds[i][1]["labels"] for i in range(len(ds))]).numpy(), minlength=4)
+    model = Replay(_ground_truth_predictions(ds, shift=(2, 30.0)), ds.categories)  # squares moved sideways
+    hrnetdet.evaluate(model, ann, images, out_dir=str(tmp_path), progress=False)
+    for name in ("confusion_matrix.png", "pr_curves_bbox.png"):
+        assert (tmp_path / name).stat().st_size > 5000, name
+    cm = json.load(open(tmp_path / "confusion_matrix.json"))
+    assert cm["labels"] == ["background", "circle", "square", "triangle"]
+    matrix = np.array(cm["matrix"])
+    moved = matrix[2, 0]  # squares whose shifted box no longer overlaps enough: missed and false alarms
+    assert matrix[1, 1] == counts[1] and matrix[3, 3] == counts[3] and moved >= 1
+    assert matrix[2, 2] + moved == counts[2] and matrix[0, 2] == moved
+    assert matrix[0, 0] == 0 and matrix[[1, 3], 0].sum() == 0 and matrix[0, [1, 3]].sum() == 0
+    assert matrix.sum() - matrix[0, 2] == counts.sum()
+    curves = json.load(open(tmp_path / "pr_curves_bbox.json"))
+    assert len(curves["recall"]) == 101 and curves["recall"][-1] == 1.0
+    for name in ("circle", "triangle"):  # every detection right: precision 1 up to recall 1
+        assert curves["precision"][name]["0.50"] == [1.0] * 101
+    square = curves["precision"]["square"]["0.50"]
+    assert np.mean([p or 0.0 for p in square]) == pytest.approx(1 - moved / counts[2], abs=0.02)

@@ -67,7 +67,7 @@ def test_losses_are_finite_and_reach_every_part():
                           [10., 10., 50., 50.], [2., 2., 94., 94.]])
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 5, 17, 80, 3])}]
     losses = model([torch.rand(3, 96, 96)], targets)
-    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    assert set(losses) == {"loss_classification", "loss_bbox_regression", "loss_bbox_ctrness"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     sum(losses.values()).backward()
     params = dict(model.named_parameters())
@@ -89,11 +89,11 @@ def test_images_without_boxes_train_on_background_only():
     points = fcos_points([f.shape[-2:] for f in features], head.strides, torch.float32, torch.device("cpu"))
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     losses = head.compute_loss([empty, empty], cls, dist, ctr, points)
-    assert losses["bbox_regression"] == 0 and losses["bbox_ctrness"] == 0
+    assert losses["loss_bbox_regression"] == 0 and losses["loss_bbox_ctrness"] == 0
     # All 2 x 129 x 80 logits are negatives at the 1% prior; the normaliser is max(num_pos, 1).
     p = 0.01
     per_logit = -(1 - 0.25) * p ** 2 * math.log(1 - p)
-    assert losses["classification"].item() == pytest.approx(2 * 129 * 80 * per_logit, rel=1e-5)
+    assert losses["loss_classification"].item() == pytest.approx(2 * 129 * 80 * per_logit, rel=1e-5)
     sum(losses.values()).backward()
     assert head.conv_cls.bias.grad.abs().sum() > 0
     assert head.conv_reg.weight.grad.abs().sum() == 0

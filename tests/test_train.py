@@ -1,18 +1,31 @@
-"""Training: the reference's recipes, exact resume after an interruption, the non-finite guard,
-two-process gloo DDP, the CLI, and short fine-tunes of each family evaluated with pycocotools."""
+"""Training: the reference's recipes, repeatable runs and exact resume after a SIGKILL with validation
+on, EMA, early stopping, logs and curves, target checks, gradient checkpointing, the non-finite
+guard, two-process gloo DDP, the CLI, and short fine-tunes of each family evaluated with pycocotools."""
+import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
+from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import hrnetdet
+from hrnetdet import fit
+from hrnetdet.backbone import HRNet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.data import make_shapes_dataset
-from hrnetdet.engine.train import RCNN_RECIPE, RECIPES, default_schedule, lr_factor, param_groups
-from hrnetdet.train import fit
+from hrnetdet.engine.curves import loss_keys, plot_curves
+from hrnetdet.engine.train import (Plan, TrainConfig, TrainingStateError, default_schedule, lr_factor,
+                                    param_groups)
+from hrnetdet.zoo.recipe import FCOS_RECIPE, RCNN_RECIPE
 
 RPN_SMALL = dict(rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
                  rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)
@@ -40,12 +53,12 @@ def test_recipes():
     assert lr_factor(500, [600, 900], 500, RCNN_RECIPE) == 1.0
     assert lr_factor(600, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.1)
     assert lr_factor(950, [600, 900], 500, RCNN_RECIPE) == pytest.approx(0.01)
-    assert lr_factor(10, [600, 900], 500, RECIPES["fcos"]) == pytest.approx(1 / 3)
+    assert lr_factor(10, [600, 900], 500, FCOS_RECIPE) == pytest.approx(1 / 3)
     assert [default_schedule(a) for a in ("faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w32",
                                           "cascade_rcnn_hrnetv2p_w18", "htc_hrnetv2p_w18", "fcos_hrnetv2p_w18")] \
         == ["1x", "1x", "20e", "20e", "1x"]
     model = hrnetdet.create_model("fcos_hrnetv2p_w18", num_classes=4)
-    plain, bias = param_groups(model, 0.01, 1e-4, RECIPES["fcos"])
+    plain, bias = param_groups(model, 0.01, 1e-4, FCOS_RECIPE)
     assert (bias["lr"], bias["weight_decay"], plain["lr"], plain["weight_decay"]) == (0.02, 0.0, 0.01, 1e-4)
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))}
     assert not norm_biases & {id(p) for p in bias["params"]} and norm_biases <= {id(p) for p in plain["params"]}
@@ -58,41 +71,75 @@ def test_amp_needs_cuda(shapes, tmp_path):
         fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(tmp_path), iters=1, amp=True, device="cpu")
 
 
-def _interrupt_after(model, calls):
-    """Make the model's forward raise KeyboardInterrupt once it has run ``calls`` times (a kill)."""
-    forward, count = model.forward, [0]
-
-    def wrapped(*args, **kwargs):
-        count[0] += 1
-        if count[0] > calls:
-            raise KeyboardInterrupt
-        return forward(*args, **kwargs)
-    model.forward = wrapped
+def _weights(path):
+    return load_file(os.path.join(path, "last", "model.safetensors"))
 
 
-def test_resume_after_interruption_equals_straight_run(shapes, tmp_path):
+def _same(a, b):
+    return {k: torch.equal(v, b[k]) for k, v in a.items()} == dict.fromkeys(a, True) and a.keys() == b.keys()
+
+
+def test_the_same_train_command_twice_gives_identical_weights(shapes, tmp_path):
     (ann, images), _ = shapes
-    kw = dict(iters=4, batch_size=1, lr=0.005, checkpoint_every=2, progress=False, log_every=1)
-    straight = tiny_model("faster_rcnn_hrnetv2p_w18", norm_eval=False)
-    fit(straight, ann, images, out_dir=str(tmp_path / "a"), **kw)
+    for run in ("a", "b"):  # the second starts from wherever the first left the global RNG
+        assert cli_main(["train", "--model", "faster_rcnn_hrnetv2p_w18", "--train-ann", ann, "--train-images",
+                         images, "--out", str(tmp_path / run), "--iters", "1", "--batch-size", "1", "--min-size",
+                         "64", "--max-size", "80", "--workers", "0", "--lr", "0.005"]) == 0
+    assert _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
 
-    run = str(tmp_path / "b")
-    first = tiny_model("faster_rcnn_hrnetv2p_w18", norm_eval=False)
-    _interrupt_after(first, 3)
-    with pytest.raises(KeyboardInterrupt):
-        fit(first, ann, images, out_dir=run, **kw)
-    assert torch.load(os.path.join(run, "training_state.pt"), weights_only=True)["iteration"] == 2
-    resumed = tiny_model("faster_rcnn_hrnetv2p_w18", seed=123, norm_eval=False)  # weights come from the state
-    summary = fit(resumed, ann, images, out_dir=run, resume=True, **kw)
-    assert summary["iterations"] == 4
-    a, b = straight.state_dict(), resumed.state_dict()
-    assert any(not torch.equal(a[k], tiny_model("faster_rcnn_hrnetv2p_w18").state_dict()[k]) for k in a)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
-    iters = [json.loads(line)["iter"] for line in open(os.path.join(run, "metrics.jsonl"))]
-    assert iters == [1, 2, 3, 4]
-    for name in ("last/model.safetensors", "last/config.json", "loss.png", "lr.png"):
-        assert os.path.isfile(os.path.join(run, name)), name
+
+# A fresh process that trains the tiny model and kills itself with SIGKILL once its first training
+# state is saved.
+KILLED_AFTER_FIRST_CHECKPOINT = """
+import json, os, signal, sys
+import torch, hrnetdet
+from hrnetdet.engine.train import TrainState
+save = TrainState.save
+def save_then_die(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+TrainState.save = save_then_die
+torch.manual_seed(0)
+model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", num_classes=4, min_size=64, max_size=80, **json.loads(sys.argv[1]))
+hrnetdet.fit(model, *sys.argv[2:6], out_dir=sys.argv[6], **json.loads(sys.argv[7]))
+"""
+
+
+def test_a_run_sigkilled_with_validation_on_resumes_to_identical_weights(shapes, tmp_path):
+    """Neither validation nor checkpointing moves the training RNG streams; a finished run resumed
+    reports its final metrics; an unreadable state names itself and last/; orphans are removed."""
+    (ann, images), (val_ann, val_images) = shapes
+    kw = dict(iters=4, batch_size=1, lr=0.005, checkpoint_every=2, log_every=1, progress=False)
+    straight = tiny_model("faster_rcnn_hrnetv2p_w18")
+    done = fit(straight, ann, images, val_ann, val_images, out_dir=str(tmp_path / "straight"), **kw)
+
+    run = tmp_path / "killed"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as this process
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_FIRST_CHECKPOINT, json.dumps(RPN_SMALL), ann, images,
+                             val_ann, val_images, str(run), json.dumps(kw)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
+    assert torch.load(run / "training_state.pt", weights_only=True)["iteration"] == 2
+    orphan = run / "last" / f"model.safetensors.tmp{proc.pid}"  # as if killed while writing
+    orphan.write_bytes(b"partial")
+    resumed = fit(tiny_model("faster_rcnn_hrnetv2p_w18", seed=123), ann, images, val_ann, val_images,
+                  out_dir=str(run), resume=True, **kw)
+    assert not orphan.exists()
+    assert _same(_weights(tmp_path / "straight"), _weights(run)) and resumed["val"] == done["val"]
+    assert [json.loads(line)["iter"] for line in open(run / "metrics.jsonl")] == [1, 2, 2, 3, 4, 4]
+    assert (run / "metrics.csv").read_text().count("\n") == 7
+
+    again = fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, val_ann, val_images, out_dir=str(run),
+                resume=True, **kw)
+    assert again["iterations"] == 4 and again["val"] == done["val"] and "bbox_AP" in again["val"]
+
+    state = run / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:4096])  # truncated, e.g. by a full disk
+    with pytest.raises(TrainingStateError, match=f"{state} is unreadable.*{run / 'last' / 'model.safetensors'}"):
+        fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(run), resume=True, **kw)
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores: two runs that each write full checkpoints
@@ -181,12 +228,10 @@ FAMILIES = {"two-stage": ("faster_rcnn_hrnetv2p_w18", 0.005), "cascade": ("casca
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_short_finetune_lowers_loss_and_evaluates(family, shapes, tmp_path):
     arch, lr = FAMILIES[family]
-    if arch not in hrnetdet.list_models():
-        pytest.skip(f"{arch} is not registered yet")
     (ann, images), (val_ann, val_images) = shapes
     model = tiny_model(arch, norm_eval=False)
     summary = fit(model, ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=12, batch_size=2,
-                  lr=lr, checkpoint_every=12, progress=False, log_every=1, hflip=0.0)
+                  lr=lr, checkpoint_every=12, progress=False, log_every=1, aug="none")
     records = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["type"] == "train"]
     # The classification losses (objectness, classifier): from scratch, box-regression losses first
     # grow, as proposals start to overlap objects and more of them are sampled as positives.
@@ -200,3 +245,127 @@ def test_short_finetune_lowers_loss_and_evaluates(family, shapes, tmp_path):
     reloaded = tiny_model(arch, checkpoint_path=summary["best"])
     again = hrnetdet.evaluate(reloaded, val_ann, val_images, progress=False)
     assert again["bbox"]["stats"] == metrics["bbox"]["stats"]
+
+
+def test_fcos_losses_reach_the_loss_curve(tmp_path):
+    model = tiny_model("fcos_hrnetv2p_w18").train()
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+    losses = model([torch.rand(3, 64, 80)], [target])
+    record = {"type": "train", "iter": 1, "lr": 0.01, "loss": sum(losses.values()).item(),
+              **{k: v.item() for k, v in losses.items()}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    assert plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path)) == [str(tmp_path / "loss.png"),
+                                                                           str(tmp_path / "lr.png")]
+    assert loss_keys([record]) == ["loss", *sorted(losses)]
+
+
+BAD_TARGETS = {  # (field changed, value) -> the field the error must name
+    "label 0 (background)": ("labels", torch.tensor([0]), r"targets\[1\]\['labels'\]\[0\] is 0"),
+    "label past the classes": ("labels", torch.tensor([4]), r"targets\[1\]\['labels'\]\[0\] is 4: .* 1\.\.3"),
+    "no labels": ("labels", None, r"targets\[1\] has no 'labels'"),
+    "inverted box": ("boxes", torch.tensor([[40.0, 8.0, 10.0, 30.0]]), r"targets\[1\]\['boxes'\]\[0\]"),
+    "box outside the image": ("boxes", torch.tensor([[90.0, 8.0, 99.0, 30.0]]), r"targets\[1\]\['boxes'\]\[0\]"),
+    "NaN box": ("boxes", torch.tensor([[float("nan"), 8.0, 20.0, 30.0]]), r"targets\[1\]\['boxes'\]\[0\]"),
+    "mask of another size": ("masks", torch.ones(1, 32, 40, dtype=torch.uint8), r"targets\[1\]\['masks'\]"),
+}
+
+
+@pytest.mark.parametrize("family", [f.name for f in hrnetdet.list_families()])
+def test_every_family_rejects_bad_targets_naming_image_and_field(family):
+    model = tiny_model(f"{family}_hrnetv2p_w18").train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 64, 80)]
+    good = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 80, dtype=torch.uint8)}
+    for case, (key, value, message) in BAD_TARGETS.items():
+        bad = dict(good)
+        if value is None:
+            del bad[key]
+        else:
+            bad[key] = value
+        with pytest.raises(ValueError, match=message):
+            model(images, [good, bad])
+
+
+def test_default_checkpoint_and_log_intervals_suit_short_and_long_runs():
+    def plan(per_epoch=100, **kw):
+        return Plan.resolve(TrainConfig(**kw), per_epoch, 1, RCNN_RECIPE, "faster_rcnn_hrnetv2p_w18")
+    for iters in (1, 5, 12, 40, 100, 1000, 90000):
+        p = plan(iters=iters)
+        validations = sum(1 for it in range(1, iters + 1) if it % p.checkpoint_every == 0 or it == iters)
+        assert validations <= 10 and (p.checkpoint_every > 1 or iters == 1), (iters, p.checkpoint_every)
+        assert iters // p.log_every >= min(iters, 50) and p.log_every <= 20, (iters, p.log_every)
+    assert plan(iters=12).checkpoint_every == 10 and plan(iters=1000).checkpoint_every == 100
+    assert plan(epochs=12).checkpoint_every == 200 and plan(epochs=5, per_epoch=1).checkpoint_every == 5
+    assert plan(iters=12, checkpoint_every=3, log_every=4).checkpoint_every == 3
+
+
+def test_ap_curve_is_scaled_to_its_values(tmp_path):
+    records = [{"type": "val", "iter": i, "bbox_AP": ap, "bbox_AP50": 2 * ap} for i, ap in
+               ((100, 0.004), (200, 0.011), (300, 0.019))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path))
+    pixels = np.asarray(Image.open(tmp_path / "ap.png").convert("RGB")).astype(int)
+    blue = (abs(pixels - np.array([31, 119, 180])).sum(-1) < 40).any(1)  # matplotlib's C0: the bbox_AP line
+    rows = np.flatnonzero(blue)
+    assert rows.max() - rows.min() > 0.25 * pixels.shape[0]  # a 0-1 axis would squeeze it into a few pixels
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "type,iter,bbox_AP,bbox_AP50"
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    body = HRNet(18).train()
+    x = torch.rand(1, 3, 64, 96)
+    grads = []
+    for enable in (False, True):
+        body.set_grad_checkpointing(enable)
+        body.zero_grad()
+        loss = sum(o.square().mean() for o in body(x))
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in body.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_ema_is_validated_and_saved_patience_stops_and_logs_reach_tensorboard(shapes, tmp_path):
+    (ann, images), (val_ann, val_images) = shapes
+    model = tiny_model("faster_rcnn_hrnetv2p_w18")
+    steps = []
+    hook = register_optimizer_step_post_hook(
+        lambda *_: steps.append({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    try:
+        summary = fit(model, ann, images, val_ann, val_images, out_dir=str(tmp_path / "ema"), iters=3, batch_size=1,
+                      lr=0.005, ema=0.5, aug="none", checkpoint_every=3, log_every=1, progress=False)
+    finally:
+        hook.remove()
+    # The EMA of the weights after each step, its decay ramped as min(decay, (1 + n) / (10 + n)).
+    ema = dict(steps[0])
+    for n, weights in enumerate(steps[1:], start=1):
+        decay = min(0.5, (1 + n) / (10 + n))
+        ema = {k: torch.lerp(v, weights[k], 1 - decay) if v.is_floating_point() else weights[k] for k, v in ema.items()}
+    saved = load_file(os.path.join(tmp_path / "ema", "last", "model.safetensors"))
+    assert len(steps) == 3 and not torch.equal(ema["roi_heads.box_predictor.cls_score.weight"],
+                                               steps[-1]["roi_heads.box_predictor.cls_score.weight"])
+    for k, v in ema.items():
+        torch.testing.assert_close(saved[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert load_file(summary["best"]).keys() == saved.keys()
+    reloaded = tiny_model("faster_rcnn_hrnetv2p_w18", checkpoint_path=summary["last"])
+    metrics = hrnetdet.evaluate(reloaded, val_ann, val_images, progress=False)
+    assert summary["val"]["bbox_AP"] == pytest.approx(metrics["bbox"]["stats"]["AP"])
+
+    records = [json.loads(line) for line in open(tmp_path / "ema" / "metrics.jsonl")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(tmp_path / "ema" / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+        assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+            [r["loss"] for r in records if r["type"] == "train"])
+        assert [e.value for e in events.Scalars("val/bbox_AP")] == pytest.approx([summary["val"]["bbox_AP"]])
+
+    # A learning rate of 0 never improves on the first validation: the third one stops the run.
+    stopped = fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, val_ann, val_images,
+                  out_dir=str(tmp_path / "patience"), iters=20, batch_size=1, lr=0.0, checkpoint_every=1,
+                  patience=2, progress=False)
+    assert stopped["stopped_early"] and stopped["iterations"] == 3
+    val_iters = [r["iter"] for r in map(json.loads, open(tmp_path / "patience" / "metrics.jsonl")) if r["type"] == "val"]
+    assert val_iters == [1, 2, 3]

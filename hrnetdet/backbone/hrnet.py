@@ -9,6 +9,7 @@ from typing import List, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class BasicBlock(nn.Module):
@@ -42,8 +43,19 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample if downsample is not None else nn.Identity()
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return self._recomputed(x)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _recomputed(self, x: Tensor) -> Tensor:
+        """Only the input is kept; the block runs again in the backward pass."""
+        return checkpoint(self._forward, x, use_reentrant=False)
+
+    def _forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -97,8 +109,19 @@ class HRModule(nn.Module):
                     row.append(nn.Sequential(*chain))
             self.fuse_layers.append(row)
         self.relu = nn.ReLU(inplace=False)
+        self.grad_checkpointing = False
 
     def forward(self, xs: List[Tensor]) -> List[Tensor]:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return self._recomputed(xs)
+        return self._forward(xs)
+
+    @torch.jit.unused
+    def _recomputed(self, xs: List[Tensor]) -> List[Tensor]:
+        """Only the inputs are kept; the module runs again in the backward pass."""
+        return checkpoint(self._forward, xs, use_reentrant=False)
+
+    def _forward(self, xs: List[Tensor]) -> List[Tensor]:
         xs = [branch(xs[i]) for i, branch in enumerate(self.branches)]
         out: List[Tensor] = []
         for row in self.fuse_layers:
@@ -168,6 +191,14 @@ class HRNet(nn.Module):
                 m.eval()
                 for p in m.parameters():
                     p.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer1 Bottleneck's and each HRModule's activations in the backward pass
+        instead of keeping them (timm's name for it). With ``norm_eval=False`` the recomputation
+        updates BatchNorm's running statistics a second time."""
+        for m in self.modules():
+            if isinstance(m, (Bottleneck, HRModule)):
+                m.grad_checkpointing = enable
 
     def train(self, mode: bool = True) -> "HRNet":
         super().train(mode)

@@ -3,7 +3,7 @@ from .coco import BoxWarning, CocoDetection, DatasetError, collate, read_annotat
 from .images import load_image
 from .samplers import GroupedBatchSampler
 from .synthetic import make_shapes_dataset
-from .transforms import Compose, RandomHorizontalFlip
+from .transforms import AUGMENTATIONS, Augment, Compose
 
 __all__ = ["BoxWarning", "CocoDetection", "DatasetError", "collate", "load_image", "read_annotations",
-           "GroupedBatchSampler", "make_shapes_dataset", "Compose", "RandomHorizontalFlip"]
+           "GroupedBatchSampler", "make_shapes_dataset", "AUGMENTATIONS", "Augment", "Compose"]

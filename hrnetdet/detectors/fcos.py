@@ -1,16 +1,19 @@
 """FCOS (GN head) on HRNetV2p with HRFPN stride 2 (levels at strides 8..128), in torchvision's
-detection contract: train mode returns ``classification``, ``bbox_regression`` and ``bbox_ctrness``
-losses; eval mode returns {boxes, labels (1..K), scores} in original-image coordinates.
+detection contract: train mode returns the losses ``loss_classification``, ``loss_bbox_regression``
+and ``loss_bbox_ctrness`` (``loss_`` prefixed, as every family's); eval mode returns {boxes,
+labels (1..K), scores} in original-image coordinates.
 
 The reference's FCOS checkpoints were trained on BGR input; conversion flips
 the first conv's input channels once, so the model takes RGB in [0, 1] with ImageNet mean/std like
 every other hrnetdet model (docs/NUMERICS.md, 'FCOS BGR first conv')."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..heads.fcos import FCOSHead, fcos_points
 from .rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform, hrnetv2p_backbone
+from .targets import check_targets
 from .transform import ReferenceTransform
 
 
@@ -26,18 +29,17 @@ class FCOSDetector(nn.Module):
         self.transform = transform
         self.categories: List[str] = list(categories) if categories is not None else []
 
+    @torch.jit.unused  # training only
+    def check_targets(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]) -> None:
+        check_targets(images, targets, self.head.num_classes + 1)
+
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
         if len(images) == 0 and not self.training:
             no_detections: List[Dict[str, Tensor]] = []
             return no_detections
         if self.training:
-            if targets is None:
-                raise ValueError("in training mode, targets must be given")
-            for i, t in enumerate(targets):
-                boxes = t["boxes"]
-                if boxes.dim() != 2 or boxes.shape[-1] != 4:
-                    raise ValueError(f"targets[{i}]['boxes'] must have shape [N, 4], got {list(boxes.shape)}")
+            self.check_targets(images, targets)
         original_sizes: List[Tuple[int, int]] = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         features = list(self.backbone(image_list.tensors).values())

@@ -14,6 +14,7 @@ from ..heads.roi_align import ReferenceRoIAlign
 from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
 from ..heads.rpn import Float32RPNHead, ReferenceRPN
 from ..neck import HRFPN, HRNetV2p
+from .targets import check_targets
 from .transform import ReferenceTransform, scriptable_alias
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,13 +33,17 @@ class HRNetDetector(GeneralizedRCNN):
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
                 ) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]:
-        """GeneralizedRCNN's forward; an empty list of images gives an empty list of detections."""
+        """GeneralizedRCNN's forward; an empty list of images gives an empty list of detections, and
+        training targets are checked first (``targets.py``)."""
         if len(images) == 0 and not self.training:
             losses: Dict[str, Tensor] = {}
             detections: List[Dict[str, Tensor]] = []
             if torch.jit.is_scripting():
                 return losses, detections
             return self.eager_outputs(losses, detections)
+        if self.training and not torch.jit.is_scripting():
+            num_classes = next(m.cls_score.out_features for m in self.modules() if isinstance(m, FastRCNNPredictor))
+            check_targets(images, targets, num_classes)
         return self.generalized_rcnn_forward(images, targets)
 
     generalized_rcnn_forward = scriptable_alias(GeneralizedRCNN.forward, "generalized_rcnn_forward")

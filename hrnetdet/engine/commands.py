@@ -8,12 +8,13 @@ from ..data.coco import categories_of, read_annotations
 from ..inference.modes import mode_kwargs
 from ..zoo.factory import create_model
 from .evaluate import evaluate, format_table
-from .train import fit
+from .train import fit, seed_everything
 
 
 def run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _, categories = categories_of(read_annotations(args.train_ann))
+    seed_everything(args.seed)  # before the model is built: identical commands give identical weights
     kwargs = {}
     if args.min_size:
         kwargs["min_size"] = args.min_size[-1]
@@ -25,7 +26,9 @@ def run_train(args: argparse.Namespace) -> int:
                   epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                   schedule=args.schedule, amp=args.amp, device=args.device, resume=args.resume, seed=args.seed,
                   multiscale=args.min_size if args.min_size and len(args.min_size) > 1 else None,
-                  filter_empty=not args.keep_empty, num_workers=args.workers)
+                  filter_empty=not args.keep_empty, num_workers=args.workers, aug=args.aug, ema=args.ema,
+                  patience=args.patience, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                  grad_checkpoint=args.grad_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
@@ -41,5 +44,6 @@ def run_eval(args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, num_workers=args.workers, **mode_kwargs(args))
     print(format_table(metrics))
     if args.out:
-        print(f"wrote {os.path.join(args.out, 'predictions.json')} and metrics.json")
+        print(f"wrote {os.path.join(args.out, 'predictions.json')}, metrics.json, confusion_matrix.png/.json "
+              f"and pr_curves_*.png/.json")
     return 0

@@ -1,7 +1,11 @@
-"""Training curves from ``metrics.jsonl``: loss, learning rate and validation AP as PNG files."""
+"""Training logs and curves from ``metrics.jsonl``: metrics.csv (for spreadsheets and pandas) and
+loss, learning-rate and validation-AP curves as PNG files."""
+import csv
 import json
 import os
 from typing import Dict, List
+
+from ..zoo.convert import _atomic
 
 
 def read_metrics(path: str) -> List[Dict]:
@@ -9,49 +13,80 @@ def read_metrics(path: str) -> List[Dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def loss_keys(train: List[Dict]) -> List[str]:
+    """The series loss.png draws: the total, then every ``loss_*`` term any record has."""
+    return ["loss"] + sorted({k for r in train for k in r if k.startswith("loss_")})
+
+
+def write_csv(records: List[Dict], path: str) -> None:
+    """Every record as a row; columns: ``type``, ``iter`` then every other key in first-seen order."""
+    columns = ["type", "iter"]
+    for r in records:
+        columns += [k for k in r if k not in columns]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(records)
+    _atomic(path, write)
+
+
 def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
-    """Write loss.png, lr.png and (when validation records exist) ap.png; returns their paths."""
+    """Write metrics.csv, loss.png, lr.png and (when validation records exist) ap.png; returns the
+    picture paths. Every logged point is drawn (with markers when there are few); AP is scaled to
+    its data, so small values early in a run stay readable."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
     records = read_metrics(metrics_file) if os.path.isfile(metrics_file) else []
+    write_csv(records, os.path.join(out_dir, "metrics.csv"))
     train = [r for r in records if r.get("type") == "train"]
     val = [r for r in records if r.get("type") == "val"]
     written = []
 
-    def save(fig, name):
+    def save(fig, ax, name):
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3, which="both")
         path = os.path.join(out_dir, name)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         written.append(path)
 
     if train:
         it = [r["iter"] for r in train]
+        marker = "o" if len(train) <= 30 else None
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ["loss"] + sorted(k for k in train[0] if k.startswith("loss_")):
-            ax.plot(it, [r.get(key, float("nan")) for r in train], label=key, lw=2 if key == "loss" else 1)
-        ax.set_xlabel("iteration")
+        for key in loss_keys(train):
+            ax.plot(it, [r.get(key, float("nan")) for r in train], label=key, lw=2 if key == "loss" else 1,
+                    marker=marker, ms=3)
         ax.set_ylabel("loss")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, "loss.png")
+        save(fig, ax, "loss.png")
         fig, ax = plt.subplots(figsize=(7, 3))
-        ax.plot(it, [r["lr"] for r in train])
-        ax.set_xlabel("iteration")
+        ax.plot(it, [r["lr"] for r in train], marker=marker, ms=3)
         ax.set_ylabel("learning rate")
-        ax.grid(alpha=0.3)
-        save(fig, "lr.png")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        save(fig, ax, "lr.png")
     if val:
         fig, ax = plt.subplots(figsize=(7, 4))
+        shown = []
         for key in ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50"):
             if key in val[0]:
-                ax.plot([r["iter"] for r in val], [r[key] for r in val], marker="o", label=key)
-        ax.set_xlabel("iteration")
+                values = [r[key] for r in val]
+                shown += values
+                ax.plot([r["iter"] for r in val], values, marker="o", label=key)
+        top = max(shown + [1e-3])
+        ax.set_ylim(0, min(1.0, top * 1.15))
         ax.set_ylabel("validation AP")
-        ax.set_ylim(0, 1)
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        save(fig, "ap.png")
+        save(fig, ax, "ap.png")
     return written

@@ -18,6 +18,7 @@ from ..data.results import coco_records
 from ..detectors import has_masks
 from ..inference.modes import check_mode, detect
 from ..zoo.checkpoint import atomic_write
+from .analysis import confusion_matrix, pr_curves, write_confusion_matrix, write_pr_curves
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -50,11 +51,10 @@ def _per_class_ap(ev: COCOeval, names: Sequence[str]) -> Dict[str, float]:
     return out
 
 
-def coco_metrics(coco: COCO, results: List[dict], iou_type: str, image_ids: Sequence[int],
-                 names: Sequence[str]) -> Dict[str, Any]:
-    """The 12 COCO numbers and per-class AP for one IoU type (zeros when nothing was detected)."""
+def run_cocoeval(coco: COCO, results: List[dict], iou_type: str, image_ids: Sequence[int]) -> Optional[COCOeval]:
+    """pycocotools' evaluation, accumulated and summarised; None when nothing was detected."""
     if not results:
-        return {"stats": {n: 0.0 for n in STAT_NAMES}, "per_class": {n: 0.0 for n in names}}
+        return None
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco.loadRes(results)
         ev = COCOeval(coco, dt, iou_type)
@@ -62,6 +62,13 @@ def coco_metrics(coco: COCO, results: List[dict], iou_type: str, image_ids: Sequ
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
+
+
+def coco_metrics(ev: Optional[COCOeval], names: Sequence[str]) -> Dict[str, Any]:
+    """The 12 COCO numbers and per-class AP of an evaluation (zeros when nothing was detected)."""
+    if ev is None:
+        return {"stats": {n: 0.0 for n in STAT_NAMES}, "per_class": {n: 0.0 for n in names}}
     return {"stats": {n: float(v) for n, v in zip(STAT_NAMES, ev.stats)}, "per_class": _per_class_ap(ev, names)}
 
 
@@ -88,7 +95,9 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
 
     Labels map back to the dataset's category ids in ascending order (label 1 = smallest id), as
     ``CocoDetection`` maps them for training. ``iou_types`` defaults to bbox, plus segm for mask
-    models. With ``out_dir``, writes ``predictions.json`` (COCO results) and ``metrics.json``.
+    models. With ``out_dir``, writes ``predictions.json`` (COCO results), ``metrics.json`` and the
+    error analysis of ``engine.analysis``: ``confusion_matrix.{json,png}`` (boxes) and per-class
+    precision-recall curves ``pr_curves_{bbox,segm}.{json,png}``.
 
     Returns ``{"bbox": {"stats": {AP, AP50, ...}, "per_class": {name: AP}}, ["segm": ...,]
     "num_images", "num_detections"}``. ``slice``, ``overlap``, ``full_image`` and ``tta`` select
@@ -121,9 +130,11 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     image_ids = [int(im["id"]) for im in ds.images]
     names = ds.categories[1:]
     metrics: Dict[str, Any] = {}
+    evals: Dict[str, Optional[COCOeval]] = {}
     for t in iou_types:
         recs = results if t == "bbox" else [r for r in results if "segmentation" in r]
-        metrics[t] = coco_metrics(coco, recs, t, image_ids, names)
+        evals[t] = run_cocoeval(coco, recs, t, image_ids)
+        metrics[t] = coco_metrics(evals[t], names)
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(results)
     if out_dir is not None:
@@ -131,4 +142,7 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
         atomic_write(os.path.join(out_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(json.dumps(results)))
         atomic_write(os.path.join(out_dir, "metrics.json"),
                 lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+        write_confusion_matrix(out_dir, confusion_matrix(coco, results, ds.cat_ids), names)
+        for t, ev in evals.items():
+            write_pr_curves(out_dir, pr_curves(ev, names), names, t)
     return metrics

@@ -1,26 +1,34 @@
-"""``fit``: the reference's training recipe as a small loop: SGD with linear or
-constant warm-up and step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard
-against non-finite losses, metrics in JSON lines and curves. The recipe: docs/NUMERICS.md,
-'Training recipe'."""
+"""``fit``: the reference's training recipe as a small loop: SGD with linear or constant warm-up and
+step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard against non-finite losses,
+EMA weights, early stopping, metrics in JSON lines, CSV and TensorBoard, and curves. The recipe:
+docs/NUMERICS.md, 'Training recipe'.
+
+Three parts: ``TrainConfig`` (the run's settings), ``TrainState`` (everything a resumed run needs,
+saved and loaded exactly) and ``train_loop`` (the iterations); ``fit`` wires them together.
+"""
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import time
 from collections import defaultdict, deque
-from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from ..data import CocoDetection, Compose, GroupedBatchSampler, RandomHorizontalFlip, collate
+from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
 from ..zoo.checkpoint import atomic_write, save_pretrained
+from ..zoo.recipe import Recipe
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
 from .curves import plot_curves
 from .evaluate import evaluate
@@ -29,21 +37,7 @@ logger = logging.getLogger("hrnetdet")
 
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A family's optimisation recipe; ``base_lr`` is for a total batch of 16 images."""
-    base_lr: float
-    warmup: str                 # "linear" (from ratio x lr) or "constant" (ratio x lr)
-    warmup_ratio: float
-    grad_clip: Optional[float]  # max L2 norm
-    bias_lr_mult: float = 1.0   # for biases outside norm layers
-    bias_decay_mult: float = 1.0
-
-
-RCNN_RECIPE = Recipe(0.02, "linear", 0.001, None)
-RECIPES = {"fcos": Recipe(0.01, "constant", 1.0 / 3, 35.0, bias_lr_mult=2.0, bias_decay_mult=0.0)}
+TENSORBOARD_DIR = "tensorboard"
 
 # The learning rate drops x0.1 at these fractions of the run (1x: epochs 8 and 11 of 12, ...).
 SCHEDULES = {"1x": (8 / 12, 11 / 12), "2x": (16 / 24, 22 / 24), "20e": (16 / 20, 19 / 20)}
@@ -81,6 +75,115 @@ def lr_factor(it: int, milestones: Sequence[int], warmup_iters: int, recipe: Rec
     return factor
 
 
+@dataclass
+class TrainConfig:
+    """The settings of a run (``fit``'s keyword arguments).
+
+    Attributes:
+        epochs / iters: the run length (exactly one of them).
+        batch_size: images per process; the total batch is ``batch_size x world size``.
+        lr: default: the family's base rate x total batch / 16 (R-CNN 0.02, FCOS 0.01).
+        schedule: "1x", "2x" or "20e": LR x0.1 at the reference's fractions of the run; default:
+            the family's shortest published schedule.
+        warmup_iters: the reference's 500, capped at a quarter of the run.
+        grad_clip: max gradient L2 norm; default: the recipe's (FCOS 35, R-CNN none); 0 disables.
+        amp: True (bf16 where supported, else fp16 with a GradScaler), "bf16" or "fp16"; CUDA only.
+        resume: True continues from ``out_dir/training_state.pt`` when it exists; a path names a
+            state file. Model, optimizer, schedule, scaler, iteration, RNG states and the
+            sampler position are restored, so an interrupted run ends with the same weights.
+        aug: augmentation preset: "none", "flip" (the reference's horizontal flip, p=0.5),
+            "photometric" or "scale-jitter" (see ``data.transforms.Augment``).
+        multiscale: training shorter-side choices, e.g. (640, 800) as the reference's ms configs;
+            evaluation uses the last.
+        filter_empty: drop training images without annotations (the reference's filter_empty_gt).
+        checkpoint_every: iterations between checkpoints (and validations); default: about ten
+            per run (whole epochs with ``epochs``), and at least 10 iterations apart.
+        log_every: iterations between the records of metrics.jsonl; default: about 50 records per
+            run, at least every 20 iterations.
+        max_nonfinite: stop after this many consecutive skipped (non-finite) losses.
+        ema: keep an exponential moving average of the weights with this decay (ramped up as
+            timm's ModelEmaV3 warm-up does); it is what is validated and saved in last/ and best/.
+        patience: stop when validation bbox AP has not improved for this many validations.
+        grad_checkpoint: recompute the HRNet body's activations in the backward pass (less
+            memory, about a third more compute).
+    """
+    epochs: Optional[int] = None
+    iters: Optional[int] = None
+    batch_size: int = 2
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: Optional[str] = None
+    warmup_iters: int = 500
+    grad_clip: Optional[float] = None
+    amp: Union[bool, str] = False
+    device: Optional[str] = None
+    resume: Union[bool, str] = False
+    seed: int = 0
+    aug: str = "flip"
+    multiscale: Optional[Sequence[int]] = None
+    filter_empty: bool = True
+    num_workers: int = 0
+    checkpoint_every: Optional[int] = None
+    log_every: Optional[int] = None
+    progress: bool = True
+    max_nonfinite: int = 20
+    ema: Optional[float] = None
+    patience: Optional[int] = None
+    grad_checkpoint: bool = False
+
+    def check(self) -> None:
+        if (self.epochs is None) == (self.iters is None):
+            raise ValueError("give exactly one of epochs or iters")
+        for name in ("epochs", "iters", "checkpoint_every", "log_every", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema decay must be in (0, 1), got {self.ema}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {sorted(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's length and schedule in iterations, resolved from the config and the data."""
+    per_epoch: int
+    total: int
+    milestones: Tuple[int, ...]
+    warmup_iters: int
+    checkpoint_every: int
+    log_every: int
+    lr: float
+    grad_clip: Optional[float]
+
+    @classmethod
+    def resolve(cls, config: TrainConfig, per_epoch: int, world: int, recipe: Recipe, arch: str) -> "Plan":
+        fractions = SCHEDULES[config.schedule or default_schedule(arch)]
+        if config.epochs is not None:
+            total = config.epochs * per_epoch
+            milestones = tuple(round(f * config.epochs) * per_epoch for f in fractions)
+            epochs_apart = max(math.ceil(config.epochs / 10), math.ceil(min(total, 10) / per_epoch))
+            checkpoint_every = config.checkpoint_every or epochs_apart * per_epoch
+        else:
+            total = config.iters
+            milestones = tuple(round(f * total) for f in fractions)
+            checkpoint_every = config.checkpoint_every or max(math.ceil(total / 10), min(total, 10))
+        log_every = config.log_every or min(20, max(1, total // 50))
+        lr = config.lr if config.lr is not None else recipe.base_lr * config.batch_size * world / 16
+        grad_clip = recipe.grad_clip if config.grad_clip is None else (config.grad_clip or None)
+        return cls(per_epoch, total, milestones, min(config.warmup_iters, total // 4), checkpoint_every, log_every,
+                   lr, grad_clip)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: call it before building the model, so that
+    two identical runs start from identical weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
@@ -98,6 +201,97 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def training_rng_untouched() -> Iterator[Dict[str, Any]]:
+    """Yields the RNG states and restores them on exit: evaluation (its DataLoader draws a seed)
+    and checkpointing inside do not move the training streams, so a resumed run repeats them."""
+    state = _rng_state()
+    try:
+        yield state
+    finally:
+        _set_rng_state(state)
+
+
+def ema_of(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel as an exponential moving average of parameters and buffers, its decay
+    ramped up as ``min(decay, (1 + n) / (10 + n))`` after n updates (timm's ModelEmaV3 warm-up),
+    so that short fine-tunes are not dominated by the initial weights."""
+    def update(averaged: List[torch.Tensor], current: List[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # BatchNorm's num_batches_tracked
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(num_averaged)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+class TrainingStateError(RuntimeError):
+    """training_state.pt cannot be read (e.g. truncated by a full disk)."""
+
+
+class TrainState:
+    """What a resumed run needs: model, EMA, optimizer, LR schedule, AMP scaler, the iteration, the
+    best validation AP, validations without improvement and the last validation metrics. RNG
+    states are passed in by the caller (one per rank) and restored on load."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, plan: Plan, recipe: Recipe,
+                 amp_dtype: Optional[torch.dtype]):
+        self.model = model
+        self.ema = ema_of(model, config.ema) if config.ema is not None else None
+        self.optimizer = torch.optim.SGD(param_groups(model, plan.lr, config.weight_decay, recipe), lr=plan.lr,
+                                         momentum=config.momentum, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(it, plan.milestones, plan.warmup_iters, recipe))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        self.iteration = 0
+        self.best_ap = -1.0
+        self.bad_validations = 0  # since the best one
+        self.stopped_early = False
+        self.last_val: Dict[str, float] = {}
+
+    @property
+    def weights(self) -> nn.Module:
+        """The weights that are validated and saved: the EMA's when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def save(self, path: str, rng: List[Dict[str, Any]], total: int) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "iteration": self.iteration, "best_ap": self.best_ap, "bad_validations": self.bad_validations,
+                 "stopped_early": self.stopped_early, "last_val": self.last_val, "rng": rng,
+                 "world_size": len(rng), "total_iters": total}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def load(self, path: str, rank: int, world: int) -> None:
+        """Restore from ``path``; the RNG streams too when the world size is unchanged."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            last = os.path.join(os.path.dirname(os.path.abspath(path)), "last", "model.safetensors")
+            fallback = (f"the last checkpoint's weights are in {last}: start a new run from them (--checkpoint "
+                        f"{last})" if os.path.isfile(last) else "no last/ checkpoint exists either")
+            raise TrainingStateError(f"cannot resume: {path} is unreadable ({str(e).splitlines()[0]}); {fallback}, "
+                                     f"or delete {path} to train from the start") from e
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise TrainingStateError(f"{path} was saved without EMA weights: resume without ema")
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration, self.best_ap = int(state["iteration"]), float(state["best_ap"])
+        self.bad_validations, self.stopped_early = int(state["bad_validations"]), bool(state["stopped_early"])
+        self.last_val = dict(state["last_val"])
+        if state["world_size"] == world:
+            _set_rng_state(state["rng"][rank])
+        elif rank == 0:
+            logger.warning("resuming a %d-process run with %d processes: RNG streams restart",
+                           state["world_size"], world)
 
 
 def _setup_distributed(device: Optional[str]) -> Tuple[int, int, torch.device, bool]:
@@ -136,225 +330,196 @@ def _to_device(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> 
     return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
 
-class _Metrics:
-    """Appends JSON lines (rank 0); on resume, drops the records after the resumed iteration."""
+def _tensorboard_writer(log_dir: str, purge_step: Optional[int]) -> Any:
+    """A SummaryWriter when the optional ``tensorboard`` package is installed, else None."""
+    try:
+        import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+    except ImportError:
+        logger.info("TensorBoard logs need the optional extra: pip install 'hrnetdet[tensorboard]'")
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir, purge_step=purge_step)
 
-    def __init__(self, path: str, resume_iter: Optional[int], enabled: bool):
-        self.path = path
+
+class _Metrics:
+    """Appends JSON lines (rank 0), mirrored as TensorBoard scalars when tensorboard is installed;
+    on resume, drops the records after the resumed iteration (TensorBoard: its purge_step)."""
+
+    def __init__(self, out_dir: str, resume_iter: Optional[int], enabled: bool):
+        self.path = os.path.join(out_dir, METRICS_FILE)
         self.enabled = enabled
+        self.tensorboard = None
         if not enabled:
             return
         kept = []
-        if resume_iter is not None and os.path.isfile(path):
-            with open(path) as f:
+        if resume_iter is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-        atomic_write(path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        atomic_write(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        self.tensorboard = _tensorboard_writer(os.path.join(out_dir, TENSORBOARD_DIR),
+                                               resume_iter + 1 if resume_iter else None)
 
     def write(self, record: Dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("type", "iter") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{record['type']}/{key}", value, record["iter"])
+
+    def flush(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
-def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[str] = None,
-        val_images: Optional[str] = None, out_dir: str = "runs/train", *, epochs: Optional[int] = None,
-        iters: Optional[int] = None, batch_size: int = 2, lr: Optional[float] = None, momentum: float = 0.9,
-        weight_decay: float = 1e-4, schedule: Optional[str] = None, warmup_iters: int = 500,
-        grad_clip: Optional[float] = None, amp: Union[bool, str] = False, device: Optional[str] = None,
-        resume: Union[bool, str] = False, seed: int = 0, hflip: float = 0.5,
-        multiscale: Optional[Sequence[int]] = None, filter_empty: bool = True, num_workers: int = 0,
-        checkpoint_every: Optional[int] = None, log_every: int = 10, progress: bool = True,
-        max_nonfinite: int = 20) -> Dict[str, Any]:
-    """Train (or fine-tune) ``model`` on a COCO-format dataset with the reference's recipe.
+def remove_orphan_temporaries(folders: Sequence[str]) -> List[str]:
+    """Delete the ``*.tmp<pid>`` files that a killed process left behind (their process is gone);
+    returns their paths."""
+    removed = []
+    for folder in folders:
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            match = re.search(r"\.tmp(\d+)$", name)
+            if match and not _process_alive(int(match.group(1))):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
 
-    Args:
-        model: from ``create_model`` (``model.arch`` picks the family's recipe); its class count
-            must be the dataset's categories + 1, e.g. ``create_model(name, pretrained=True,
-            num_classes=K + 1)`` to fine-tune COCO weights on K categories.
-        epochs / iters: the run length (exactly one of them).
-        batch_size: images per process; the total batch is ``batch_size x world size``.
-        lr: default: the family's base rate x total batch / 16 (R-CNN 0.02, FCOS 0.01).
-        schedule: "1x", "2x" or "20e": LR x0.1 at the reference's fractions of the run; default:
-            the family's shortest published schedule.
-        warmup_iters: the reference's 500, capped at a quarter of the run.
-        grad_clip: max gradient L2 norm; default: the recipe's (FCOS 35, R-CNN none); 0 disables.
-        amp: True (bf16 where supported, else fp16 with a GradScaler), "bf16" or "fp16"; CUDA only.
-        resume: True continues from ``out_dir/training_state.pt`` when it exists; a path names a
-            state file. Model, optimizer, schedule, scaler, iteration, RNG states and the
-            sampler position are restored, so an interrupted run ends with the same weights.
-        hflip: horizontal flip probability (the reference: 0.5).
-        multiscale: training shorter-side choices, e.g. (640, 800) as the reference's ms configs;
-            evaluation uses the last.
-        filter_empty: drop training images without annotations (the reference's filter_empty_gt).
-        checkpoint_every: iterations between checkpoints (and validations); default: every epoch
-            with ``epochs``, a tenth of the run with ``iters``.
-        max_nonfinite: stop after this many consecutive skipped (non-finite) losses.
 
-    Under torchrun (``WORLD_SIZE`` > 1) each process trains a DDP replica (nccl on GPUs, gloo on
-    the CPU) on its share of every batch; rank 0 writes. ``out_dir`` receives ``last/`` and
-    ``best/`` (``model.safetensors`` + ``config.json``, loadable by ``create_model(arch,
-    checkpoint_path=...)``; best by validation bbox AP, so only with a validation set),
-    ``training_state.pt``, ``metrics.jsonl`` and ``loss.png``, ``lr.png``, ``ap.png``.
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a file of ours from a previous process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    Returns a summary: iterations, last/best paths, the last validation metrics, skipped steps.
-    """
-    if (epochs is None) == (iters is None):
-        raise ValueError("give exactly one of epochs or iters")
-    if (val_ann is None) != (val_images is None):
-        raise ValueError("val_ann and val_images go together")
-    arch = getattr(model, "arch", None)
-    if arch is None:
-        raise ValueError("fit needs a model built by hrnetdet.create_model (model.arch names its family)")
-    family, _ = get_family(arch)
-    recipe = RECIPES.get(family.name, RCNN_RECIPE)
-    schedule = schedule or default_schedule(arch)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; known: {sorted(SCHEDULES)}")
 
-    rank, world, dev, created_group = _setup_distributed(device)
-    main = rank == 0
-    amp_dtype = _amp_dtype(amp, dev)
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
+@dataclass
+class _Run:
+    """The fixed context of a run that the loop and the checkpoints read."""
+    arch: str
+    config: TrainConfig
+    plan: Plan
+    out_dir: str
+    state_path: str
+    train_ann: str
+    val_ann: Optional[str]
+    val_images: Optional[str]
+    device: torch.device
+    rank: int
+    world: int
+    amp_dtype: Optional[torch.dtype]
+    metrics: _Metrics
 
-    transforms = Compose([RandomHorizontalFlip(hflip, seed)]) if hflip > 0 else None
-    ds = CocoDetection(train_ann, train_images, transforms=transforms, with_masks=family.has_masks,
-                       filter_empty=filter_empty, min_image_size=32)
-    if len(getattr(model, "categories", [])) != len(ds.categories):
-        raise ValueError(f"the model has {len(model.categories)} classes (with background) but {train_ann} "
-                         f"has {len(ds.categories) - 1} categories: build it with "
-                         f"num_classes={len(ds.categories)}")
-    model.categories = list(ds.categories)
-    model.category_ids = [None, *ds.cat_ids]
-    if multiscale is not None:
-        model.transform.min_size = tuple(int(s) for s in multiscale)
-    sampler = GroupedBatchSampler(ds.aspect_ratios(), batch_size, seed=seed, rank=rank, world_size=world)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                                         generator=torch.Generator().manual_seed(seed))
-    per_epoch = len(sampler)
-    total = iters if iters is not None else epochs * per_epoch
-    if epochs is not None:
-        milestones = [round(f * epochs) * per_epoch for f in SCHEDULES[schedule]]
-        checkpoint_every = checkpoint_every or per_epoch
-    else:
-        milestones = [round(f * total) for f in SCHEDULES[schedule]]
-        checkpoint_every = checkpoint_every or max(1, total // 10)
-    warmup_iters = min(warmup_iters, total // 4)
-    lr = lr if lr is not None else recipe.base_lr * batch_size * world / 16
-    grad_clip = recipe.grad_clip if grad_clip is None else (grad_clip or None)
 
-    model.to(dev).train()
-    optimizer = torch.optim.SGD(param_groups(model, lr, weight_decay, recipe), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, milestones, warmup_iters, recipe))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+def checkpoint(run: _Run, state: TrainState) -> None:
+    """Validate (rank 0, with a validation set), save last/ (and best/) and the training state,
+    leaving the training RNG streams as they were; decides early stopping."""
+    with training_rng_untouched() as own_rng:
+        rng = [own_rng] * run.world
+        if run.world > 1:
+            dist.all_gather_object(rng, own_rng)
+        if run.rank == 0:
+            _validate_and_save(run, state, rng)
+        if run.world > 1:
+            stop = torch.tensor([int(state.stopped_early)], device=run.device if run.device.type == "cuda" else None)
+            dist.broadcast(stop, 0)
+            state.stopped_early = bool(stop.item())
+            dist.barrier()
 
-    for sub in ("last", "best") if val_ann else ("last",):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    state_path = resume if isinstance(resume, str) else os.path.join(out_dir, STATE_FILE)
-    start, best_ap, resumed = 0, -1.0, False
-    if resume and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start, best_ap, resumed = int(state["iteration"]), float(state["best_ap"]), True
-        if state["world_size"] == world:
-            _set_rng_state(state["rng"][rank])
-        elif main:
-            logger.warning("resuming a %d-process run with %d processes: RNG streams restart",
-                           state["world_size"], world)
-        if main:
-            logger.info("resumed %s at iteration %d of %d", state_path, start, total)
-    elif resume and isinstance(resume, str):
-        raise FileNotFoundError(f"training state to resume from not found: {resume}")
-    elif resume and main:
-        logger.info("no %s yet: starting from iteration 0", state_path)
 
-    metrics = _Metrics(os.path.join(out_dir, METRICS_FILE), start if resumed else None, main)
-    ddp = world > 1
-    net = nn.parallel.DistributedDataParallel(
-        model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True) if ddp else model
+def _validate_and_save(run: _Run, state: TrainState, rng: List[Dict[str, Any]]) -> None:
+    weights, it = state.weights, state.iteration
+    extra: Dict[str, Any] = {"trained_on": os.path.basename(run.train_ann), "iteration": it}
+    if state.ema is not None:
+        extra["ema_decay"] = run.config.ema
+    if run.val_ann is not None:
+        res = evaluate(weights, run.val_ann, run.val_images, device=str(run.device), progress=False)
+        state.last_val = {f"{t}_{k}": v for t in ("bbox", "segm") if t in res for k, v in res[t]["stats"].items()}
+        run.metrics.write({"type": "val", "iter": it, **state.last_val})
+        extra["val_metrics"] = state.last_val
+        if state.last_val["bbox_AP"] > state.best_ap:
+            state.best_ap, state.bad_validations = state.last_val["bbox_AP"], 0
+            save_pretrained(weights, os.path.join(run.out_dir, "best"), extra)
+        else:
+            state.bad_validations += 1
+        if run.config.patience is not None and state.bad_validations >= run.config.patience:
+            state.stopped_early = True
+            logger.info("early stop at iteration %d: bbox AP has not improved on %.4f for %d validations",
+                        it, state.best_ap, state.bad_validations)
+    save_pretrained(weights, os.path.join(run.out_dir, "last"), extra)
+    state.save(run.state_path, rng, run.plan.total)
+    run.metrics.flush()
+    plot_curves(run.metrics.path, run.out_dir)
+
+
+def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils.data.DataLoader,
+               sampler: GroupedBatchSampler, augment: Augment) -> int:
+    """Train from ``state.iteration`` to the end of the plan, checkpointing on the way; returns the
+    number of skipped (non-finite) steps."""
+    config, plan, dev = run.config, run.plan, run.device
+    main = run.rank == 0
+    optimizer, scaler = state.optimizer, state.scaler
     params = [p for g in optimizer.param_groups for p in g["params"]]
     window: Dict[str, deque] = defaultdict(lambda: deque(maxlen=20))  # the progress bar's running means
     since_log: Dict[str, List[float]] = defaultdict(list)  # metrics.jsonl: means since the last record
-    last_val: Dict[str, Any] = {}
     skipped, consecutive_bad = 0, 0
-    bar = tqdm(total=total, initial=start, disable=not (progress and main), dynamic_ncols=True, desc="train")
-    t_log, it_log = time.time(), start
-
-    def checkpoint(it: int) -> None:
-        nonlocal best_ap, last_val
-        rng = [_rng_state()] * world
-        if ddp:
-            dist.all_gather_object(rng, _rng_state())
-        if main:
-            extra = {"trained_on": os.path.basename(train_ann), "iteration": it}
-            if val_ann is not None:
-                model.eval()
-                res = evaluate(model, val_ann, val_images, device=str(dev), progress=False)
-                model.train()
-                last_val = {f"{t}_{k}": v for t in ("bbox", "segm") if t in res for k, v in res[t]["stats"].items()}
-                metrics.write({"type": "val", "iter": it, **last_val})
-                extra["val_metrics"] = last_val
-                if last_val["bbox_AP"] > best_ap:
-                    best_ap = last_val["bbox_AP"]
-                    save_pretrained(model, os.path.join(out_dir, "best"), extra)
-            save_pretrained(model, os.path.join(out_dir, "last"), extra)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": it,
-                     "best_ap": best_ap, "rng": rng, "world_size": world, "total_iters": total}
-            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-            plot_curves(metrics.path, out_dir)
-        if ddp:
-            dist.barrier()
-
-    it = start
+    bar = tqdm(total=plan.total, initial=state.iteration, disable=not (config.progress and main),
+               dynamic_ncols=True, desc="train")
+    t_log, it_log = time.time(), state.iteration
     try:
-        while it < total:
-            epoch, first_batch = divmod(it, per_epoch)
+        while state.iteration < plan.total and not state.stopped_early:
+            epoch, first_batch = divmod(state.iteration, plan.per_epoch)
             sampler.set_epoch(epoch, first_batch)
-            if transforms is not None:
-                transforms.set_epoch(epoch)
+            augment.set_epoch(epoch)
             for images, targets in loader:
                 images = [im.to(dev, non_blocking=True) for im in images]
                 targets = _to_device(targets, dev)
-                with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                with torch.autocast(dev.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
                     losses = net(images, targets)
                 loss = sum(losses.values())
                 values = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
-                if ddp:
+                if run.world > 1:
                     dist.all_reduce(values)
-                    values /= world
+                    values /= run.world
                 finite = bool(torch.isfinite(values).all())
                 optimizer.zero_grad(set_to_none=True)
                 # Every rank runs backward so that DDP's gradient hooks stay in step; a non-finite
                 # loss (on any rank) is zeroed and the update skipped.
                 scaler.scale(loss if finite else torch.nan_to_num(loss, 0.0, 0.0, 0.0) * 0).backward()
+                it = state.iteration + 1
                 if finite:
-                    if grad_clip:
+                    if plan.grad_clip:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                        torch.nn.utils.clip_grad_norm_(params, plan.grad_clip)
                     scaler.step(optimizer)
                     scaler.update()
+                    if state.ema is not None:
+                        state.ema.update_parameters(state.model)
                     consecutive_bad = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     optimizer.step()  # no gradients, so nothing moves; keeps the scheduler's step order
                     skipped += 1
                     consecutive_bad += 1
-                    record = {"type": "skip", "iter": it + 1, **{k: v.item() for k, v in zip(["loss", *losses], values)}}
-                    metrics.write(record)
+                    record = {"type": "skip", "iter": it, **{k: v.item() for k, v in zip(["loss", *losses], values)}}
+                    run.metrics.write(record)
                     if main:
-                        logger.warning("non-finite loss at iteration %d skipped: %s", it + 1, record)
-                    if consecutive_bad >= max_nonfinite:
+                        logger.warning("non-finite loss at iteration %d skipped: %s", it, record)
+                    if consecutive_bad >= config.max_nonfinite:
                         raise FloatingPointError(f"{consecutive_bad} consecutive non-finite losses (last at "
-                                                 f"iteration {it + 1}: {record}); lower the learning rate")
-                scheduler.step()
-                it += 1
+                                                 f"iteration {it}: {record}); lower the learning rate")
+                state.scheduler.step()
+                state.iteration = it
                 if finite:
                     for k, v in zip(["loss", *losses], values.tolist()):
                         window[k].append(v)
@@ -362,22 +527,118 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
                 bar.update(1)
                 if main and window:
                     bar.set_postfix(loss=f"{np.mean(window['loss']):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                if (it % log_every == 0 or it == total) and since_log:
+                if (it % plan.log_every == 0 or it == plan.total) and since_log:
                     now = time.time()
-                    metrics.write({"type": "train", "iter": it, "epoch": it / per_epoch,
-                                   "lr": optimizer.param_groups[0]["lr"],
-                                   **{k: float(np.mean(v)) for k, v in since_log.items()},
-                                   "sec_per_iter": (now - t_log) / max(it - it_log, 1)})
+                    run.metrics.write({"type": "train", "iter": it, "epoch": it / plan.per_epoch,
+                                       "lr": optimizer.param_groups[0]["lr"],
+                                       **{k: float(np.mean(v)) for k, v in since_log.items()},
+                                       "sec_per_iter": (now - t_log) / max(it - it_log, 1)})
                     t_log, it_log = now, it
                     since_log.clear()
-                if it % checkpoint_every == 0 or it == total:
-                    checkpoint(it)
-                if it >= total:
+                if it % plan.checkpoint_every == 0 or it == plan.total:
+                    checkpoint(run, state)
+                if it >= plan.total or state.stopped_early:
                     break
     finally:
         bar.close()
+    return skipped
+
+
+def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[str] = None,
+        val_images: Optional[str] = None, out_dir: str = "runs/train", config: Optional[TrainConfig] = None,
+        **options: Any) -> Dict[str, Any]:
+    """Train (or fine-tune) ``model`` on a COCO-format dataset with the reference's recipe.
+
+    ``model`` comes from ``create_model`` (``model.arch`` picks the family's recipe); its class
+    count must be the dataset's categories + 1, e.g. ``create_model(name, pretrained=True,
+    num_classes=K + 1)`` to fine-tune COCO weights on K categories. The run's settings are a
+    ``TrainConfig`` and/or its fields as keyword arguments (``iters=100, lr=0.01``).
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process trains a DDP replica (nccl on GPUs, gloo on
+    the CPU) on its share of every batch; rank 0 writes. ``out_dir`` receives ``last/`` and
+    ``best/`` (``model.safetensors`` + ``config.json``, loadable by ``create_model(arch,
+    checkpoint_path=...)``; best by validation bbox AP, so only with a validation set),
+    ``training_state.pt``, ``metrics.jsonl``, ``metrics.csv``, ``tensorboard/`` (when tensorboard
+    is installed) and ``loss.png``, ``lr.png``, ``ap.png``. Seed with ``seed_everything`` before
+    building the model for runs that repeat exactly.
+
+    Returns a summary: iterations, last/best paths, the last validation metrics (also when
+    resuming a finished run), skipped steps, whether it stopped early.
+    """
+    unknown = set(options) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"fit() got unknown option(s) {sorted(unknown)}; see TrainConfig")
+    config = replace(config or TrainConfig(), **options)
+    config.check()
+    if (val_ann is None) != (val_images is None):
+        raise ValueError("val_ann and val_images go together")
+    if config.patience is not None and val_ann is None:
+        raise ValueError("patience (early stopping on validation AP) needs a validation set")
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError("fit needs a model built by hrnetdet.create_model (model.arch names its family)")
+    family, _ = get_family(arch)
+
+    rank, world, dev, created_group = _setup_distributed(config.device)
+    amp_dtype = _amp_dtype(config.amp, dev)
+    seed_everything(config.seed + rank)
+
+    augment = Augment(config.aug, config.seed)
+    ds = CocoDetection(train_ann, train_images, transforms=augment, with_masks=family.has_masks,
+                       filter_empty=config.filter_empty, min_image_size=32)
+    if len(getattr(model, "categories", [])) != len(ds.categories):
+        raise ValueError(f"the model has {len(model.categories)} classes (with background) but {train_ann} "
+                         f"has {len(ds.categories) - 1} categories: build it with "
+                         f"num_classes={len(ds.categories)}")
+    model.categories = list(ds.categories)
+    model.category_ids = [None, *ds.cat_ids]
+    if config.multiscale is not None:
+        model.transform.min_size = tuple(int(s) for s in config.multiscale)
+    sampler = GroupedBatchSampler(ds.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank,
+                                  world_size=world)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=config.num_workers,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    plan = Plan.resolve(config, len(sampler), world, family.recipe, arch)
+
+    if config.grad_checkpoint:
+        model.backbone.body.set_grad_checkpointing(True)
+    model.to(dev).train()
+    state = TrainState(model, config, plan, family.recipe, amp_dtype)
+    folders = [os.path.join(out_dir, sub) for sub in (("last", "best") if val_ann else ("last",))]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    if rank == 0:
+        for path in remove_orphan_temporaries([out_dir, *folders]):
+            logger.info("removed %s, left by an interrupted process", path)
+    resume = config.resume
+    state_path = resume if isinstance(resume, str) else os.path.join(out_dir, STATE_FILE)
+    resumed = False
+    if resume and os.path.isfile(state_path):
+        state.load(state_path, rank, world)
+        resumed = True
+        if rank == 0:
+            logger.info("resumed %s at iteration %d of %d", state_path, state.iteration, plan.total)
+    elif resume and isinstance(resume, str):
+        raise FileNotFoundError(f"training state to resume from not found: {resume}")
+    elif resume and rank == 0:
+        logger.info("no %s yet: starting from iteration 0", state_path)
+
+    metrics = _Metrics(out_dir, state.iteration if resumed else None, rank == 0)
+    run = _Run(arch, config, plan, out_dir, state_path, train_ann, val_ann, val_images, dev, rank, world,
+               amp_dtype, metrics)
+    net = nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None,
+        find_unused_parameters=True) if world > 1 else model
+    try:
+        skipped = train_loop(run, state, net, loader, sampler, augment)
+    finally:
+        metrics.close()
         if created_group:
             dist.destroy_process_group()
-    return {"iterations": it, "out_dir": out_dir, "last": os.path.join(out_dir, "last", "model.safetensors"),
+    return {"iterations": state.iteration, "out_dir": out_dir,
+            "last": os.path.join(out_dir, "last", "model.safetensors"),
             "best": os.path.join(out_dir, "best", "model.safetensors") if val_ann else None,
-            "val": last_val, "skipped_steps": skipped, "lr": lr, "milestones": milestones}
+            "val": state.last_val, "best_bbox_AP": state.best_ap if val_ann else None,
+            "stopped_early": state.stopped_early, "skipped_steps": skipped, "lr": plan.lr,
+            "milestones": list(plan.milestones)}

@@ -210,8 +210,8 @@ class FCOSHead(nn.Module):
         pos_dist = pred_dist[pos]
         pos_ctr = ctr[pos]
         if pos.numel() == 0:
-            return {"classification": loss_cls, "bbox_regression": pos_dist.sum(),
-                    "bbox_ctrness": pos_ctr.sum()}
+            return {"loss_classification": loss_cls, "loss_bbox_regression": pos_dist.sum(),
+                    "loss_bbox_ctrness": pos_ctr.sum()}
         pos_targets = dist_targets[pos]
         ctr_targets = centerness_targets(pos_targets)
         ctr_denorm = _mean_over_ranks(ctr_targets.sum().detach()).clamp(min=1e-6)
@@ -220,7 +220,7 @@ class FCOSHead(nn.Module):
                                 distance_to_boxes(pos_points, pos_targets))
         loss_box = (loss_box * ctr_targets).sum() / (ctr_denorm + eps)
         loss_ctr = F.binary_cross_entropy_with_logits(pos_ctr, ctr_targets, reduction="sum") / (num_pos + eps)
-        return {"classification": loss_cls, "bbox_regression": loss_box, "bbox_ctrness": loss_ctr}
+        return {"loss_classification": loss_cls, "loss_bbox_regression": loss_box, "loss_bbox_ctrness": loss_ctr}
 
     # ------------------------------------------------------------------ inference
     def postprocess_detections(self, cls_logits: List[Tensor], distances: List[Tensor],

@@ -5,6 +5,7 @@ from ..detectors.fcos import build_fcos
 from ..detectors.rcnn import build_rcnn
 from .convert import (BACKBONE_RULES, BOX_HEAD_RULES, CASCADE_BOX_RULES, FCOS_RULES, HTC_RULES, MASK_HEAD_RULES,
                       RPN_RULES, cascade_mask_rules)
+from .recipe import FCOS_RECIPE
 from .records import Family, PretrainedCfg, ReferenceLayout
 from .registry import register_family, register_pretrained
 
@@ -33,7 +34,7 @@ FAMILIES = (
     # The reference's FCOS was trained on BGR input and has sigmoid classifiers (no background row).
     Family("fcos", "FCOS", build_fcos, ReferenceLayout(
         tuple(FCOS_RULES), "bbox_head.conv_centerness.weight", (), "bbox_head.conv_cls.weight",
-        background_row=False, bgr_input=True)),
+        background_row=False, bgr_input=True), recipe=FCOS_RECIPE),
 )
 
 # (arch, tag, reference checkpoint file, schedule, multi-scale training, published metrics).

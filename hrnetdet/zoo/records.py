@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD
 from .coco import COCO_CATEGORIES
+from .recipe import RCNN_RECIPE, Recipe
 
 Transform = Callable[[Tensor], Tensor]
 Rule = Tuple[str, str, Optional[Transform]]  # (reference key regex, hrnetdet key template, value transform)
@@ -43,6 +44,7 @@ class Family:
     reference: ReferenceLayout
     has_masks: bool = False        # the one mask flag: the builder gets with_mask=True from it
     widths: Tuple[int, ...] = (18, 32, 40, 48)
+    recipe: Recipe = RCNN_RECIPE   # how the reference trains it (the training engine reads it)
 
     def build(self, width: int, **kwargs) -> nn.Module:
         if self.has_masks:

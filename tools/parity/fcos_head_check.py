@@ -100,7 +100,8 @@ def main() -> int:
     losses_o = ours.compute_loss([{'boxes': g.bboxes, 'labels': g.labels + 1} for g in gts], *ours(feats), points)
     sum(losses_r.values()).backward()
     sum(losses_o.values()).backward()
-    for kr, ko in [('loss_cls', 'classification'), ('loss_bbox', 'bbox_regression'), ('loss_centerness', 'bbox_ctrness')]:
+    for kr, ko in [('loss_cls', 'loss_classification'), ('loss_bbox', 'loss_bbox_regression'),
+                   ('loss_centerness', 'loss_bbox_ctrness')]:
         print(f"{ko:16s} mmdet {losses_r[kr].item():.7f} hrnetdet {losses_o[ko].item():.7f}")
         torch.testing.assert_close(losses_o[ko], losses_r[kr], rtol=1e-5, atol=0)
     grads_r = {k: p.grad for k, p in ref.named_parameters()}
