@@ -42,9 +42,13 @@ class HRNetDetector(GeneralizedRCNN):
                 return losses, detections
             return self.eager_outputs(losses, detections)
         if self.training and not torch.jit.is_scripting():
-            num_classes = next(m.cls_score.out_features for m in self.modules() if isinstance(m, FastRCNNPredictor))
-            check_targets(images, targets, num_classes)
+            self.check_training_targets(images, targets)
         return self.generalized_rcnn_forward(images, targets)
+
+    @torch.jit.unused
+    def check_training_targets(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]) -> None:
+        num_classes = next(m.cls_score.out_features for m in self.modules() if isinstance(m, FastRCNNPredictor))
+        check_targets(images, targets, num_classes)
 
     generalized_rcnn_forward = scriptable_alias(GeneralizedRCNN.forward, "generalized_rcnn_forward")
 
