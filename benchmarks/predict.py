@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import hrnetdet
-from hrnetdet.zoo.convert import save_safetensors
+from hrnetdet.zoo.checkpoint import save_pretrained
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
 # Runs the CLI in a child and prints its own peak resident memory (the main process: the one that
@@ -87,9 +87,9 @@ def main() -> int:
         rows.append(check_cost())
         print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(hrnetdet.create_model(ARCH), tmp)
         checkpoint = os.path.join(tmp, "model.safetensors")
         torch.manual_seed(0)
-        save_safetensors(hrnetdet.create_model(ARCH), checkpoint, ARCH)
         small, large = os.path.join(tmp, "small"), os.path.join(tmp, "large")
         os.makedirs(small)
         os.makedirs(large)

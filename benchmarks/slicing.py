@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from hrnetdet.data import make_shapes_dataset
-from hrnetdet.engine.evaluate import to_coco_results
+from hrnetdet.data.results import coco_records
 from hrnetdet.data.synthetic import SHAPES
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
@@ -215,7 +215,7 @@ def run_mode(name: str, images: Sequence[Tuple[int, torch.Tensor]], predict
 
 def score(preds: Dict[int, Dict[str, torch.Tensor]], cat_ids: Sequence[int], ann_file: str, max_dets: int,
           seconds: float) -> Dict[str, float]:
-    results = [r for image_id, p in preds.items() for r in to_coco_results(p, image_id, cat_ids)]
+    results = [r for image_id, p in preds.items() for r in coco_records(p, image_id, cat_ids)]
     row = dict(coco_eval(ann_file, results, max_dets), seconds_per_image=round(seconds, 3))
     print(f"    {row}", flush=True)
     return row

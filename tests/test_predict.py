@@ -244,9 +244,9 @@ def test_video_gives_per_frame_results_and_an_annotated_video(model, rgb, checkp
 
 @pytest.fixture(scope="module")
 def checkpoint(model, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_safetensors(model, str(path), ARCH)
-    return path
+    folder = tmp_path_factory.mktemp("ckpt")
+    save_pretrained(model, str(folder))
+    return folder / "model.safetensors"
 
 
 def _run(inputs, out, checkpoint, *extra):

@@ -7,7 +7,8 @@ import torch
 from torchvision.ops import box_iou
 
 import hrnetdet
-from hrnetdet.inference import calibrate, match_detections
+from calibrate import calibrate
+from hrnetdet.inference import match_detections
 from hrnetdet.inference.slicing import merge_tiles, sliced_predict, tile_windows
 from hrnetdet.inference.tta import tta_predict
 

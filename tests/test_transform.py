@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hrnetdet
-from hrnetdet.inference import calibrate
+from calibrate import calibrate
 from hrnetdet.detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from hrnetdet.detectors.transform import cv2_linear_resize
 

@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from ..zoo.convert import _atomic
+from ..zoo.checkpoint import atomic_write
 
 
 def _xyxy(xywh: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -88,7 +88,7 @@ def write_confusion_matrix(out_dir: str, matrix: np.ndarray, names: Sequence[str
     labels = ["background", *names]
     paths = [os.path.join(out_dir, "confusion_matrix.json"), os.path.join(out_dir, "confusion_matrix.png")]
     cm = {"rows": "ground truth", "columns": "prediction", "labels": labels, "matrix": matrix.tolist()}
-    _atomic(paths[0], lambda tmp: open(tmp, "w").write(json.dumps(cm, indent=1)))
+    atomic_write(paths[0], lambda tmp: open(tmp, "w").write(json.dumps(cm, indent=1)))
     size = min(2 + 0.45 * len(labels), 24)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # row-normalised colour
@@ -104,7 +104,7 @@ def write_confusion_matrix(out_dir: str, matrix: np.ndarray, names: Sequence[str
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
                         color="white" if shown[i, j] > 0.5 else "black")
     fig.tight_layout()
-    _atomic(paths[1], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(paths[1], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return paths
 
@@ -113,7 +113,7 @@ def write_pr_curves(out_dir: str, curves: Dict[str, Any], names: Sequence[str], 
     """pr_curves_{iou_type}.json (IoU 0.50 and 0.75) and .png (IoU 0.50); returns the paths."""
     plt = _pyplot()
     paths = [os.path.join(out_dir, f"pr_curves_{iou_type}.json"), os.path.join(out_dir, f"pr_curves_{iou_type}.png")]
-    _atomic(paths[0], lambda tmp: open(tmp, "w").write(json.dumps(curves)))
+    atomic_write(paths[0], lambda tmp: open(tmp, "w").write(json.dumps(curves)))
     fig, ax = plt.subplots(figsize=(7, 5))
     for name in names:
         p = [np.nan if v is None else v for v in curves["precision"][name]["0.50"]]
@@ -128,6 +128,6 @@ def write_pr_curves(out_dir: str, curves: Dict[str, Any], names: Sequence[str], 
     if len(names) <= 20:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic(paths[1], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(paths[1], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return paths

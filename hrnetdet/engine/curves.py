@@ -5,7 +5,7 @@ import json
 import os
 from typing import Dict, List
 
-from ..zoo.convert import _atomic
+from ..zoo.checkpoint import atomic_write
 
 
 def read_metrics(path: str) -> List[Dict]:
@@ -29,7 +29,7 @@ def write_csv(records: List[Dict], path: str) -> None:
             writer = csv.DictWriter(f, columns)
             writer.writeheader()
             writer.writerows(records)
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
@@ -53,7 +53,7 @@ def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
         ax.grid(alpha=0.3, which="both")
         path = os.path.join(out_dir, name)
         fig.tight_layout()
-        _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
         written.append(path)
 
