@@ -31,6 +31,7 @@ from run import TORCHVISION, bench_inference, bench_train, build, images  # noqa
 
 import hrnetdet  # noqa: E402
 from hrnetdet.inference import optimize_for_inference  # noqa: E402
+from hrnetdet.inference.predict import half_dtype  # noqa: E402
 
 SECTION = "## GPU"
 WIDTHS = ("faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w32", "faster_rcnn_hrnetv2p_w40",
@@ -48,10 +49,6 @@ def reference_figure(arch: str, key: str) -> Optional[float]:
     """The reference's published figure (V100 fps, training GB per GPU) for ``arch``, if any."""
     values = [c.metrics[key] for c in hrnetdet.get_arch_pretrained_cfgs(arch) if key in c.metrics]
     return max(values) if values else None
-
-
-def half_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 def compiled(model: nn.Module) -> nn.Module:

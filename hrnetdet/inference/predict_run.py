@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data.images import to_float
 from ..data.results import category_ids_of, coco_records
+from ..zoo.checkpoint import atomic_write
 from .predict import iter_predictions
 from .sources import is_video, video_rate
 from .thresholds import score_threshold
@@ -38,17 +39,12 @@ class UnreadableInputWarning(UserWarning):
     """Some inputs could not be read and were skipped (counted; listed in failed.txt)."""
 
 
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
+def write_file(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
+    """``write(file)`` into ``path``, atomically (``zoo.checkpoint.atomic_write``)."""
+    def to_temporary(tmp: str) -> None:
+        with open(tmp, mode) as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, to_temporary)
 
 
 class RunLock:
@@ -210,12 +206,12 @@ def finish(out: str) -> Tuple[int, int, int]:
                 detections += 1
         f.write("]")
 
-    atomic_write(os.path.join(out, RESULTS_JSON), write_json)
-    atomic_write(os.path.join(out, RESULTS_JSONL), write_jsonl, mode="wb")  # in order, one line per key
+    write_file(os.path.join(out, RESULTS_JSON), write_json)
+    write_file(os.path.join(out, RESULTS_JSONL), write_jsonl, mode="wb")  # in order, one line per key
     for path in parts:
         if os.path.basename(path) != RESULTS_JSONL:
             os.remove(path)
-    atomic_write(os.path.join(out, FAILED_TXT), lambda f: f.write("".join(line + "\n" for line in failed)))
+    write_file(os.path.join(out, FAILED_TXT), lambda f: f.write("".join(line + "\n" for line in failed)))
     return done, detections, len(failed)
 
 
