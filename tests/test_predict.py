@@ -285,7 +285,8 @@ def test_rerun_skips_what_is_done_and_repairs_a_torn_line(messy, checkpoint, tmp
         f.write('{"input_index": 3, "file_name": "torn')  # a run killed mid-line
     calls = []
     real = predict_module.run_model
-    monkeypatch.setattr(predict_module, "run_model", lambda m, images: calls.append(len(images)) or real(m, images))
+    monkeypatch.setattr(predict_module, "run_model",
+                        lambda m, images, mode: calls.append(len(images)) or real(m, images, mode))
     _run(messy[:2], out, checkpoint)
     assert calls == []  # nothing left to do
     assert json.loads((out / "results.json").read_text()) == first

@@ -10,9 +10,12 @@ from ..zoo.coco import COCO_CATEGORIES, COCO_CATEGORY_IDS
 
 
 def category_ids_of(model: nn.Module) -> Optional[List[int]]:
-    """The category id of each label 1..K: the model's ``category_ids`` (set from the dataset it was
-    trained on), else COCO's ids for COCO's categories, else None (the label is the id)."""
-    ids = getattr(model, "category_ids", None)
+    """The category id of each label 1..K: the model's ``category_ids`` (aligned with its categories,
+    None for the background; set from the dataset it was trained on or its checkpoint), else COCO's
+    ids for COCO's categories, else None (the label is the id)."""
+    ids = list(getattr(model, "category_ids", None) or [])
+    if ids and len(ids) == len(getattr(model, "categories", ())) and ids[0] is None:
+        ids = ids[1:]
     if ids:
         return [int(i) for i in ids]
     if tuple(getattr(model, "categories", ()) or ()) == COCO_CATEGORIES:
