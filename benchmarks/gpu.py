@@ -70,7 +70,7 @@ def update_section(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def fmt(x: Optional[float], spec: str = ".1f") -> str:
+def fmt(x: Optional[float], spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
@@ -138,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         hn = res[(half_name, "batched")].get(key)
         v100 = reference_figure(base, "fps") if base in archs else None
         fps16 = 1 / f16["s_per_img"]
-        lines.append(f"| {key} | {fmt(f32 and 1 / f32['s_per_img'])} | {fps16:.1f} | "
+        lines.append(f"| {key} | {fmt(f32 and 1 / f32['s_per_img'])} | {fps16:.3g} | "
                      f"{fmt(bn and 1 / bn['s_per_img'])} | {fmt(hn and 1 / hn['s_per_img'])} | {fmt(v100)} | "
                      f"{fmt(v100 and fps16 / v100, '.2f')} | {f16['peak_mb']:.0f} |")
     lines += ["", f"### Training step, batch 2, AMP ({half_name})", "",
