@@ -190,5 +190,5 @@ def test_push_then_load_by_hub_name(trained, hub, tmp_path, monkeypatch, capsys)
 
 
 def test_push_needs_a_run_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no best/ or last/"):
+    with pytest.raises(SystemExit, match="no best/ or last/"):  # the CLI's one-line error
         cli_main(["push", str(tmp_path), "--repo", "me/x"])

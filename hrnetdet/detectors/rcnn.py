@@ -68,7 +68,7 @@ def build_transform(min_size=800, max_size: int = 1333, image_mean: Sequence[flo
 def build_rpn(*, cascade: bool = False, rpn_pre_nms_top_n_train: int = 2000,
               rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: Optional[int] = None,
               rpn_post_nms_top_n_test: int = 1000, rpn_nms_thresh: float = 0.7,
-              rpn_batch_size_per_image: int = 256, size_divisible: int = 32) -> ReferenceRPN:
+              rpn_batch_size_per_image: int = 256) -> ReferenceRPN:
     """The reference's RPN; ``cascade`` selects the Cascade/HTC training settings."""
     if rpn_post_nms_top_n_train is None:
         rpn_post_nms_top_n_train = 2000 if cascade else 1000
@@ -78,7 +78,6 @@ def build_rpn(*, cascade: bool = False, rpn_pre_nms_top_n_train: int = 2000,
         post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
         nms_thresh=rpn_nms_thresh, batch_size_per_image=rpn_batch_size_per_image,
         box_loss="smooth_l1" if cascade else "l1", allowed_border=0 if cascade else -1,
-        size_divisible=size_divisible,
     )
 
 
@@ -119,5 +118,5 @@ def build_detector(width: int, roi_heads: nn.Module, *, categories: Optional[Seq
     transform = build_transform(min_size, max_size, image_mean, image_std, mask_thresh)
     return HRNetDetector(
         hrnetv2p_backbone(width, norm_eval=norm_eval, frozen_stages=frozen_stages),
-        build_rpn(size_divisible=transform.size_divisible, **rpn_kwargs), roi_heads, transform, categories,
+        build_rpn(**rpn_kwargs), roi_heads, transform, categories,
     )
