@@ -36,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import hrnetdet  # noqa: E402
 from hrnetdet.zoo.convert import convert_reference  # noqa: E402
+from hrnetdet.zoo.registry import get_family  # noqa: E402
 
 LOSS_TOL = 1e-4
 GRAD_TOL = 1e-3
@@ -210,15 +211,17 @@ def grad_rel_diffs(grads: Dict[str, Tensor], ref: Dict[str, Tensor]) -> Dict[str
     return out
 
 
-def compare_precision(model, family: str, step: dict, images, targets, dtype) -> dict:
+def compare_precision(model, name: str, step: dict, images, targets, dtype) -> dict:
     """hrnetdet's step in ``dtype`` against the reference's step in the same precision."""
+    family_record = get_family(name)[0]
+    family = family_record.name
     losses, grads, report = run_step(model, step, images, targets, dtype)
     loss_rows = OrderedDict()
     for key, ref in step['losses'].items():
         ours_key = hrnetdet_loss_name(family, key, losses)
         loss_rows[ours_key] = dict(reference_key=key, reference=ref, hrnetdet=losses[ours_key],
                                    rel_diff=rel(losses[ours_key], ref))
-    ref_grads = convert_reference({k: g for k, g in step['grads'].items() if g is not None}, family)
+    ref_grads = convert_reference({k: g for k, g in step['grads'].items() if g is not None}, family_record)
     grad_rows = grad_rel_diffs(grads, ref_grads)
     worst = max(grad_rows, key=grad_rows.get)
     return dict(losses=loss_rows, extra_losses=sorted(set(losses) - set(loss_rows)),
@@ -243,8 +246,8 @@ def compare_model(art: str, name: str) -> dict:
     model = hrnetdet.create_model(name, checkpoint_path=os.path.join(mdir, 'checkpoint.pth'),
                                   min_size=TRAIN_SHORT_SIDE)
     images, targets = load_inputs(art, family)
-    r64 = compare_precision(model, family, step['float64'], images, targets, torch.float64)
-    r32 = compare_precision(model, family, step, images, targets, torch.float32)
+    r64 = compare_precision(model, name, step['float64'], images, targets, torch.float64)
+    r32 = compare_precision(model, name, step, images, targets, torch.float32)
     del r64['grads']
     grads32 = r32.pop('grads')
     try:
