@@ -132,3 +132,28 @@ def test_rpn_assignment_equals_reference(family):
         differ = torch.nonzero(labels[i].long() != ref).flatten()
         assert len(differ) == 0, f"image {i}: {len(differ)} anchors differ, e.g. {differ[:5].tolist()}"
         assert (ref == 1).sum() > 0 and (ref == 0).sum() > 0
+
+
+def test_semantic_loss_follows_mmdetection_2_0_rule():
+    """HTC's semantic loss averages over the non-ignored pixels, as mmdetection 2.0's FusedSemanticHead
+    (``nn.CrossEntropyLoss(ignore_index=255)``) that trained the published models; mmdetection 3.3 averages
+    over every pixel (the training-parity harness compares under 3.3's rule and converts)."""
+    from hrnetdet.heads.semantic import FusedSemanticHead
+    head = FusedSemanticHead(num_ins=2, channels=8, num_classes=5, stride=8, loss_weight=0.2)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, 6, generator=g, dtype=torch.float64)
+    maps = [torch.randint(0, 5, (32, 40), generator=g), torch.randint(0, 5, (24, 48), generator=g)]
+    maps[0][8:16] = 255                                   # an ignore band; the padding is ignored too
+    labels = torch.full((2, 32, 48), 255, dtype=torch.long)
+    for i, m in enumerate(maps):
+        labels[i, :m.shape[0], :m.shape[1]] = m
+    labels = labels[:, ::8, ::8]                          # nearest neighbour at 1/8: every 8th pixel
+    targets = [{"semantic_seg": m} for m in maps]
+    assert torch.equal(head.labels(logits, targets), labels)
+    ignored = float((labels == 255).double().mean())
+    assert 0.2 < ignored < 0.6
+    expected = nn.CrossEntropyLoss(ignore_index=255)(logits, labels) * 0.2
+    loss = head.loss(logits, targets)
+    torch.testing.assert_close(loss, expected)
+    all_pixels = nn.CrossEntropyLoss(ignore_index=255, reduction="sum")(logits, labels) / labels.numel() * 0.2
+    torch.testing.assert_close(all_pixels / loss, torch.tensor(1 - ignored, dtype=torch.float64))

@@ -165,7 +165,8 @@ def _train_parity_lines() -> List[str]:
                    f" `{p['worst_grad_param']}` |"
                    f" {f32['max_loss_rel_diff']:.1g} / {f32['worst_grad_rel_diff']:.2g} |"
                    f" {_fig(f32['rounding_max_loss'])} / {_fig(f32['rounding_worst_grad'])} |")
-    return out + [""]
+    notes = [f"* `{name}`: {note}" for name, p in TRAIN_PARITY.items() for note in p.get("notes", [])]
+    return out + ([""] + notes if notes else []) + [""]
 
 
 def model_card(cfg: PretrainedCfg, repo_id: str) -> str:

@@ -64,9 +64,21 @@ class FusedSemanticHead(nn.Module):
 
     @torch.jit.unused  # training only, and it logs
     def loss(self, logits: Tensor, targets: List[Dict[str, Tensor]]) -> Optional[Tensor]:
-        """Weighted cross-entropy against the targets' ``semantic_seg`` maps, padded with the ignore
-        value to the padded batch and downscaled to the logits' size with nearest neighbour (the
-        reference's Pad + SegRescale). Images without a map are ignored; ``None`` when none has one."""
+        """Weighted cross-entropy against ``labels``, averaged over the non-ignored pixels (mmdetection
+        2.0's FusedSemanticHead, which trained the published models; 3.x averages over every pixel).
+        ``None`` when no target has a map."""
+        labels = self.labels(logits, targets)
+        if labels is None:
+            return None
+        if not (labels != IGNORE_INDEX).any():
+            return logits.sum() * 0
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) * self.loss_weight
+
+    @torch.jit.unused
+    def labels(self, logits: Tensor, targets: List[Dict[str, Tensor]]) -> Optional[Tensor]:
+        """The targets' ``semantic_seg`` maps, padded with the ignore value to the padded batch and
+        downscaled to the logits' size with nearest neighbour (the reference's Pad + SegRescale).
+        Images without a map are ignored; ``None`` when none has one."""
         if not any(SEMANTIC_KEY in t for t in targets):
             if not self._warned:
                 logger.warning("HTC: targets carry no %r maps; training without the semantic loss",
@@ -82,7 +94,4 @@ class FusedSemanticHead(nn.Module):
                     raise ValueError(f"target {i}: {SEMANTIC_KEY!r} must be an (H, W) map of the image's "
                                      f"size, got shape {tuple(seg.shape)} for a batch padded to {h}x{w}")
                 maps[i, 0, :seg.shape[0], :seg.shape[1]] = seg.to(maps.dtype)
-        labels = F.interpolate(maps, size=logits.shape[-2:], mode="nearest")[:, 0].long()
-        if not (labels != IGNORE_INDEX).any():
-            return logits.sum() * 0
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) * self.loss_weight
+        return F.interpolate(maps, size=logits.shape[-2:], mode="nearest")[:, 0].long()

@@ -30,12 +30,15 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import hrnetdet  # noqa: E402
 from hrnetdet.zoo.convert import convert_reference  # noqa: E402
+from hrnetdet.heads.semantic import IGNORE_INDEX  # noqa: E402
+from hrnetdet.zoo.registry import get_family  # noqa: E402
 
 LOSS_TOL = 1e-4
 GRAD_TOL = 1e-3
@@ -183,21 +186,75 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b != 0 else abs(a - b)
 
 
+class ReferenceSemanticRule:
+    """HTC's semantic loss by mmdetection 3.3's rule while in effect: its ``CrossEntropyLoss``
+    (``avg_non_ignore=False``) averages over every pixel of the map, ignored ones included. mmdetection 2.0's
+    ``FusedSemanticHead`` (``nn.CrossEntropyLoss(ignore_index=255)``), which trained the published HTC models and
+    which hrnetdet follows, averages over the non-ignored pixels only; 3.x moved the head to ``build_loss(loss_seg)``.
+    The two differ by the non-ignored share of the map (``share``), so the harness compares every loss and
+    gradient under 3.3's rule and converts the semantic term to the 2.0 rule with the share."""
+
+    def __init__(self, model):
+        self.head = getattr(getattr(model, 'roi_heads', None), 'semantic_head', None)
+        self.share: Optional[float] = None
+
+    def __enter__(self):
+        head = self.head
+        if head is not None:
+            def loss(logits, targets):
+                labels = head.labels(logits, targets)
+                self.share = float((labels != IGNORE_INDEX).double().mean())
+                total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction='sum')
+                return total / labels.numel() * head.loss_weight
+            head.loss = loss
+        return self
+
+    def __exit__(self, *exc):
+        if self.head is not None:
+            del self.head.loss
+
+
+class KeepInputPrecision:
+    """hrnetdet's transform hands the backbone float32 images (its input contract: the resize works on the 8-bit
+    grid), which in a float64 step moves the normalised input by up to 3.7e-7 and the random-weight backbone's
+    gradients by up to 6.5e-3 (FCOS). While in effect the images keep their dtype, as in the reference's float64
+    step (whose normalisation constants ``train_reference.keep_float64`` keeps in float64)."""
+
+    def __init__(self, model, dtype):
+        self.transform = model.transform if dtype == torch.float64 else None
+
+    def __enter__(self):
+        if self.transform is not None:
+            check = self.transform.check_images
+
+            def keep_dtype(images):
+                check(images)  # the contract's checks only
+                return images
+            self.transform.check_images = keep_dtype
+        return self
+
+    def __exit__(self, *exc):
+        if self.transform is not None:
+            del self.transform.check_images
+
+
 def run_step(model, step: dict, images, targets, dtype=torch.float32, input_noise: float = 0.0):
-    """One training forward and backward with the reference's samples; (losses, gradients, assignment report).
-    ``input_noise``: the std of seeded Gaussian noise added to the [0, 1] images (rounding sensitivity)."""
+    """One training forward and backward with the reference's samples; (losses, gradients, assignment report,
+    HTC's non-ignored semantic share or None). ``input_noise``: the std of seeded Gaussian noise added to the
+    [0, 1] images (rounding sensitivity)."""
     model.to(dtype).train()
     report: List[dict] = []
     install_replay(model, step, report)
     model.zero_grad()
     gen = torch.Generator().manual_seed(0)
-    losses = model([im.to(dtype) / 255 + input_noise * torch.randn(im.shape, generator=gen, dtype=dtype)
-                    for im in images],
-                   [{k: v.to(dtype) if k == 'boxes' else v for k, v in t.items()} for t in targets])
+    with ReferenceSemanticRule(model) as rule, KeepInputPrecision(model, dtype):
+        losses = model([im.to(dtype) / 255 + input_noise * torch.randn(im.shape, generator=gen, dtype=dtype)
+                        for im in images],
+                       [{k: v.to(dtype) if k == 'boxes' else v for k, v in t.items()} for t in targets])
     sum(losses.values()).backward()
     grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
              for k, p in model.named_parameters() if p.requires_grad}
-    return {k: float(v.detach()) for k, v in losses.items()}, grads, report
+    return {k: float(v.detach()) for k, v in losses.items()}, grads, report, rule.share
 
 
 def grad_rel_diffs(grads: Dict[str, Tensor], ref: Dict[str, Tensor]) -> Dict[str, float]:
@@ -210,15 +267,21 @@ def grad_rel_diffs(grads: Dict[str, Tensor], ref: Dict[str, Tensor]) -> Dict[str
     return out
 
 
-def compare_precision(model, family: str, step: dict, images, targets, dtype) -> dict:
+def compare_precision(model, name: str, step: dict, images, targets, dtype) -> dict:
     """hrnetdet's step in ``dtype`` against the reference's step in the same precision."""
-    losses, grads, report = run_step(model, step, images, targets, dtype)
+    family_record = get_family(name)[0]
+    family = family_record.name
+    losses, grads, report, share = run_step(model, step, images, targets, dtype)
     loss_rows = OrderedDict()
     for key, ref in step['losses'].items():
         ours_key = hrnetdet_loss_name(family, key, losses)
         loss_rows[ours_key] = dict(reference_key=key, reference=ref, hrnetdet=losses[ours_key],
                                    rel_diff=rel(losses[ours_key], ref))
-    ref_grads = convert_reference({k: g for k, g in step['grads'].items() if g is not None}, family)
+    if share is not None:  # both under 3.3's rule above; hrnetdet's own (2.0's) rule divides by the share
+        loss_rows['loss_semantic_seg'].update(non_ignored_share=share, rule='mmdetection 3.3 (all pixels)',
+                                              reference_at_2_0_rule=loss_rows['loss_semantic_seg']['reference'] / share,
+                                              hrnetdet_at_2_0_rule=losses['loss_semantic_seg'] / share)
+    ref_grads = convert_reference({k: g for k, g in step['grads'].items() if g is not None}, family_record)
     grad_rows = grad_rel_diffs(grads, ref_grads)
     worst = max(grad_rows, key=grad_rows.get)
     return dict(losses=loss_rows, extra_losses=sorted(set(losses) - set(loss_rows)),
@@ -243,12 +306,12 @@ def compare_model(art: str, name: str) -> dict:
     model = hrnetdet.create_model(name, checkpoint_path=os.path.join(mdir, 'checkpoint.pth'),
                                   min_size=TRAIN_SHORT_SIDE)
     images, targets = load_inputs(art, family)
-    r64 = compare_precision(model, family, step['float64'], images, targets, torch.float64)
-    r32 = compare_precision(model, family, step, images, targets, torch.float32)
+    r64 = compare_precision(model, name, step['float64'], images, targets, torch.float64)
+    r32 = compare_precision(model, name, step, images, targets, torch.float32)
     del r64['grads']
     grads32 = r32.pop('grads')
     try:
-        noisy_losses, noisy_grads, _ = run_step(model, step, images, targets, torch.float32, 1e-7)
+        noisy_losses, noisy_grads, _, _ = run_step(model, step, images, targets, torch.float32, 1e-7)
         noisy = grad_rel_diffs(noisy_grads, grads32)
         worst = max(noisy, key=noisy.get)
         r32['float32_rounding'] = dict(
@@ -286,6 +349,15 @@ def record_train_parity(results: Dict[str, dict], path: str) -> None:
                          worst_grad_rel_diff=up2(r32['worst_grad_rel_diff']), worst_grad_param=r32['worst_grad_param'],
                          rounding_worst_grad=up2(rounding.get('worst_grad_rel_diff')),
                          rounding_max_loss=up2(max(rounding['losses'].values()) if 'losses' in rounding else None)))
+        semantic = r64['losses'].get('loss_semantic_seg', {})
+        if 'non_ignored_share' in semantic:
+            table[name]['notes'] = [
+                f"loss_semantic_seg compared under mmdetection 3.3's rule (mean over every pixel, ignored ones "
+                f"included: CrossEntropyLoss, avg_non_ignore=False); hrnetdet trains with mmdetection 2.0's "
+                f"FusedSemanticHead rule (nn.CrossEntropyLoss(ignore_index=255): mean over the "
+                f"{semantic['non_ignored_share']:.4f} non-ignored share), which trained the published models: "
+                f"{semantic['hrnetdet_at_2_0_rule']:.7f} vs the reference's {semantic['reference_at_2_0_rule']:.7f} "
+                f"converted to that rule"]
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(dict(sorted(table.items())), f, indent=1)

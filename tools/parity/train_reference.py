@@ -228,12 +228,20 @@ def bbox2delta_in_input_dtype(proposals, gt, means=(0., 0., 0., 0.), stds=(1., 1
 
 
 def keep_float64(model):
-    """mmdet computes two things in float32 whatever the model's dtype: the RPN's training anchors
-    (``grid_priors`` without a dtype) and the box coder's regression targets (``bbox2delta`` casts). A float64
-    step with those left in float32 breaks exact IoU ties differently from hrnetdet's float64 anchors; this
-    keeps both in float64 (the reference's rules, at the model's precision). Returns the undo."""
+    """mmdet computes three things in float32 whatever the model's dtype: the RPN's training anchors
+    (``grid_priors`` without a dtype), the box coder's regression targets (``bbox2delta`` casts) and the data
+    preprocessor's normalisation constants (``torch.tensor(mean)`` from the config: 123.675 becomes
+    123.67500305). A float64 step with the anchors left in float32 breaks exact IoU ties differently from
+    hrnetdet's float64 anchors, and the float32 constants move the normalised input by up to 3.6e-7, which
+    the random-weight HRNet amplifies into backbone gradient differences of up to 6.5e-3 (FCOS); this keeps
+    all three in float64 (the reference's rules, at the model's precision). Returns the undo."""
     from mmdet.models.task_modules.coders import delta_xywh_bbox_coder as coder
     undo = []
+    pre, pre_cfg = model.data_preprocessor, model.cfg.model.data_preprocessor
+    constants = dict(mean=pre.mean, std=pre.std)
+    for key, value in constants.items():
+        setattr(pre, key, torch.tensor(pre_cfg[key], dtype=torch.float64).view(-1, 1, 1))
+    undo.append(lambda: [setattr(pre, k, v) for k, v in constants.items()])
     orig_b2d = coder.bbox2delta
     coder.bbox2delta = bbox2delta_in_input_dtype
     undo.append(lambda: setattr(coder, 'bbox2delta', orig_b2d))
