@@ -40,7 +40,8 @@ def count_syncs(model: torch.nn.Module, imgs: List[torch.Tensor]) -> Dict[str, C
     sites: Dict[str, Counter] = defaultdict(Counter)
     for event in prof.events():
         if event.name in SYNC_OPS and not any(e.name in SYNC_OPS for e in _parents(event)):
-            sites[event.name][call_site(event.stack)] += 1
+            stack = next((e.stack for e in (event, *_parents(event)) if e.stack), [])
+            sites[event.name][call_site(stack)] += 1
     return sites
 
 
