@@ -1,7 +1,7 @@
 """Training parity with the reference, checked without the reference: its RPN assignment on the
 training-parity harness batch and its optimisation recipes, both recorded by the harness
 (tools/parity/train_reference.py, train_compare.py) in tests/data."""
-import inspect
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -26,8 +26,8 @@ def hrnetdet_training_recipe(arch: str) -> dict:
     learning-rate factor: the one place this file reads the training engine."""
     from hrnetdet.engine import train
     family = hrnetdet.zoo.registry.get_family(arch)[0]
-    recipe = train.RECIPES.get(family.name, train.RCNN_RECIPE)
-    defaults = {k: p.default for k, p in inspect.signature(train.fit).parameters.items()}
+    recipe = family.recipe
+    defaults = {f.name: f.default for f in dataclasses.fields(train.TrainConfig)}
     schedule = train.default_schedule(arch)
     return dict(recipe=recipe, momentum=defaults["momentum"], weight_decay=defaults["weight_decay"],
                 warmup_iters=defaults["warmup_iters"], schedule=schedule,
