@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import build, images  # noqa: E402
+from run import build, images, write_report  # noqa: E402
 
 import hrnetdet  # noqa: E402
 
@@ -72,10 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for op, sites in sorted(count_syncs(model, imgs).items()):
             top = ", ".join(f"`{s}` ({n})" for s, n in sites.most_common(4))
             lines.append(f"| {name} | {op.split('::')[1]} | {sum(sites.values())} | {top} |")
-    text = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.out, "\n".join(lines) + "\n")
     return 0
 
 

@@ -211,6 +211,13 @@ def bench_train(models: Dict[str, nn.Module], imgs: List[torch.Tensor], device: 
     return {k: {"s_per_it": statistics.median(v), "peak_mb": mem[k] / 2 ** 20} for k, v in times.items()}
 
 
+def write_report(path: str, text: str) -> None:
+    """Write a benchmark's markdown report and show it."""
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+
+
 def base_name(key: str) -> str:
     """The model behind a results key: ``"x (fast)"`` and ``"x (fast, compiled)"`` are ``x``."""
     return key.split(" (")[0]
@@ -316,10 +323,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     lines.append(f"| {k} | {'AMP' if amp else 'fp32'} | {r['s_per_it']:.2f} | {r['peak_mb']:.0f} |")
             lines.append("")
         del models
-    text = "\n".join(lines)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
+    write_report(args.out, "\n".join(lines))
     return 0
 
 
