@@ -6,21 +6,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..zoo.coco import COCO_CATEGORIES, COCO_CATEGORY_IDS
+from ..zoo.convert import category_ids_for
 
 
 def category_ids_of(model: nn.Module) -> Optional[List[int]]:
-    """The category id of each label 1..K: the model's ``category_ids`` (aligned with its categories,
-    None for the background; set from the dataset it was trained on or its checkpoint), else COCO's
-    ids for COCO's categories, else None (the label is the id)."""
-    ids = list(getattr(model, "category_ids", None) or [])
-    if ids and len(ids) == len(getattr(model, "categories", ())) and ids[0] is None:
-        ids = ids[1:]
-    if ids:
-        return [int(i) for i in ids]
-    if tuple(getattr(model, "categories", ()) or ()) == COCO_CATEGORIES:
-        return list(COCO_CATEGORY_IDS)
-    return None
+    """The dataset category id of each label 1..K: ``zoo.convert.category_ids_for`` of the model's
+    categories and ``category_ids`` (its dataset's, or COCO's for COCO's categories, else the label);
+    None for a model without categories."""
+    categories = list(getattr(model, "categories", None) or [])
+    if not categories:
+        return None
+    return category_ids_for(categories, getattr(model, "category_ids", None))[1:]
 
 
 def mask_rle(mask: Any) -> Dict[str, Any]:
