@@ -74,6 +74,17 @@ class FastHRFPN(HRFPN):
         return out
 
 
+def use_fast_neck(model: nn.Module) -> nn.Module:
+    """Swap the detector's HRFPN for ``FastHRFPN`` with the same weights, in place."""
+    backbone = model.backbone
+    if type(backbone.fpn) is HRFPN:
+        old = backbone.fpn
+        new = FastHRFPN(old.in_channels, old.out_channels, old.num_outs, old.stride)
+        new.load_state_dict(old.state_dict())
+        backbone.fpn = new.to(old.reduction_conv.weight.device).train(old.training)
+    return model
+
+
 def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn: bool = True,
                            channels_last: bool = True, fast_neck: bool = True, compile: bool = False,
                            cache_dir: str = "") -> nn.Module:
@@ -81,7 +92,8 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn:
 
     ``backend="onnxruntime"`` or ``"openvino"`` (``"auto"``: the faster one installed) instead runs
     the dense parts in that runtime (``runtime.py``), exported once per weights into ``cache_dir``
-    (default ``$HRNETDET_HOME/exports``); the other options then do not apply.
+    (default ``$HRNETDET_HOME/exports``); its graphs compute HRFPN in ``FastHRFPN``'s order and
+    the other options do not apply.
     ``compile`` needs a C++ compiler on the CPU (inductor) and takes about 40 s for W18 at
     800x1216 on one core, once per input size; it pays for long runs over same-sized inputs."""
     if backend != "torch":
@@ -91,11 +103,8 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn:
     backbone = model.backbone
     if fold_bn:
         fold_batchnorm(backbone.body)
-    if fast_neck and type(backbone.fpn) is HRFPN:
-        old = backbone.fpn
-        new = FastHRFPN(old.in_channels, old.out_channels, old.num_outs, old.stride)
-        new.load_state_dict(old.state_dict())
-        backbone.fpn = new.to(old.reduction_conv.weight.device)
+    if fast_neck:
+        use_fast_neck(model)
     if channels_last:
         backbone.to(memory_format=torch.channels_last)
     if compile:

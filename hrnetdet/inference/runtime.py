@@ -7,6 +7,7 @@ between them (resize, anchors, proposal selection, NMS, RoIAlign, the cascade's 
 pasting) stay the model's own PyTorch code, so the model keeps torchvision's contract and eager's
 arithmetic there. Each part's ``forward`` is swapped for a call into its compiled graph.
 """
+import copy
 import hashlib
 import json
 import os
@@ -105,8 +106,12 @@ def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool
     part sees while the model detects ``image``; returns the manifest (also written as export.json).
 
     RoI parts take any number of RoIs. Image parts take any batch and image size when ``dynamic``,
-    else exactly the padded size ``image`` resizes to."""
+    else exactly the padded size ``image`` resizes to. The neck is traced in ``FastHRFPN``'s order
+    (on a copy of ``model``): the same function with an eighth of its 1x1 reduction's arithmetic."""
+    from .fast import use_fast_neck
+
     os.makedirs(out_dir, exist_ok=True)
+    model = use_fast_neck(copy.deepcopy(model))
     parts = dense_parts(model)
     manifest: Dict[str, Any] = {"parts": {}}
     for name, (args, kwargs) in example_inputs(model, image).items():
@@ -222,12 +227,17 @@ def weights_key(model: nn.Module, settings: Dict[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
+def cache_key(model: nn.Module, opset: int = 17) -> str:
+    """The name of ``model``'s folder in the export cache: its weights and how it is exported."""
+    return weights_key(model, {"dynamic": True, "opset": opset, "neck": "FastHRFPN"})
+
+
 def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
     """The folder holding ``model``'s dynamic graphs, exported once per weights and settings.
 
     Written into a private temporary folder and renamed into place, so concurrent processes never
     see a partial export; when two race, the first rename wins and the other's copy is dropped."""
-    key = weights_key(model, {"dynamic": True, "opset": opset})
+    key = cache_key(model, opset)
     final = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(final, MANIFEST)):
         return final
