@@ -22,7 +22,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -35,6 +34,9 @@ from compare import (REFERENCE_VERSION_KWARGS, masks_to_rle, match_detections,  
 
 import hrnetdet  # noqa: E402
 from hrnetdet.inference import optimize_for_inference  # noqa: E402
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from export import sweep  # noqa: E402  (benchmarks/export.py)
 
 DEFAULT_MODELS = ["faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w18"]
 
@@ -137,17 +139,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "against_reference.md"))
     args = p.parse_args(argv)
     load_start = os.getloadavg()
-    rows = []
-    with tempfile.TemporaryDirectory() as cache_dir:
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            for name in args.models:
-                print(f"{name}, {threads} thread(s)", file=sys.stderr, flush=True)
-                for k, v in bench(name, args, threads, cache_dir).items():
-                    share = "reference" if v["parity"] is None else f"{100 * v['parity']:.1f} %"
-                    rows.append(f"| {name} | {threads} | {k} | {v['cpu']:.2f} | {v['wall']:.2f} | {v['vs_ref']:.2f} "
-                                f"| {v['vs_eager']:.2f} | {share} |")
-                    print(rows[-1], flush=True)
+
+    def measure(name: str, threads: int, cache_dir: str) -> List[str]:
+        rows = []
+        for k, v in bench(name, args, threads, cache_dir).items():
+            share = "reference" if v["parity"] is None else f"{100 * v['parity']:.1f} %"
+            rows.append(f"| {name} | {threads} | {k} | {v['cpu']:.2f} | {v['wall']:.2f} | {v['vs_ref']:.2f} "
+                        f"| {v['vs_eager']:.2f} | {share} |")
+        return rows
+
+    rows = sweep(args.threads, args.models, measure)
     load_end = os.getloadavg()
     lines = [
         f"## `python benchmarks/against_reference.py {' '.join(sys.argv[1:])}`, {datetime.date.today()}", "",
