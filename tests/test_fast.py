@@ -8,7 +8,8 @@ from torch import nn
 import hrnetdet
 from hrnetdet.inference import match_detections, optimize_for_inference
 from hrnetdet.inference.match import MIN_MATCHED
-from hrnetdet.inference.fast import FastHRFPN, fold_batchnorm
+from hrnetdet.inference.fast import fold_batchnorm
+from hrnetdet.neck.hrfpn import FastHRFPN
 from hrnetdet.neck import HRFPN
 
 SMALL = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)

@@ -9,18 +9,15 @@ additions and ReLUs of HRNet's exchange units), at the price of a compilation on
 each input size. Outputs stay within the parity tolerance of the plain model
 (``tests/test_fast.py``); the model is for inference only afterwards.
 """
-from typing import Dict, List
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import Bottleneck as ResNetBottleneck
 from torchvision.models.resnet import ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..backbone.hrnet import BasicBlock, Bottleneck, HRNet
-from ..neck.hrfpn import HRFPN
+from ..neck.hrfpn import use_fast_neck
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -49,40 +46,6 @@ def fold_batchnorm(body: nn.Module) -> int:
                     m[i + 1] = nn.Identity()
                     folded += 1
     return folded
-
-
-class FastHRFPN(HRFPN):
-    """HRFPN computed in a cheaper order: the 1x1 reduction is linear and bilinear upsampling
-    weights sum to one, so each branch is reduced at its own resolution and upsampled afterwards
-    (256 channels at 1/4^i of the pixels instead of C_i channels at full size), and each pooled
-    level is pooled from the previous one (equal windows, floor sizes agree)."""
-
-    def forward(self, xs: List[Tensor]) -> Dict[str, Tensor]:
-        w = self.reduction_conv.weight
-        chunks = w.split(self.in_channels, dim=1)
-        reduced = F.conv2d(xs[0], chunks[0], self.reduction_conv.bias)
-        for i in range(1, len(xs)):
-            part = F.conv2d(xs[i], chunks[i])
-            reduced = reduced + F.interpolate(part, scale_factor=float(2 ** i), mode="bilinear",
-                                              align_corners=False)
-        out: Dict[str, Tensor] = {}
-        level = reduced
-        for i, conv in enumerate(self.fpn_convs):
-            if i > 0:
-                level = F.avg_pool2d(level, kernel_size=2, stride=2)
-            out[str(i)] = conv(level)
-        return out
-
-
-def use_fast_neck(model: nn.Module) -> nn.Module:
-    """Swap the detector's HRFPN for ``FastHRFPN`` with the same weights, in place."""
-    backbone = model.backbone
-    if type(backbone.fpn) is HRFPN:
-        old = backbone.fpn
-        new = FastHRFPN(old.in_channels, old.out_channels, old.num_outs, old.stride)
-        new.load_state_dict(old.state_dict())
-        backbone.fpn = new.to(old.reduction_conv.weight.device).train(old.training)
-    return model
 
 
 def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn: bool = True,

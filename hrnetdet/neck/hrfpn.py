@@ -1,6 +1,7 @@
 """HRFPN neck: all branches upsampled bilinearly to stride 4 and concatenated, one 1x1
 reduction, then a pyramid of average-pooled copies each with its own 3x3 conv. Everything has a
-bias; there is no norm and no activation anywhere. See docs/NUMERICS.md, 'HRFPN neck'."""
+bias; there is no norm and no activation anywhere. See docs/NUMERICS.md, 'HRFPN neck'.
+``FastHRFPN`` computes the same function in a cheaper order, for inference."""
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
@@ -68,3 +69,37 @@ class HRNetV2p(nn.Module):
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         return self.fpn(self.body(x))
+
+
+class FastHRFPN(HRFPN):
+    """HRFPN computed in a cheaper order: the 1x1 reduction is linear and bilinear upsampling
+    weights sum to one, so each branch is reduced at its own resolution and upsampled afterwards
+    (256 channels at 1/4^i of the pixels instead of C_i channels at full size), and each pooled
+    level is pooled from the previous one (equal windows, floor sizes agree)."""
+
+    def forward(self, xs: List[Tensor]) -> Dict[str, Tensor]:
+        w = self.reduction_conv.weight
+        chunks = w.split(self.in_channels, dim=1)
+        reduced = F.conv2d(xs[0], chunks[0], self.reduction_conv.bias)
+        for i in range(1, len(xs)):
+            part = F.conv2d(xs[i], chunks[i])
+            reduced = reduced + F.interpolate(part, scale_factor=float(2 ** i), mode="bilinear",
+                                              align_corners=False)
+        out: Dict[str, Tensor] = {}
+        level = reduced
+        for i, conv in enumerate(self.fpn_convs):
+            if i > 0:
+                level = F.avg_pool2d(level, kernel_size=2, stride=2)
+            out[str(i)] = conv(level)
+        return out
+
+
+def use_fast_neck(model: nn.Module) -> nn.Module:
+    """Swap the detector's HRFPN for ``FastHRFPN`` with the same weights, in place."""
+    backbone = model.backbone
+    if type(backbone.fpn) is HRFPN:
+        old = backbone.fpn
+        new = FastHRFPN(old.in_channels, old.out_channels, old.num_outs, old.stride)
+        new.load_state_dict(old.state_dict())
+        backbone.fpn = new.to(old.reduction_conv.weight.device).train(old.training)
+    return model
