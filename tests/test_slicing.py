@@ -64,12 +64,13 @@ def test_tiles_map_back_to_image_pixels(models, family):
             box = det["boxes"][k] + torch.tensor([shift, 0, shift, 0])
             if box[2] >= 62 and box[0] <= 66:  # at the seam: merged with the other tile's
                 continue
-            one = {key: det[key][k:k + 1] for key in ("labels", "scores")}
-            m = match_detections(dict(one, boxes=box[None]), out, iou_thresh=0.999, score_tol=1e-4)
-            assert m["n_matched"] == 1, (shift, k, box)
+            # the same pixels through the same model, translated: coordinates agree to float noise
+            # (compared directly: IoU is ill-conditioned for the zero-height boxes at image borders)
+            same = ((out["boxes"] - box).abs().amax(1) < 1e-3) & (out["labels"] == det["labels"][k]) \
+                & ((out["scores"] - det["scores"][k]).abs() < 1e-4)
+            assert int(same.sum()) == 1, (shift, k, box)
             if "masks" in det:
-                j = int(torch.where((out["boxes"] - box).abs().amax(1) < 1e-3)[0][0])
-                mask = out["masks"][j]
+                mask = out["masks"][int(torch.where(same)[0][0])]
                 outside = torch.ones_like(mask, dtype=torch.bool)
                 outside[:, :, shift:shift + 64] = False
                 assert not bool(mask[outside].any())
