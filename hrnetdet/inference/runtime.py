@@ -254,8 +254,9 @@ def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
     return final
 
 
-# ``auto``'s preference on the CPU, the fastest first: OpenVINO beat onnxruntime for every family
-# at one thread (by 2-10 %) and at two (by 15-21 %) in benchmarks/export_results.md.
+# ``auto``'s preference on the CPU, the fastest first: in benchmarks/export_results.md OpenVINO beat
+# onnxruntime on every family at one thread (but Faster R-CNN W40 on the Intel machine, 0.73x against
+# 0.72x) and on every target model at two.
 AUTO_ORDER: Sequence[str] = ("openvino", "onnxruntime")
 
 
