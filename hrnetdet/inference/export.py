@@ -18,10 +18,9 @@ from torch import Tensor, nn
 from ..detectors import has_masks
 from .thresholds import score_threshold
 from .match import match_detections
-from .runtime import MANIFEST, attach, export_parts, generated_image, require
+from .runtime import EXAMPLE_SIZE, MANIFEST, attach, export_parts, generated_image, require
 
 FORMATS = ("torchscript", "onnx", "openvino")
-EXAMPLE_SIZE = (480, 640)
 # The export-time check: a second size of the example's aspect ratio (the same padded input, for
 # static graphs) or of another aspect ratio (dynamic graphs and TorchScript).
 STATIC_CHECK_SIZES = (EXAMPLE_SIZE, (600, 800))

@@ -28,6 +28,7 @@ BACKENDS = ("onnxruntime", "openvino")
 IMAGE_PARTS = ("backbone", "rpn.head", "head", "roi_heads.semantic_head")
 ROI_PARTS = ("box_head", "box_predictor", "mask_head", "mask_predictor")
 MANIFEST = "export.json"
+EXAMPLE_SIZE = (480, 640)  # the generated image the graphs are traced on (H, W)
 EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # module -> the pip extra that installs it
 
 Runner = Callable[[List[np.ndarray]], List[np.ndarray]]
@@ -212,23 +213,19 @@ def generated_image(height: int, width: int, seed: int = 0) -> Tensor:
     return image
 
 
-def weights_key(model: nn.Module, settings: Dict[str, Any]) -> str:
-    """A cache key from the architecture, the weights' bytes, the export settings and the versions
-    of everything that writes or reads the graphs."""
+def cache_key(model: nn.Module, opset: int = 17) -> str:
+    """The name of ``model``'s folder in the export cache: a hash of the architecture, the weights'
+    bytes, the export settings and the versions of everything that writes or reads the graphs."""
     from ..version import __version__
 
     h = hashlib.sha256(repr(model).encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    versions = {"hrnetdet": __version__, "torch": torch.__version__}
-    h.update(json.dumps({**settings, **versions}, sort_keys=True).encode())
+    settings = {"dynamic": True, "opset": opset, "neck": "FastHRFPN",
+                "hrnetdet": __version__, "torch": torch.__version__}
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
-
-
-def cache_key(model: nn.Module, opset: int = 17) -> str:
-    """The name of ``model``'s folder in the export cache: its weights and how it is exported."""
-    return weights_key(model, {"dynamic": True, "opset": opset, "neck": "FastHRFPN"})
 
 
 def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
@@ -243,7 +240,7 @@ def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)
     try:
-        export_parts(model, generated_image(480, 640), tmp, dynamic=True, opset=opset)
+        export_parts(model, generated_image(*EXAMPLE_SIZE), tmp, dynamic=True, opset=opset)
         try:
             os.rename(tmp, final)
         except OSError:  # another process renamed its copy first
