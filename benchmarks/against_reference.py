@@ -29,10 +29,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools", "parity"))
-from compare import (REFERENCE_VERSION_KWARGS, masks_to_rle, match_detections,  # noqa: E402
-                     read_image_chw01)
+from compare import build_hrnetdet, match_to_reference, read_image_chw01  # noqa: E402
 
-import hrnetdet  # noqa: E402
 from hrnetdet.inference import optimize_for_inference  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -67,22 +65,11 @@ class Reference:
 
 
 def variants(name: str, checkpoint: str, backends: List[str], cache_dir: str) -> Dict[str, torch.nn.Module]:
-    kwargs = {k: v for prefix, kw in REFERENCE_VERSION_KWARGS.items() if name.startswith(prefix) for k, v in kw.items()}
-    eager = hrnetdet.create_model(name, checkpoint_path=checkpoint, **kwargs).eval()
+    eager = build_hrnetdet(name, checkpoint).eval()
     out = {"hrnetdet eager": eager}
     for backend in backends:
         out[f"hrnetdet {backend}"] = optimize_for_inference(copy.deepcopy(eager), backend=backend, cache_dir=cache_dir)
     return out
-
-
-def parity(name: str, ref: dict, out: dict) -> "tuple[int, int]":
-    det = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-    use_masks = "masks_rle" in ref
-    key = "masks_rle_v2avg" if use_masks and name.startswith("htc_") and "masks_rle_v2avg" in ref else "masks_rle"
-    if use_masks:
-        det["masks_rle"] = masks_to_rle(det["masks"])
-    st = match_detections(ref, det, label_offset=1, use_masks=use_masks, ref_mask_key=key)
-    return st["n_matched"], st["n_ref"]
 
 
 def bench(name: str, args: argparse.Namespace, threads: int, cache_dir: str) -> Dict[str, dict]:
@@ -109,9 +96,9 @@ def bench(name: str, args: argparse.Namespace, threads: int, cache_dir: str) -> 
                             out = models[k]([imgs[f]])[0]
                             t, c = time.perf_counter() - t, time.process_time() - c
                             if r == 0:
-                                m, n = parity(name, refs[f], out)
-                                matched[k][0] += m
-                                matched[k][1] += n
+                                st = match_to_reference(name, refs[f], out)
+                                matched[k][0] += st["n_matched"]
+                                matched[k][1] += st["n_ref"]
                         totals[k][0] += t
                         totals[k][1] += c
                 if r > 0:

@@ -179,6 +179,32 @@ def read_image_chw01(path: str) -> torch.Tensor:
     return torch.from_numpy(img.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def build_hrnetdet(name: str, checkpoint: str):
+    """hrnetdet's model for a harness model name, loaded from the reference's checkpoint, with the
+    builder options of the reference's code line (``REFERENCE_VERSION_KWARGS``)."""
+    import hrnetdet
+    kwargs = {k: v for prefix, kw in REFERENCE_VERSION_KWARGS.items() if name.startswith(prefix) for k, v in kw.items()}
+    return hrnetdet.create_model(name, checkpoint_path=checkpoint, **kwargs)
+
+
+def match_to_reference(name: str, ref: Dict, out: Dict, htc_masks: str = 'v2avg', **criteria) -> Dict:
+    """``match_detections`` of one image's hrnetdet output against the reference's, masks (as RLE)
+    included when the reference has them; HTC against the mean of its mask heads (``htc_masks='v2avg'``)
+    when recorded. ``criteria``: match_detections' thresholds."""
+    det = {k: v.detach().cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
+    use_masks = 'masks_rle' in ref
+    mask_key = 'masks_rle'
+    if use_masks and name.startswith('htc_') and htc_masks == 'v2avg' and 'masks_rle_v2avg' in ref:
+        mask_key = 'masks_rle_v2avg'
+    if use_masks:
+        if 'masks' not in det:
+            raise RuntimeError(f'{name}: reference has masks but hrnetdet output has none')
+        det['masks_rle'] = masks_to_rle(det['masks'])
+    st = match_detections(ref, det, label_offset=1, use_masks=use_masks, ref_mask_key=mask_key, **criteria)
+    st['mask_key'] = mask_key if use_masks else None
+    return st
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -223,16 +249,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         ref_all = torch.load(os.path.join(mdir, 'reference.pt'), map_location='cpu', weights_only=False)
         t0 = time.time()
         try:
-            kwargs = {k: v for prefix, kw in REFERENCE_VERSION_KWARGS.items() if name.startswith(prefix)
-                      for k, v in kw.items()}
-            model = hrnetdet.create_model(name, checkpoint_path=os.path.join(mdir, 'checkpoint.pth'), **kwargs)
+            model = build_hrnetdet(name, os.path.join(mdir, 'checkpoint.pth'))
         except Exception as e:  # a factory that exists but cannot build/load yet
             print(f'{name:32s} FAILED to build/load: {type(e).__name__}: {e}')
             summary['models'][name] = dict(ok=False, error=f'{type(e).__name__}: {e}')
             any_fail = True
             continue
         model.eval().to(args.device)
-        is_htc = name.startswith('htc_')
         mstats, model_ok = {}, True
         for img_file, ref in ref_all.items():
             if not isinstance(ref, dict) or 'boxes' not in ref:
@@ -242,18 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             assert tuple(img.shape[1:]) == (ref['height'], ref['width']), (img_file, img.shape)
             with torch.no_grad():
                 out = model([img])[0]
-            det = {k: v.detach().cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
-            use_masks = 'masks_rle' in ref
-            mask_key = 'masks_rle'
-            if use_masks and is_htc and args.htc_masks == 'v2avg' and 'masks_rle_v2avg' in ref:
-                mask_key = 'masks_rle_v2avg'
-            if use_masks:
-                if 'masks' not in det:
-                    raise RuntimeError(f'{name}: reference has masks but hrnetdet output has none')
-                det['masks_rle'] = masks_to_rle(det['masks'])
-            st = match_detections(ref, det, label_offset=1, iou=args.iou, score_tol=args.score_tol,
-                                  mask_iou=args.mask_iou, use_masks=use_masks, ref_mask_key=mask_key)
-            st['mask_key'] = mask_key if use_masks else None
+            st = match_to_reference(name, ref, out, args.htc_masks, iou=args.iou, score_tol=args.score_tol,
+                                    mask_iou=args.mask_iou)
             st['ok'] = st['matched_frac'] >= args.min_matched
             if st['n_ref'] == 0:
                 st['warning'] = 'reference has no detections on this image (trivially matched)'
