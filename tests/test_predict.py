@@ -309,16 +309,13 @@ def test_out_is_checked_before_inference_and_concurrent_runs_are_refused(folder,
         _run([folder], out, checkpoint)
 
 
-def test_results_carry_the_dataset_category_ids(model, rgb, tmp_path):
+def test_results_carry_the_dataset_category_ids(model, rgb, tmp_path, monkeypatch):
     from pycocotools import mask as mask_utils
     from hrnetdet.data.results import category_ids_of, coco_records
     res = hrnetdet.predict(model, rgb)
     assert category_ids_of(model) == list(hrnetdet.zoo.coco.COCO_CATEGORY_IDS)
-    model.category_ids = [1000 + i for i in range(80)]
-    try:
-        records = coco_records(res, 7, category_ids_of(model))
-    finally:
-        del model.category_ids
+    monkeypatch.setattr(model, "category_ids", [1000 + i for i in range(80)])  # restored for the shared model
+    records = coco_records(res, 7, category_ids_of(model))
     assert [r["category_id"] for r in records] == [1000 + lab - 1 for lab in res["labels"].tolist()]
     x0, y0, x1, y1 = res["boxes"][0].tolist()
     assert records[0]["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=1e-3) and records[0]["image_id"] == 7
