@@ -26,18 +26,23 @@ def _text_colour(background: Tuple[int, int, int]) -> Tuple[int, int, int]:
     return (0, 0, 0) if luma > 140 else (255, 255, 255)
 
 
+def _decoded(rles: Sequence[Dict[str, Any]], height: int, width: int) -> Tensor:
+    """COCO RLE dicts (``counts`` as text, as ``predict`` returns them) as (N, 1, H, W) uint8;
+    ``height`` and ``width`` size the empty result."""
+    if not rles:
+        return torch.zeros((0, 1, height, width), dtype=torch.uint8)
+    from pycocotools import mask as mask_utils
+    decoded = mask_utils.decode([{"size": m["size"], "counts": m["counts"].encode("ascii")} for m in rles])
+    return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))[:, None]
+
+
 def _masks(result: Dict[str, Any], keep: Tensor, height: int, width: int) -> Optional[Tensor]:
     """The kept masks as (N, H, W) bool, from uint8/float (N, 1, H, W) tensors or RLE dicts."""
     masks = result.get("masks")
     if masks is None:
         return None
     if isinstance(masks, (list, tuple)):
-        from pycocotools import mask as mask_utils
-        kept = [masks[i] for i in torch.where(keep)[0].tolist()]
-        if not kept:
-            return torch.zeros((0, height, width), dtype=torch.bool)
-        decoded = mask_utils.decode([{"size": m["size"], "counts": m["counts"].encode("ascii")} for m in kept])
-        return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()
+        return _decoded([masks[i] for i in torch.where(keep)[0].tolist()], height, width)[:, 0] > 0
     masks = masks.cpu()[keep][:, 0]
     return masks >= 0.5 if masks.is_floating_point() else masks > 0
 
@@ -90,20 +95,11 @@ def _scaled(result: Dict[str, Any], factor: float, size: Tuple[int, int]) -> Dic
     """A result for the image resized by ``factor`` to ``size`` (H, W)."""
     scaled = {**result, "boxes": result["boxes"].cpu().float() * factor}
     masks = result.get("masks")
+    if masks is not None and not isinstance(masks, Tensor):
+        masks = scaled["masks"] = _decoded(masks, *size)  # none: empty at the new size already
     if isinstance(masks, Tensor) and len(masks):
         scaled["masks"] = F.interpolate(masks.cpu().float(), size=size, mode="nearest")
-    elif masks is not None and not isinstance(masks, Tensor):
-        scaled["masks"] = _scaled_rle(masks, size)
     return scaled
-
-
-def _scaled_rle(masks: Sequence[Dict[str, Any]], size: Tuple[int, int]) -> Tensor:
-    from pycocotools import mask as mask_utils
-    if not masks:
-        return torch.zeros((0, 1, *size))
-    decoded = mask_utils.decode([{"size": m["size"], "counts": m["counts"].encode("ascii")} for m in masks])
-    decoded = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))[:, None].float()
-    return F.interpolate(decoded, size=size, mode="nearest")
 
 
 def draw_tiles(images: Sequence[Any], results: Sequence[Dict[str, Any]], tile: int = 320, columns: int = 4,

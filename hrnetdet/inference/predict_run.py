@@ -300,7 +300,7 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
         try:
             with score_threshold(model, score_thresh), open(own, "a") as jsonl, torch.no_grad():
                 stream = iter_predictions(model, [paths[i] for i in mine], indices=mine, batch_size=batch_size,
-                                          device=dev, num_workers=num_workers, half=half, mask_format="rle",
+                                          device=dev, num_workers=num_workers, half=half,
                                           with_images=True, mode=mode)
                 last_input = -1
                 for res in stream:
