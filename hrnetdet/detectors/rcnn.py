@@ -14,6 +14,7 @@ from ..heads.roi_align import ReferenceRoIAlign
 from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
 from ..heads.rpn import Float32RPNHead, ReferenceRPN
 from ..neck import HRFPN, HRNetV2p
+from .settings import box_roi_heads
 from .targets import check_targets
 from .transform import ReferenceTransform, scriptable_alias
 
@@ -47,8 +48,7 @@ class HRNetDetector(GeneralizedRCNN):
 
     @torch.jit.unused
     def check_training_targets(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]) -> None:
-        num_classes = next(m.cls_score.out_features for m in self.modules() if isinstance(m, FastRCNNPredictor))
-        check_targets(images, targets, num_classes)
+        check_targets(images, targets, box_roi_heads(self).box_predictor.cls_score.out_features)
 
     generalized_rcnn_forward = scriptable_alias(GeneralizedRCNN.forward, "generalized_rcnn_forward")
 

@@ -8,7 +8,7 @@ from torch import nn
 Reader = Callable[[nn.Module], Any]
 
 
-def _stage0(model: nn.Module) -> nn.Module:
+def box_roi_heads(model: nn.Module) -> nn.Module:
     """The RoI heads that carry the box settings: the heads, or a cascade's first stage (every
     stage is built with the same)."""
     heads = model.roi_heads
@@ -35,10 +35,10 @@ READERS: Dict[str, Reader] = {
     "rpn_post_nms_top_n_test": lambda m: int(m.rpn._post_nms_top_n["testing"]),
     "rpn_nms_thresh": lambda m: float(m.rpn.nms_thresh),
     "rpn_batch_size_per_image": lambda m: int(m.rpn.fg_bg_sampler.batch_size_per_image),
-    "box_score_thresh": lambda m: float(_stage0(m).score_thresh),
-    "box_nms_thresh": lambda m: float(_stage0(m).nms_thresh),
-    "box_detections_per_img": lambda m: int(_stage0(m).detections_per_img),
-    "box_batch_size_per_image": lambda m: int(_stage0(m).fg_bg_sampler.batch_size_per_image),
+    "box_score_thresh": lambda m: float(box_roi_heads(m).score_thresh),
+    "box_nms_thresh": lambda m: float(box_roi_heads(m).nms_thresh),
+    "box_detections_per_img": lambda m: int(box_roi_heads(m).detections_per_img),
+    "box_batch_size_per_image": lambda m: int(box_roi_heads(m).fg_bg_sampler.batch_size_per_image),
     "mask_ensemble": lambda m: str(m.roi_heads.mask_ensemble),
     "semantic": lambda m: m.roi_heads.semantic_head is not None,
     "semantic_num_classes": lambda m: int(m.roi_heads.semantic_head.conv_logits.out_channels),
