@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from ..zoo.checkpoint import atomic_write
+from ..zoo.checkpoint import atomic_write, atomic_write_text
+from .curves import pyplot
 
 
 def _xyxy(xywh: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -75,20 +76,13 @@ def pr_curves(ev: Optional[COCOeval], names: Sequence[str]) -> Dict[str, Any]:
     return {"recall": [float(r) for r in ev.params.recThrs], "precision": curves}
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def write_confusion_matrix(out_dir: str, matrix: np.ndarray, names: Sequence[str]) -> List[str]:
     """confusion_matrix.json and .png (colour: fraction of the ground-truth row); returns the paths."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = ["background", *names]
     paths = [os.path.join(out_dir, "confusion_matrix.json"), os.path.join(out_dir, "confusion_matrix.png")]
     cm = {"rows": "ground truth", "columns": "prediction", "labels": labels, "matrix": matrix.tolist()}
-    atomic_write(paths[0], lambda tmp: open(tmp, "w").write(json.dumps(cm, indent=1)))
+    atomic_write_text(paths[0], json.dumps(cm, indent=1))
     size = min(2 + 0.45 * len(labels), 24)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     shown = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # row-normalised colour
@@ -111,9 +105,9 @@ def write_confusion_matrix(out_dir: str, matrix: np.ndarray, names: Sequence[str
 
 def write_pr_curves(out_dir: str, curves: Dict[str, Any], names: Sequence[str], iou_type: str) -> List[str]:
     """pr_curves_{iou_type}.json (IoU 0.50 and 0.75) and .png (IoU 0.50); returns the paths."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = [os.path.join(out_dir, f"pr_curves_{iou_type}.json"), os.path.join(out_dir, f"pr_curves_{iou_type}.png")]
-    atomic_write(paths[0], lambda tmp: open(tmp, "w").write(json.dumps(curves)))
+    atomic_write_text(paths[0], json.dumps(curves))
     fig, ax = plt.subplots(figsize=(7, 5))
     for name in names:
         p = [np.nan if v is None else v for v in curves["precision"][name]["0.50"]]

@@ -32,13 +32,19 @@ def write_csv(records: List[Dict], path: str) -> None:
     atomic_write(path, write)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on training machines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_curves(metrics_file: str, out_dir: str) -> List[str]:
     """Write metrics.csv, loss.png, lr.png and (when validation records exist) ap.png; returns the
     picture paths. Every logged point is drawn (with markers when there are few); AP is scaled to
     its data, so small values early in a run stay readable."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter
     records = read_metrics(metrics_file) if os.path.isfile(metrics_file) else []
     write_csv(records, os.path.join(out_dir, "metrics.csv"))

@@ -17,7 +17,7 @@ from ..data.coco import CocoDetection, collate
 from ..data.results import coco_records
 from ..detectors import has_masks
 from ..inference.modes import check_mode, detect
-from ..zoo.checkpoint import atomic_write
+from ..zoo.checkpoint import atomic_write_text
 from .analysis import confusion_matrix, pr_curves, write_confusion_matrix, write_pr_curves
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -139,9 +139,8 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     metrics["num_detections"] = len(results)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write(os.path.join(out_dir, "predictions.json"), lambda tmp: open(tmp, "w").write(json.dumps(results)))
-        atomic_write(os.path.join(out_dir, "metrics.json"),
-                lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+        atomic_write_text(os.path.join(out_dir, "predictions.json"), json.dumps(results))
+        atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
         write_confusion_matrix(out_dir, confusion_matrix(coco, results, ds.cat_ids), names)
         for t, ev in evals.items():
             write_pr_curves(out_dir, pr_curves(ev, names), names, t)

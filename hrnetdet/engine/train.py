@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
-from ..zoo.checkpoint import atomic_write, save_pretrained
+from ..zoo.checkpoint import atomic_write, atomic_write_text, save_pretrained
 from ..zoo.recipe import Recipe
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
 from .curves import plot_curves
@@ -355,7 +355,7 @@ class _Metrics:
         if resume_iter is not None and os.path.isfile(self.path):
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-        atomic_write(self.path, lambda tmp: open(tmp, "w").write("".join(kept)))
+        atomic_write_text(self.path, "".join(kept))
         self.tensorboard = _tensorboard_writer(os.path.join(out_dir, TENSORBOARD_DIR),
                                                resume_iter + 1 if resume_iter else None)
 
@@ -406,7 +406,6 @@ def _process_alive(pid: int) -> bool:
 @dataclass
 class _Run:
     """The fixed context of a run that the loop and the checkpoints read."""
-    arch: str
     config: TrainConfig
     plan: Plan
     out_dir: str
@@ -625,7 +624,7 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
         logger.info("no %s yet: starting from iteration 0", state_path)
 
     metrics = _Metrics(out_dir, state.iteration if resumed else None, rank == 0)
-    run = _Run(arch, config, plan, out_dir, state_path, train_ann, val_ann, val_images, dev, rank, world,
+    run = _Run(config, plan, out_dir, state_path, train_ann, val_ann, val_images, dev, rank, world,
                amp_dtype, metrics)
     net = nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None,

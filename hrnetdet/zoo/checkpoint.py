@@ -239,7 +239,7 @@ def save_pretrained(model: nn.Module, directory: str, extra: Optional[Dict[str, 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(directory, WEIGHTS_FILE),
                  lambda tmp: save_file(sd, tmp, metadata={"hrnetdet": json.dumps(config)}))
-    atomic_write(os.path.join(directory, CONFIG_FILE), lambda tmp: _write_text(tmp, json.dumps(config, indent=2)))
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2))
     return config
 
 
@@ -256,9 +256,12 @@ def changed_build_args(model: nn.Module) -> Dict[str, Any]:
     return {k: v for k, v in build_args(model).items() if k not in defaults or defaults[k] != v}
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+def atomic_write_text(path: str, text: str) -> None:
+    """``text`` into ``path`` through ``atomic_write``."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def _umask() -> int:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..backbone import HRNet
 from ..version import __version__
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write, load_into, read_checkpoint, save_pretrained
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write_text, load_into, read_checkpoint,
+                         save_pretrained)
 from .convert import CheckpointError
 from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
 from .registry import get_family
@@ -125,7 +126,7 @@ def _air_gap_hint(name: str) -> str:
 
 def converted_path(cfg: PretrainedCfg, home: Optional[str] = None) -> str:
     """Where the converted reference checkpoint of ``cfg`` is cached."""
-    return os.path.join(home or hrnetdet_home(), "converted", cfg.name, "model.safetensors")
+    return os.path.join(home or hrnetdet_home(), "converted", cfg.name, WEIGHTS_FILE)
 
 
 def fetch_pretrained(cfg: PretrainedCfg, *, local_files_only: bool = False, home: Optional[str] = None,
@@ -164,7 +165,7 @@ def _converted_reference(cfg: PretrainedCfg, home: str, offline: bool) -> str:
         load_into(model, ckpt.state_dict, pth, cfg.arch)  # a strict load checks the conversion before it is cached
         model.arch = cfg.arch
         save_pretrained(model, os.path.dirname(path), {"weights": cfg.name, "source": cfg.reference_url})
-        atomic_write(path + ".sha256", lambda tmp: Path(tmp).write_text(sha256_file(path)))
+        atomic_write_text(path + ".sha256", sha256_file(path))
         os.remove(pth)  # the converted file replaces it; only a lock holder reads it
     logger.info("%s: converted %s to %s", cfg.name, cfg.reference_file, path)
     return path
@@ -242,7 +243,7 @@ def backbone_weights_file(weights: Union[bool, str], width: int, *, local_files_
     if tcfg is None or not tcfg.hf_hub_id:
         raise ValueError(f"weights_backbone={weights!r}: {name!r} is not a timm HRNet with weights on the "
                          f"Hub (e.g. 'hrnet_w{width}.ms_in1k')")
-    return _hub_file(tcfg.hf_hub_id, tcfg.hf_hub_filename or "model.safetensors", None,
+    return _hub_file(tcfg.hf_hub_id, tcfg.hf_hub_filename or WEIGHTS_FILE, None,
                      cache_dir=cache_dir or hub_cache_dir(), local_files_only=is_offline(local_files_only),
                      force=False, hint=f"On a connected machine run `hrnetdet download --backbone {name}`.")
 
