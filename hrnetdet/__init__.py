@@ -25,7 +25,9 @@ def __getattr__(name: str):
     elif name == "__all__":
         value = ["__version__", *_EXPORTS, *_factories()]
     else:
-        factories = _factories()
+        # only factory-shaped names (records.arch_name) load the zoo: ``from hrnetdet import cli``
+        # and hasattr() probes ask for other names first and must not import torch
+        factories = _factories() if "_hrnetv2p_w" in name else {}
         if name not in factories:
             raise AttributeError(f"module 'hrnetdet' has no attribute {name!r}")
         globals().update(factories)

@@ -39,6 +39,15 @@ def test_help_does_not_import_torch(argv):
     assert not {name for name in imported if name.split(".")[0] in ("torch", "torchvision")}
 
 
+def test_submodule_import_and_attribute_probes_do_not_import_torch():
+    """``from hrnetdet import cli`` and ``hasattr`` first ask the package for the name (PEP 562)."""
+    code = ("import sys, hrnetdet; from hrnetdet import cli; assert not hasattr(hrnetdet, '__wrapped__'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    proc = _run_cli("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_version_is_the_package_version(capsys):
     tomllib = pytest.importorskip("tomllib")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
