@@ -47,13 +47,13 @@ TRAIN_SHORT_SIDE = 256
 # ``loss_`` prefix on another branch; either spelling is accepted.
 LOSS_NAMES = {'loss_rpn_cls': 'loss_objectness', 'loss_rpn_bbox': 'loss_rpn_box_reg', 'loss_cls': 'loss_classifier',
               'loss_bbox': 'loss_box_reg', 'loss_mask': 'loss_mask', 'loss_semantic_seg': 'loss_semantic_seg'}
-FCOS_LOSS_NAMES = {'loss_cls': 'classification', 'loss_bbox': 'bbox_regression', 'loss_centerness': 'bbox_ctrness'}
+FCOS_LOSS_NAMES = {'loss_cls': 'loss_classification', 'loss_bbox': 'loss_bbox_regression',
+                   'loss_centerness': 'loss_bbox_ctrness'}
 
 
-def hrnetdet_loss_name(family: str, key: str, available) -> str:
+def hrnetdet_loss_name(family: str, key: str) -> str:
     if family == 'fcos':
-        name = FCOS_LOSS_NAMES[key]
-        return name if name in available else 'loss_' + name
+        return FCOS_LOSS_NAMES[key]
     stage, _, term = key.rpartition('.')
     return LOSS_NAMES[term] + (f'_s{stage[1:]}' if stage else '')
 
@@ -274,7 +274,7 @@ def compare_precision(model, name: str, step: dict, images, targets, dtype) -> d
     losses, grads, report, share = run_step(model, step, images, targets, dtype)
     loss_rows = OrderedDict()
     for key, ref in step['losses'].items():
-        ours_key = hrnetdet_loss_name(family, key, losses)
+        ours_key = hrnetdet_loss_name(family, key)
         loss_rows[ours_key] = dict(reference_key=key, reference=ref, hrnetdet=losses[ours_key],
                                    rel_diff=rel(losses[ours_key], ref))
     if share is not None:  # both under 3.3's rule above; hrnetdet's own (2.0's) rule divides by the share
