@@ -11,8 +11,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def calibrate():
-    """The calibration of random weights (tools/calibrate.py, on pytest's pythonpath)."""
-    from calibrate import calibrate
-    return calibrate
+@pytest.fixture(scope="module")
+def rocket():
+    """A real photo (skimage's rocket, every third pixel: 142 x 213), for the parity tests."""
+    skimage_data = pytest.importorskip("skimage.data")
+    return torch.from_numpy(skimage_data.rocket()[::3, ::3].copy()).permute(2, 0, 1).float() / 255

@@ -2,6 +2,7 @@
 preupload and commit calls of an upload, every file uploaded inline) and as the reference's
 download site does, with fixtures that point every cache and download at it. No network."""
 import base64
+import dataclasses
 import hashlib
 import json
 import re
@@ -155,3 +156,17 @@ def env(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HRNETDET_REFERENCE_URL", hub.url + "/ref")
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return tmp_path
+
+
+def serve_reference(hub, monkeypatch, data, record):
+    """Patch the weight record ``record`` ("arch.tag") so that its reference file name carries the
+    sha256 prefix of ``data``, and serve ``data`` there; returns (the patched record, its served path)."""
+    from hrnetdet.zoo import get_pretrained_cfg, registry
+    cfg = get_pretrained_cfg(record)
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    cfg = dataclasses.replace(cfg, reference_file=re.sub(r"-[0-9a-f]{8}\.pth$", f"-{prefix}.pth", cfg.reference_file))
+    monkeypatch.setitem(registry._pretrained, cfg.arch,
+                        [cfg if c.tag == cfg.tag else c for c in registry._pretrained[cfg.arch]])
+    path = urllib.parse.urlparse(cfg.reference_url_at(hub.url + "/ref")).path
+    hub.raw[path] = data
+    return cfg, path

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hrnetdet
+from calibrate import calibrate
 from hrnetdet.cli import main
 from hrnetdet.heads.masks import paste_masks
 from hrnetdet.inference import match_detections, optimize_for_inference
@@ -24,22 +25,12 @@ SMALL = dict(min_size=128, max_size=192)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
-def _skimage(name: str) -> torch.Tensor:
-    skimage_data = pytest.importorskip("skimage.data")
-    return torch.from_numpy(getattr(skimage_data, name)().copy()).permute(2, 0, 1).float() / 255
-
-
 @pytest.fixture(scope="module")
-def image():
-    return _skimage("rocket")[:, ::3, ::3]  # 142 x 213: resized to 128 x 192
+def portrait(rocket):
+    return rocket.transpose(1, 2).contiguous()  # 213 x 142: resized to 192 x 128, another padded size
 
 
-@pytest.fixture(scope="module")
-def portrait(image):
-    return image.transpose(1, 2).contiguous()  # 213 x 142: resized to 192 x 128, another padded size
-
-
-def small_model(family: str, image: torch.Tensor, calibrate):
+def small_model(family: str, image: torch.Tensor):
     torch.manual_seed(0)
     kwargs = dict(SMALL)
     if family != "fcos":
@@ -69,47 +60,47 @@ BACKEND_CASES = [(f, b) if (f, b) in DEFAULT_CASES else pytest.param(f, b, marks
 
 
 @pytest.mark.parametrize("family,backend", BACKEND_CASES)
-def test_backend_matches_eager_at_two_new_sizes(family, backend, image, portrait, cache_dir, calibrate):
+def test_backend_matches_eager_at_two_new_sizes(family, backend, rocket, portrait, cache_dir):
     """Exported on a generated 480x640 image; compared on two others of other padded sizes."""
     pytest.importorskip(backend)
-    model = small_model(family, image, calibrate)
+    model = small_model(family, rocket)
     fast = optimize_for_inference(copy.deepcopy(model), backend=backend, cache_dir=cache_dir)
     with torch.no_grad():
-        for x in (image, portrait):
+        for x in (rocket, portrait):
             assert_same_detections(model([x])[0], fast([x])[0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_torchscript_matches_eager(family, image, calibrate):
-    model = small_model(family, image, calibrate)
+def test_torchscript_matches_eager(family, rocket):
+    model = small_model(family, rocket)
     scripted = torch.jit.script(model)
     with torch.no_grad():
-        ref = model([image])[0]
-        out = scripted([image])
+        ref = model([rocket])[0]
+        out = scripted([rocket])
     out = out[1] if isinstance(out, tuple) else out  # GeneralizedRCNN returns (losses, detections)
     assert_same_detections(ref, out[0])
 
 
 @pytest.mark.parametrize("family", ["faster_rcnn", "mask_rcnn", "fcos"])
-def test_whole_detector_onnx_matches_eager(family, image, tmp_path, calibrate):
+def test_whole_detector_onnx_matches_eager(family, rocket, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    model = small_model(family, image, calibrate)
+    model = small_model(family, rocket)
     with torch.no_grad():
-        ref = model([image])[0]
+        ref = model([rocket])[0]
     path = str(tmp_path / "model.onnx")
-    names = export_onnx(model, path, batch_size=1, image_size=tuple(image.shape[-2:]))
+    names = export_onnx(model, path, batch_size=1, image_size=tuple(rocket.shape[-2:]))
     assert model.transform.paste  # restored after tracing
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    outs = session.run(None, {"images": image[None].numpy()})
+    outs = session.run(None, {"images": rocket[None].numpy()})
     got = {n.rsplit("_", 1)[0]: torch.from_numpy(o) for n, o in zip(names, outs)}
     if "masks" in got:  # exported unpasted, in each box's frame
         assert got["masks"].shape[-2:] == (28, 28)
-        got["masks"] = paste_masks(got["masks"], got["boxes"], *image.shape[-2:], model.transform.mask_thresh)
+        got["masks"] = paste_masks(got["masks"], got["boxes"], *rocket.shape[-2:], model.transform.mask_thresh)
     assert_same_detections(ref, got)
 
 
-def test_backbone_torch_export_any_size(image, calibrate):
-    model = small_model("faster_rcnn", image, calibrate)
+def test_backbone_torch_export_any_size(rocket):
+    model = small_model("faster_rcnn", rocket)
     x = torch.rand(1, 3, 160, 224)
     with torch.no_grad():
         ref = model.backbone(x)
@@ -121,11 +112,11 @@ def test_backbone_torch_export_any_size(image, calibrate):
 @pytest.mark.parametrize("fmt,dynamic", [("onnx", True), pytest.param("onnx", False, marks=pytest.mark.slow),
                                          pytest.param("openvino", True, marks=pytest.mark.slow),
                                          pytest.param("torchscript", False, marks=pytest.mark.slow)])
-def test_export_function_checks_two_sizes(fmt, dynamic, image, tmp_path, calibrate, capsys):
+def test_export_function_checks_two_sizes(fmt, dynamic, tmp_path, capsys):
     pytest.importorskip("onnxruntime" if fmt == "onnx" else "openvino" if fmt == "openvino" else "torch")
     # calibrated on the generated image the check uses: on images unlike its calibration image a
     # random model returns degenerate border boxes whose IoU float noise decides
-    model = small_model("faster_rcnn", runtime.generated_image(480, 640, seed=1), calibrate)
+    model = small_model("faster_rcnn", runtime.generated_image(480, 640, seed=1))
     stats = export(model, str(tmp_path), fmt, dynamic=dynamic)
     assert len(stats) == 2 and all(s["n_ref"] == 100 and s["matched_frac"] >= MIN_MATCHED for s in stats)
     assert capsys.readouterr().out.count("of eager's 100 detections matched") == 2
@@ -139,18 +130,18 @@ def test_export_function_checks_two_sizes(fmt, dynamic, image, tmp_path, calibra
         assert all(os.path.exists(tmp_path / e["file"]) for e in manifest["parts"].values())
 
 
-def test_static_graph_rejects_another_size(image, portrait, tmp_path, calibrate):
+def test_static_graph_rejects_another_size(rocket, portrait, tmp_path):
     pytest.importorskip("onnxruntime")
-    model = small_model("faster_rcnn", image, calibrate)
+    model = small_model("faster_rcnn", rocket)
     export(model, str(tmp_path), "onnx", dynamic=False, check=False)
     static = runtime.attach(copy.deepcopy(model), str(tmp_path), "onnxruntime")
     with pytest.raises(Exception, match="input_0"):
         static([portrait])
 
 
-def test_export_command(image, tmp_path, calibrate, capsys):
+def test_export_command(rocket, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    model = small_model("faster_rcnn", image, calibrate)
+    model = small_model("faster_rcnn", rocket)
     save_pretrained(model, str(tmp_path / "ckpt"))
     ckpt = tmp_path / "ckpt" / "model.safetensors"
     out = tmp_path / "out"

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import hrnetdet
+from calibrate import calibrate
 from hrnetdet.inference import match_detections, optimize_for_inference
 from hrnetdet.inference.match import MIN_MATCHED
 from hrnetdet.inference.fast import fold_batchnorm
@@ -13,12 +14,6 @@ from hrnetdet.neck.hrfpn import FastHRFPN
 from hrnetdet.neck import HRFPN
 
 SMALL = dict(min_size=128, max_size=192, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
-
-
-@pytest.fixture(scope="module")
-def image():
-    skimage_data = pytest.importorskip("skimage.data")
-    return torch.from_numpy(skimage_data.rocket()[::3, ::3].copy()).permute(2, 0, 1).float() / 255
 
 
 def test_fold_batchnorm_removes_every_norm_and_keeps_features():
@@ -62,15 +57,15 @@ def test_fast_hrfpn_equals_hrfpn(stride):
     # needs a C++ compiler (inductor) and 15-60 s of compiling
     pytest.param("faster_rcnn_hrnetv2p_w18", True, marks=pytest.mark.slow),
 ])
-def test_fast_path_parity(arch, compiled, image, calibrate):
+def test_fast_path_parity(arch, compiled, rocket):
     """>= 98% of the plain model's detections found again with box IoU >= 0.98, score within 0.01."""
     torch.manual_seed(0)
-    model = calibrate(hrnetdet.create_model(arch, **SMALL), [image])
+    model = calibrate(hrnetdet.create_model(arch, **SMALL), [rocket])
     fast = optimize_for_inference(copy.deepcopy(model), compile=compiled)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.backbone.modules())
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        ref, out = model([image])[0], fast([image])[0]
+        ref, out = model([rocket])[0], fast([rocket])[0]
     assert len(ref["scores"]) == 100  # calibrated weights and score threshold 0: a full set
     stats = match_detections(ref, out)
     assert stats["matched_frac"] >= MIN_MATCHED, stats

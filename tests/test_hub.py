@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load, save
 
 import hrnetdet
-from fake_hub import env, hub  # noqa: F401  (fixtures)
+from fake_hub import env, hub, serve_reference  # noqa: F401  (fixtures)
 from hrnetdet.backbone import HRNet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.zoo import registry
@@ -115,18 +114,6 @@ def reference(tmp_path_factory):
     return sd, path.read_bytes(), str(path)
 
 
-def _serve_reference(hub, monkeypatch, data, tag="coco_1x"):
-    """Patch REF_ARCH's record so its file name carries our file's sha256 prefix, and serve the file."""
-    cfg = hrnetdet.get_pretrained_cfg(f"{REF_ARCH}.{tag}")
-    prefix = hashlib.sha256(data).hexdigest()[:8]
-    cfg = dataclasses.replace(cfg, reference_file=re.sub(r"-[0-9a-f]{8}\.pth$", f"-{prefix}.pth", cfg.reference_file))
-    records = [cfg if c.tag == tag else c for c in registry._pretrained[REF_ARCH]]
-    monkeypatch.setitem(registry._pretrained, REF_ARCH, records)
-    path = urllib.parse.urlparse(cfg.reference_url_at(hub.url + "/ref")).path
-    hub.raw[path] = data
-    return cfg, path
-
-
 def _assert_state(model, sd):
     own = model.state_dict()
     assert own.keys() == sd.keys()
@@ -138,7 +125,7 @@ def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monk
     """`hrnetdet download` of a record without Hub weights (the reference's .pth is fetched, checked,
     converted, cached) and of a Hub record; then the folder's copy serves both offline."""
     sd, data, _ = reference
-    cfg, path = _serve_reference(hub, monkeypatch, data)
+    cfg, path = serve_reference(hub, monkeypatch, data, f"{REF_ARCH}.coco_1x")
     hub_cfg = _hub_cfg(hub, tag="coco_2x")
     monkeypatch.setitem(registry._pretrained, ARCH, [hub_cfg])
     dl = tmp_path / "dl"
@@ -178,7 +165,7 @@ def test_reference_fallback_downloads_converts_once_then_works_offline(hub, monk
 
 def test_reference_corrupted_download_is_fetched_again_once(hub, monkeypatch, env):
     data = b"not a checkpoint, only its sha256 prefix matters here"
-    cfg, path = _serve_reference(hub, monkeypatch, data)
+    cfg, path = serve_reference(hub, monkeypatch, data, f"{REF_ARCH}.coco_1x")
     home = str(env / "home")
     hub.corrupt[path] = 1
     pth = _reference_file(cfg, home, offline=False)

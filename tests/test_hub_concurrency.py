@@ -1,21 +1,17 @@
 """Several processes fetching and converting the same reference checkpoint into one HRNETDET_HOME
 (torchrun ranks with --pretrained): started at once and staggered, every one gets the converted
 weights, which are downloaded and converted once."""
-import dataclasses
-import hashlib
 import os
-import re
 import subprocess
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 import torch
 
 import hrnetdet
-from fake_hub import env, hub  # noqa: F401  (fixtures)
+from fake_hub import env, hub, serve_reference  # noqa: F401  (fixtures)
 from reference_layout import reference_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +28,12 @@ print(path, len(read_checkpoint(path).state_dict))
 
 
 @pytest.mark.slow  # four processes each import torch and read a W32 checkpoint: about a minute
-def test_concurrent_and_staggered_processes_share_one_conversion(hub, env, tmp_path):
+def test_concurrent_and_staggered_processes_share_one_conversion(hub, env, tmp_path, monkeypatch):
     ckpt = reference_checkpoint("faster_rcnn")
     path = tmp_path / "reference.pth"
     torch.save(ckpt, path)
-    data = path.read_bytes()
-    cfg = hrnetdet.get_pretrained_cfg(RECORD)
-    name = re.sub(r"-[0-9a-f]{8}\.pth$", f"-{hashlib.sha256(data).hexdigest()[:8]}.pth", cfg.reference_file)
-    cfg = dataclasses.replace(cfg, reference_file=name)
-    served = urllib.parse.urlparse(cfg.reference_url_at(hub.url + "/ref")).path
-    hub.raw[served] = data
+    cfg, served = serve_reference(hub, monkeypatch, path.read_bytes(), RECORD)
+    name = cfg.reference_file
     process_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
     def start():

@@ -101,13 +101,9 @@ def test_draw_marks_the_detections(model, rgb):
     assert torch.equal(hrnetdet.draw(rgb, res, score_thresh=2.0), torch.from_numpy(rgb).permute(2, 0, 1))
 
 
-def test_predict_command_writes_coco_json_and_pictures(model, folder, tmp_path):
-    save_pretrained(model, str(tmp_path / "saved"))
-    ckpt = tmp_path / "saved" / "model.safetensors"
+def test_predict_command_writes_coco_json_and_pictures(checkpoint, folder, tmp_path):
     out = tmp_path / "out"
-    rc = main(["predict", str(folder), "--model", ARCH, "--checkpoint", str(ckpt), "--score-thr", "0",
-               "--out", str(out), "--min-size", "96", "--max-size", "128", "--batch-size", "2"])
-    assert rc == 0
+    assert _run([folder], out, checkpoint, "--batch-size", "2") == 0
     records = json.loads((out / "results.json").read_text())
     assert {os.path.basename(r["file_name"]) for r in records} == {"a.png", "b.jpg"}
     first = [r for r in records if r["image_id"] == 0]
@@ -227,9 +223,7 @@ def test_video_gives_per_frame_results_and_an_annotated_video(model, rgb, checkp
     frames = [np.roll(rgb, 4 * i, axis=1)[:64, :96].copy() for i in range(4)]
     _write_video(tmp_path / "clip.mp4", frames)
     out = tmp_path / "out"
-    rc = main(["predict", str(tmp_path / "clip.mp4"), "--model", ARCH, "--checkpoint", str(checkpoint),
-               "--score-thr", "0", "--out", str(out), "--min-size", "96", "--max-size", "128", "--save-video"])
-    assert rc == 0
+    assert _run([tmp_path / "clip.mp4"], out, checkpoint, "--save-video") == 0
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["frame_index"] for r in lines] == [0, 1, 2, 3]
     assert [r["timestamp"] for r in lines] == pytest.approx([0.0, 0.1, 0.2, 0.3])

@@ -135,20 +135,23 @@ def _mirror(result, width):
     return dict(result, boxes=torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1))
 
 
+def _flip_round_trip(model, image):
+    """Flip TTA on ``image`` and, mirrored back, on its mirror image: at least 5 detections, and
+    >= 90 % of the boxes back in place (IoU >= 0.99, score within 1e-3). Returns (out, back)."""
+    out = tta_predict(model, image, scales=(1.0,), flip=True)
+    back = _mirror(tta_predict(model, image.flip(-1), scales=(1.0,), flip=True), image.shape[-1])
+    assert len(out["boxes"]) >= 5
+    boxes_only = [{k: v for k, v in r.items() if k != "masks"} for r in (out, back)]  # _mirror leaves masks
+    m = match_detections(*boxes_only, iou_thresh=0.99, score_tol=1e-3)
+    assert m["matched_frac"] >= 0.9, m
+    return out, back
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tta_flipped_image_comes_back_in_place(models, family):
     """Flip TTA on the mirror image is the mirror of flip TTA on the image: the same two passes,
     so every box must come back at x -> W - x (and every mask mirrored)."""
-    image = _image(64, 96, 3)
-    mirror = image.flip(-1)
-    model = models[family]
-    out = tta_predict(model, image, scales=(1.0,), flip=True)
-    out_m = tta_predict(model, mirror, scales=(1.0,), flip=True)
-    assert len(out["boxes"]) >= 5
-    back = _mirror(out_m, image.shape[-1])
-    boxes_only = [{k: v for k, v in r.items() if k != "masks"} for r in (out, back)]  # _mirror leaves masks
-    m = match_detections(*boxes_only, iou_thresh=0.99, score_tol=1e-3)
-    assert m["matched_frac"] >= 0.9, m
+    out, back = _flip_round_trip(models[family], _image(64, 96, 3))
     if "masks" in out:
         ious = box_iou(out["boxes"], back["boxes"])
         same = 0
@@ -200,8 +203,4 @@ def test_every_family_slices_and_flips_back(family):
     assert sliced["boxes"][:, 2].max() <= 96 and sliced["boxes"][:, 3].max() <= 64
     if "masks" in sliced:
         assert sliced["masks"].shape[1:] == (1, 64, 96)
-    out = tta_predict(model, image, scales=(1.0,), flip=True)
-    back = _mirror(tta_predict(model, image.flip(-1), scales=(1.0,), flip=True), 96)
-    assert len(out["boxes"]) >= 5
-    boxes_only = [{k: v for k, v in r.items() if k != "masks"} for r in (out, back)]  # _mirror leaves masks
-    assert match_detections(*boxes_only, iou_thresh=0.99, score_tol=1e-3)["matched_frac"] >= 0.9
+    _flip_round_trip(model, image)

@@ -77,7 +77,7 @@ def _weights(path):
 
 
 def _same(a, b):
-    return {k: torch.equal(v, b[k]) for k, v in a.items()} == dict.fromkeys(a, True) and a.keys() == b.keys()
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
 
 
 def test_the_same_train_command_twice_gives_identical_weights(shapes, tmp_path):
