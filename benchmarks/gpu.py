@@ -27,7 +27,7 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import TORCHVISION, bench_inference, bench_train, build, images  # noqa: E402
+from run import base_name, bench_inference, bench_train, build, images  # noqa: E402
 
 import hrnetdet  # noqa: E402
 from hrnetdet.inference import optimize_for_inference  # noqa: E402
@@ -39,10 +39,6 @@ WIDTHS = ("faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w32", "faster_rcnn_h
 TRAIN_MODELS = ("faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w32", "mask_rcnn_hrnetv2p_w18",
                 "mask_rcnn_hrnetv2p_w32")
 PEERS = ("fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "fcos_resnet50_fpn")
-
-
-def w18_models() -> List[str]:
-    return [a for a in hrnetdet.list_models("*_w18")]
 
 
 def reference_figure(arch: str, key: str) -> Optional[float]:
@@ -96,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     half = half_dtype(device)
     half_name = "fp16" if half == torch.float16 else "bf16"
     imgs = images(8)
-    archs = w18_models() + [a for a in WIDTHS if a not in w18_models()]
+    w18 = hrnetdet.list_models("*_w18")
+    archs = w18 + [a for a in WIDTHS if a not in w18]
     peers, train_names = PEERS, TRAIN_MODELS + PEERS[:2]
     if args.smoke:  # one box and one mask model with their peers: every code path, a few seconds
         archs, peers = ["faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w18"], PEERS[:1]
@@ -131,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"| model | fps fp32 | fps {half_name} | img/s fp32 b{args.batch} | img/s {half_name} b{args.batch} | V100 fps | {half_name} / V100 | peak MB {half_name} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key in list(models) + list(fast):
-        base = key.split(" (")[0]
+        base = base_name(key)
         f32 = res[("fp32", 1)].get(key)
         f16 = res[(half_name, 1)][key]
         bn = res[("fp32", "batched")].get(key)
@@ -151,9 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines += ["", "### Targets", "",
               f"- W18 Faster R-CNN {half_name} batch {args.batch} / fasterrcnn_resnet50_fpn (target >= 1.0): "
               f"{half_batched['fasterrcnn_resnet50_fpn']['s_per_img'] / half_batched['faster_rcnn_hrnetv2p_w18']['s_per_img']:.2f}x"]
-    for a in [a for a in w18_models() if a in archs]:
+    for a in [a for a in hrnetdet.list_models("*_w18") if a in archs]:
         v100 = reference_figure(a, "fps")
-        best = min(r["s_per_img"] for k, r in res[(half_name, 1)].items() if k.split(" (")[0] == a)
+        best = min(r["s_per_img"] for k, r in res[(half_name, 1)].items() if base_name(k) == a)
         if v100:
             lines.append(f"- {a} {half_name} batch 1: {1 / best:.1f} fps, {1 / best / v100:.2f}x the V100's "
                          f"{v100} (target >= 3x)")

@@ -96,7 +96,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(hrnetdet.create_model(ARCH), tmp)
         checkpoint = os.path.join(tmp, "model.safetensors")
-        torch.manual_seed(0)
         small, large = os.path.join(tmp, "small"), os.path.join(tmp, "large")
         os.makedirs(small)
         os.makedirs(large)

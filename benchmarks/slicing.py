@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from hrnetdet.data import make_shapes_dataset
 from hrnetdet.data.results import coco_records
-from hrnetdet.data.synthetic import SHAPES
+from hrnetdet.data.synthetic import SHAPES, shape_outline
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
 TILE = 128                      # training tile side; the model runs tiles at native resolution
@@ -48,10 +48,9 @@ DEMO_SIZES = ((112, 96), (96, 112), (96, 96))
 
 
 def _shape_outline(kind: str, cx: float, cy: float, r: float) -> List[Tuple[float, float]]:
-    if kind == "square":
-        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
-    if kind == "triangle":
-        return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    """The shape's polygon; a circle's as 32 points (its segmentation)."""
+    if kind != "circle":
+        return shape_outline(kind, cx, cy, r)
     angles = np.linspace(0, 2 * np.pi, 32, endpoint=False)
     return [(cx + r * float(np.cos(a)), cy + r * float(np.sin(a))) for a in angles]
 
@@ -78,11 +77,11 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, num_objects: i
         taken = np.vstack([taken, [cx, cy, r]])
         kind = kinds[int(rng.integers(len(kinds)))]
         colour = tuple(int(c) for c in np.clip(np.array(SHAPES[kind][1]) + rng.integers(-25, 26, 3), 0, 255))
+        outline = _shape_outline(kind, cx, cy, r)
         if kind == "circle":
             pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
-            pen.polygon(_shape_outline(kind, cx, cy, r), fill=colour)
-        outline = _shape_outline(kind, cx, cy, r)
+            pen.polygon(outline, fill=colour)
         xs, ys = [p[0] for p in outline], [p[1] for p in outline]
         area = {"circle": np.pi * r * r, "square": 4 * r * r, "triangle": 2 * r * r}[kind]
         objects.append({"kind": kind, "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],

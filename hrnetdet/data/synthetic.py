@@ -16,7 +16,8 @@ SHAPES: Dict[str, Tuple[int, Tuple[int, int, int]]] = {
 }
 
 
-def _outline(kind: str, cx: float, cy: float, r: float) -> List[Tuple[float, float]]:
+def shape_outline(kind: str, cx: float, cy: float, r: float) -> List[Tuple[float, float]]:
+    """A square's or triangle's polygon around (cx, cy) at radius r; none for a circle (drawn as an ellipse)."""
     if kind == "square":
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if kind == "triangle":
@@ -47,10 +48,10 @@ def _draw_image(rng: np.random.Generator, width: int, height: int, max_objects: 
             ImageDraw.Draw(mask_img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
             mask = np.array(mask_img, dtype=np.uint8)
         else:  # rasterised as pycocotools does, so image, mask and polygon agree exactly
-            poly = [c for pt in _outline(kind, cx, cy, r) for c in pt]
+            poly = [c for pt in shape_outline(kind, cx, cy, r) for c in pt]
             mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([poly], height, width)))
         pixels[mask.astype(bool)] = colour
-        objects.append({"kind": kind, "mask": mask, "polygon": _outline(kind, cx, cy, r)})
+        objects.append({"kind": kind, "mask": mask, "polygon": shape_outline(kind, cx, cy, r)})
     return Image.fromarray(pixels), objects
 
 
