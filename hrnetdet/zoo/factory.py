@@ -48,14 +48,15 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
         config_path, weights_path = hub_model_files(repo_id, revision or None, weights=bool(pretrained),
                                                     local_files_only=local_files_only)
-        name, config, pretrained = _saved_arch(config_path), read_config(config_path), False
+        config, pretrained = read_config(config_path), False
+        name = _saved_arch(config, config_path)
         checkpoint_path = checkpoint_path or weights_path
     elif os.path.isdir(name):
         config_path = os.path.join(name, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{name} is a folder without {CONFIG_FILE}: not one save_pretrained wrote")
         checkpoint_path = checkpoint_path or os.path.join(name, WEIGHTS_FILE)
-        name = _saved_arch(config_path)
+        name = _saved_arch(read_config(config_path), config_path)
     arch, tag = split_name(name)
     if isinstance(pretrained, str):
         if tag is not None and tag != pretrained:
@@ -107,8 +108,8 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
     return model
 
 
-def _saved_arch(config_path: str) -> str:
-    arch = read_config(config_path).get("architecture")
+def _saved_arch(config: Dict[str, Any], config_path: str) -> str:
+    arch = config.get("architecture")
     if not isinstance(arch, str):
         raise CheckpointError(f"{config_path}: no 'architecture' (a config.json from hrnetdet's save_pretrained has one)")
     return arch
