@@ -117,9 +117,12 @@ def _unpickled_names(obj: Any, found: Optional[set] = None) -> set:
     return found
 
 
-def _refuse(path: str, names: set) -> CheckpointError:
-    return CheckpointError(f"{path}: holds objects hrnetdet will not unpickle ({', '.join(sorted(names))}) "
-                           f"where a checkpoint has tensors: not a checkpoint hrnetdet can read")
+def _refuse_unpickled(path: str, obj: Any) -> None:
+    """Refuse ``obj`` when a placeholder for a class hrnetdet will not unpickle is inside it."""
+    names = _unpickled_names(obj)
+    if names:
+        raise CheckpointError(f"{path}: holds objects hrnetdet will not unpickle ({', '.join(sorted(names))}) "
+                              f"where a checkpoint has tensors: not a checkpoint hrnetdet can read")
 
 
 def _torch_load(path: str) -> object:
@@ -159,14 +162,13 @@ def read_checkpoint(path: str) -> Checkpoint:
         return _read_safetensors(path)
     obj = _torch_load(path)
     if isinstance(obj, Unpickled):
-        raise _refuse(path, _unpickled_names(obj))
+        _refuse_unpickled(path, obj)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         sd, meta = obj["state_dict"], obj.get("meta")
         meta = meta if isinstance(meta, dict) else {}
-        if _unpickled_names(sd):
-            raise _refuse(path, _unpickled_names(sd))
+        _refuse_unpickled(path, sd)  # the meta may hold anything: only the weights are checked
         if any(k.startswith("module.") for k in sd):
             sd = {k[len("module."):]: v for k, v in sd.items()}
         family, width = identify_reference(sd, path, list_families())
@@ -175,8 +177,7 @@ def read_checkpoint(path: str) -> Checkpoint:
                           reference_categories(meta, num_classes))
     if all(isinstance(v, Tensor) for v in obj.values()):
         return Checkpoint(dict(obj))
-    if _unpickled_names(obj):
-        raise _refuse(path, _unpickled_names(obj))
+    _refuse_unpickled(path, obj)
     raise CheckpointError(f"{path}: a dict without 'state_dict' whose values are not all tensors: "
                           f"not a checkpoint hrnetdet knows")
 
