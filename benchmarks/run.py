@@ -31,8 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import hrnetdet
 from hrnetdet.detectors import has_masks
-from hrnetdet.inference import optimize_for_inference
-from hrnetdet.inference.fast import fold_batchnorm
+from hrnetdet.inference import fold_batchnorm, optimize_for_inference
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 from calibrate import calibrate  # noqa: E402  (a maintainer helper, not in the installed package)

@@ -7,9 +7,9 @@ from torch import nn
 
 import hrnetdet
 from calibrate import calibrate
-from hrnetdet.inference import match_detections, optimize_for_inference
+from hrnetdet.inference import fold_batchnorm, match_detections, optimize_for_inference
 from hrnetdet.inference.match import MIN_MATCHED
-from hrnetdet.inference.fast import fold_batchnorm
+from hrnetdet.inference.winograd import WinogradConv2d, use_winograd
 from hrnetdet.neck.hrfpn import FastHRFPN
 from hrnetdet.neck import HRFPN
 
@@ -71,3 +71,33 @@ def test_fast_path_parity(arch, compiled, rocket):
     assert stats["matched_frac"] >= MIN_MATCHED, stats
     if "masks" in ref:
         assert out["masks"].shape == ref["masks"].shape
+
+
+@pytest.mark.parametrize("batch,cin,cout,height,width,bias", [
+    (2, 160, 160, 13, 22, True), (1, 160, 192, 8, 8, False), (1, 256, 160, 1, 5, True), (3, 160, 160, 7, 4, False)])
+def test_winograd_conv_matches_conv2d(batch, cin, cout, height, width, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+    x = torch.randn(batch, cin, height, width)
+    with torch.no_grad():
+        expected, out = conv(x), WinogradConv2d(conv)(x)
+    assert out.shape == expected.shape
+    assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+
+def test_use_winograd_swaps_only_wide_3x3_stride_1_convolutions():
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(256, 160, 3, padding=1, bias=False)),
+                          nn.Conv2d(160, 144, 3, padding=1), nn.Conv2d(144, 256, 3, padding=1),
+                          nn.Conv2d(256, 256, 3, stride=2, padding=1), nn.Conv2d(256, 256, 1),
+                          nn.Conv2d(256, 256, 3, padding=2, dilation=2), nn.Conv2d(256, 256, 3, padding=1, groups=2))
+    x = torch.randn(1, 256, 10, 12)
+    with torch.no_grad():
+        expected = model(x)
+        assert use_winograd(model) == 2
+        out = model(x)
+    assert isinstance(model[0], WinogradConv2d) and isinstance(model[2][0], WinogradConv2d)
+    assert all(type(m) is nn.Conv2d for m in list(model)[3:])
+    assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-4
+    with pytest.raises(ValueError, match="3x3, stride-1"):
+        WinogradConv2d(model[5])

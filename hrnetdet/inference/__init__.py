@@ -1,7 +1,8 @@
 """Inference: prediction on files and arrays, the opt-in fast path, detection matching, a
 score-threshold override, and export helpers."""
 from ..data.images import load_image
-from .fast import fold_batchnorm, optimize_for_inference
+from .fast import optimize_for_inference
+from .folding import fold_batchnorm
 from .match import match_detections
 from .predict import predict
 from .sources import expand_inputs

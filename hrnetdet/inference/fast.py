@@ -11,41 +11,9 @@ each input size. Outputs stay within the parity tolerance of the plain model
 """
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.resnet import Bottleneck as ResNetBottleneck
-from torchvision.models.resnet import ResNet
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..backbone.hrnet import BasicBlock, Bottleneck, HRNet
 from ..neck.hrfpn import use_fast_neck
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) and not m.training
-
-
-def fold_batchnorm(body: nn.Module) -> int:
-    """Fold each eval-mode batch norm of an HRNet (or torchvision ResNet) body into the convolution
-    feeding it; the norm becomes an Identity. Returns the number of folded norms.
-
-    Folds ``convK``/``bnK`` attribute pairs of the blocks and stems, which apply ``bnK`` directly
-    to ``convK``'s output, and conv-norm neighbours in every ``nn.Sequential``."""
-    folded = 0
-    for m in body.modules():
-        if isinstance(m, (HRNet, BasicBlock, Bottleneck, ResNet, ResNetBottleneck)):
-            for k in (1, 2, 3):
-                conv, bn = getattr(m, f"conv{k}", None), getattr(m, f"bn{k}", None)
-                if isinstance(conv, nn.Conv2d) and bn is not None and _is_norm(bn):
-                    setattr(m, f"conv{k}", fuse_conv_bn_eval(conv, bn))
-                    setattr(m, f"bn{k}", nn.Identity())
-                    folded += 1
-        elif isinstance(m, nn.Sequential):
-            for i in range(len(m) - 1):
-                if isinstance(m[i], nn.Conv2d) and _is_norm(m[i + 1]):
-                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
-                    m[i + 1] = nn.Identity()
-                    folded += 1
-    return folded
+from .folding import fold_batchnorm
 
 
 def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn: bool = True,

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from ..neck.hrfpn import use_fast_neck
+from .folding import fold_batchnorm
 from .thresholds import score_threshold
+from .winograd import MIN_CHANNELS, use_winograd
 
 BACKENDS = ("onnxruntime", "openvino")
 # Parts whose inputs scale with the image; the RoI parts' first dimension is the number of RoIs.
@@ -108,10 +110,17 @@ def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool
     part sees while the model detects ``image``; returns the manifest (also written as export.json).
 
     RoI parts take any number of RoIs. Image parts take any batch and image size when ``dynamic``,
-    else exactly the padded size ``image`` resizes to. The neck is traced in ``FastHRFPN``'s order
-    (on a copy of ``model``): the same function with an eighth of its 1x1 reduction's arithmetic."""
+    else exactly the padded size ``image`` resizes to. The graphs compute the same function with
+    less arithmetic (on a copy of ``model``): the neck in ``FastHRFPN``'s order, with the body's batch
+    norms folded, and the image parts' convolutions of ``MIN_CHANNELS`` channels or more as Winograd
+    F(4x4, 3x3) (``winograd.py``)."""
     os.makedirs(out_dir, exist_ok=True)
     model = use_fast_neck(copy.deepcopy(model))
+    fold_batchnorm(model.backbone.body)
+    parts = dense_parts(model)
+    for name in IMAGE_PARTS:
+        if name in parts:
+            use_winograd(parts[name])
     parts = dense_parts(model)
     manifest: Dict[str, Any] = {"parts": {}}
     for name, (args, kwargs) in example_inputs(model, image).items():
@@ -222,7 +231,7 @@ def cache_key(model: nn.Module, opset: int = 17) -> str:
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    settings = {"dynamic": True, "opset": opset, "neck": "FastHRFPN",
+    settings = {"dynamic": True, "opset": opset, "neck": "FastHRFPN", "winograd": MIN_CHANNELS,
                 "hrnetdet": __version__, "torch": torch.__version__}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
