@@ -18,7 +18,6 @@ import copy
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from hrnetdet.inference import optimize_for_inference  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from export import sweep  # noqa: E402  (benchmarks/export.py)
+from run import provenance  # noqa: E402  (benchmarks/run.py)
 
 DEFAULT_MODELS = ["faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w18"]
 
@@ -136,12 +136,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return rows
 
     rows = sweep(args.threads, args.models, measure)
-    load_end = os.getloadavg()
     lines = [
-        f"## `python benchmarks/against_reference.py {' '.join(sys.argv[1:])}`, {datetime.date.today()}", "",
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, hrnetdet's torch "
-        f"{torch.__version__}. Load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_start)} at the "
-        f"start, {'/'.join(f'{x:.1f}' for x in load_end)} at the end. Median over {args.rounds} rounds of "
+        f"## {datetime.date.today()}", "",
+        provenance(load_start, f"hrnetdet's torch {torch.__version__}") + f" Median over {args.rounds} rounds of "
         "the CPU seconds per image, averaged over the harness's six images (wall seconds beside it).", "",
         "| model | threads | variant | CPU s/img | wall s/img | ratio to mmdetection | ratio to eager | "
         "parity to mmdetection |", "|---|---|---|---|---|---|---|---|", *rows, ""]

@@ -12,14 +12,11 @@ in graph operations (a quarter of the multiplications, plus transforms that are 
 The bound gives each of those layers the faster of its two rates and every other MAC the best direct
 rate of all shapes; the ideal bound gives every MAC the best rate of all, Winograd's included. Neither
 counts RoIAlign, NMS or any memory-bound step, so a runtime running the same layers in fp32 takes
-longer than both. Eager's time is the median of three detections of the same image.
+longer than both. Eager's time is the best of three detections of the same image.
 """
 import argparse
 import collections
-import datetime
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import build, images  # noqa: E402  (benchmarks/run.py: the calibrated models and images)
+from run import build, images, keep_freed_memory, provenance  # noqa: E402  (benchmarks/run.py)
 
 from hrnetdet.inference.runtime import require  # noqa: E402
 from hrnetdet.inference.winograd import WinogradConv2d  # noqa: E402
@@ -111,7 +108,7 @@ def measure(name: str, threads: int, image: torch.Tensor, rates: Dict[Tuple[Shap
             t = time.perf_counter()
             model([image])
             times.append(time.perf_counter() - t)
-    eager = statistics.median(times)
+    eager = min(times)
     for shape in square:
         for winograd in (False, True):
             if (shape, winograd) not in rates:
@@ -135,6 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                  "arithmetic_bound.md"))
     args = p.parse_args(argv)
+    keep_freed_memory()
     image = images(1)[0]
     load_start = os.getloadavg()
     rows = []
@@ -146,11 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import openvino
     lines = [
         "# How close a runtime can get: the fp32 arithmetic bound (CPU)", "",
-        f"`python benchmarks/arithmetic_bound.py {' '.join(sys.argv[1:])}` on {datetime.date.today()}: "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
-        f"{torch.__version__}, OpenVINO {openvino.__version__}. Load average (1/5/15 min) "
-        f"{'/'.join(f'{x:.1f}' for x in load_start)} at the start, "
-        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.", "",
+        provenance(load_start, f"torch {torch.__version__}, OpenVINO {openvino.__version__}"), "",
         "GMAC: the convolution and linear layers' multiply-accumulates in one detection of an "
         "800x1216 input; square 3x3: the share in 3x3 convolutions with as many output as input "
         "channels. Rates: the best direct rate of OpenVINO over those layers' shapes / the best "
