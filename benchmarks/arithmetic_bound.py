@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import build, images, keep_freed_memory, provenance  # noqa: E402  (benchmarks/run.py)
+from run import build, images, keep_freed_memory, provenance, write_report  # noqa: E402  (benchmarks/run.py)
 
 from hrnetdet.inference.runtime import require  # noqa: E402
 from hrnetdet.inference.winograd import WinogradConv2d  # noqa: E402
@@ -154,9 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "| model | threads | GMAC | square 3x3 | GFLOP/s direct / best | eager s | bound s | bound / eager "
         "| ideal s | ideal / eager |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_report(args.out, "\n".join(lines))
     return 0
 
 

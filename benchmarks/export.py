@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import build, images, keep_freed_memory, provenance  # noqa: E402  (benchmarks/run.py)
+from run import build, images, keep_freed_memory, provenance, write_report  # noqa: E402  (benchmarks/run.py)
 
 from hrnetdet.inference import match_detections, optimize_for_inference  # noqa: E402
 
@@ -128,9 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "0.98, score within 0.01, mask IoU >= 0.9) over the two images.", "",
         "| model | threads | variant | CPU s/img | user s/img | wall s/img | CPU ratio | user ratio | wall ratio "
         "| parity |", "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_report(args.out, "\n".join(lines))
     return 0
 
 
