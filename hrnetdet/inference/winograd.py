@@ -6,7 +6,8 @@ HRNet-W40/W48's widest branches) already run near the core's fp32 peak there. Wr
 operations (an input-transform convolution, 36 matrix products, an output transform), F(4x4, 3x3)
 does a quarter of their multiplications; the transforms are extra passes over memory, which pay
 off from about 160 channels on feature maps (benchmarks/export_results.md) but not for the narrow
-branches or for the RoI heads' 14x14 maps. Relative error: about 2e-5 of the output's largest value.
+branches or for the RoI heads' 14x14 maps. Relative error: about 2e-5 of the output's largest value;
+see docs/NUMERICS.md, 'Winograd convolutions'.
 """
 import torch
 import torch.nn.functional as F
