@@ -215,7 +215,8 @@ def generated_image(height: int, width: int, seed: int = 0) -> Tensor:
     field = torch.rand(1, 3, max(height // 32, 2), max(width // 32, 2), generator=g)
     image = torch.nn.functional.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)[0]
     for _ in range(12):
-        y0, x0 = int(torch.randint(0, height - 8, (1,), generator=g)), int(torch.randint(0, width - 8, (1,), generator=g))
+        y0 = int(torch.randint(0, height - 8, (1,), generator=g))
+        x0 = int(torch.randint(0, width - 8, (1,), generator=g))
         h = int(torch.randint(8, max(height // 3, 9), (1,), generator=g))
         w = int(torch.randint(8, max(width // 3, 9), (1,), generator=g))
         image[:, y0:y0 + h, x0:x0 + w] = torch.rand(3, 1, 1, generator=g)
