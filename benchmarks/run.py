@@ -51,6 +51,11 @@ def images(n: int) -> List[torch.Tensor]:
     return [torch.from_numpy(pics[i % 2]).permute(2, 0, 1).float().div(255) for i in range(n)]
 
 
+# glibc malloc settings (malloc.h's mallopt parameter, value) that keep freed memory for reuse.
+MALLOC_SETTINGS = {"TRIM_THRESHOLD": (-1, 2 ** 31 - 1), "TOP_PAD": (-2, 2 ** 30),
+                   "MMAP_THRESHOLD": (-3, 2 ** 25)}  # 32 MiB: glibc's largest on 64-bit
+
+
 def keep_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel.
 
@@ -62,10 +67,13 @@ def keep_freed_memory() -> None:
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
-    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
-    libc.mallopt(m_top_pad, 2 ** 30)
-    libc.mallopt(m_mmap_threshold, 2 ** 25)  # glibc's largest: 32 MiB on 64-bit
+    for param, value in MALLOC_SETTINGS.values():
+        libc.mallopt(param, value)
+
+
+def keep_freed_memory_env() -> Dict[str, str]:
+    """The same settings as environment variables, for a child process."""
+    return {f"MALLOC_{name}_": str(value) for name, (_, value) in MALLOC_SETTINGS.items()}
 
 
 def freeze_norms(model: nn.Module) -> nn.Module:
