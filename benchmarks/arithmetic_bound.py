@@ -16,6 +16,7 @@ longer than both. Eager's time is the best of three detections of the same image
 """
 import argparse
 import collections
+import copy
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import build, images, keep_freed_memory, provenance, write_report  # noqa: E402  (benchmarks/run.py)
 
 from hrnetdet.inference.runtime import require  # noqa: E402
-from hrnetdet.inference.winograd import WinogradConv2d  # noqa: E402
+from hrnetdet.inference.winograd import is_winograd_eligible, use_winograd  # noqa: E402
 
 DEFAULT_MODELS = ["faster_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w40", "mask_rcnn_hrnetv2p_w18"]
 Shape = Tuple[int, int, int, int]  # a square 3x3 convolution's input: batch, channels, height, width
@@ -48,8 +49,7 @@ def count_macs(model: nn.Module, image: torch.Tensor) -> Tuple[Dict[Shape, int],
             other[0] += out.numel() * module.in_features
         elif isinstance(module, nn.ConvTranspose2d):
             other[0] += x.numel() * module.out_channels // module.groups * module.weight[0, 0].numel()
-        elif (module.kernel_size == (3, 3) and module.stride == (1, 1) and module.groups == 1
-              and module.in_channels == module.out_channels and module.padding == (1, 1)):
+        elif is_winograd_eligible(module, min_channels=1) and module.in_channels == module.out_channels:
             square[tuple(x.shape)] += out.numel() * module.in_channels * 9
         else:
             other[0] += out.numel() * module.in_channels // module.groups * module.weight[0, 0].numel()
@@ -69,22 +69,22 @@ def openvino_rate(shape: Shape, threads: int, winograd: bool) -> float:
     """GFLOP/s of OpenVINO (fp32) on four chained 3x3 convolutions of ``shape``, the best of five."""
     ov = require("openvino")
     torch.manual_seed(0)
-    convs = [nn.Conv2d(shape[1], shape[1], 3, padding=1) for _ in range(4)]
-    layers: List[nn.Module] = []
-    for conv in convs:
-        layers += [WinogradConv2d(conv) if winograd else conv, nn.ReLU()]
+    direct = nn.Sequential(*[m for _ in range(4) for m in (nn.Conv2d(shape[1], shape[1], 3, padding=1), nn.ReLU())])
+    graph = copy.deepcopy(direct)
+    if winograd:
+        use_winograd(graph, min_channels=1)
     x = torch.randn(shape)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "chain.onnx")
-        torch.onnx.export(nn.Sequential(*layers), (x,), path, dynamo=False, opset_version=17)
+        torch.onnx.export(graph, (x,), path, dynamo=False, opset_version=17)
         compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                          "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
     array = x.numpy()
     out = request.infer([array])[compiled.outputs[0]]
     with torch.no_grad():
-        expected = nn.Sequential(*[m for conv in convs for m in (conv, nn.ReLU())])(x).numpy()
+        expected = direct(x).numpy()
     error = np.abs(out - expected).max() / np.abs(expected).max()
     if error > 1e-4:  # a rate is only worth quoting for the same function
         raise AssertionError(f"{shape} {'Winograd' if winograd else 'direct'}: relative error {error:.1e}")

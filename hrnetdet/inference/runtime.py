@@ -120,8 +120,7 @@ def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool
     parts = dense_parts(model)
     for name in IMAGE_PARTS:
         if name in parts:
-            use_winograd(parts[name])
-    parts = dense_parts(model)
+            use_winograd(parts[name])  # swaps convolutions inside the part: ``parts`` stays valid
     manifest: Dict[str, Any] = {"parts": {}}
     for name, (args, kwargs) in example_inputs(model, image).items():
         leaves, in_spec = tree_flatten((args, kwargs))
@@ -262,8 +261,7 @@ def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
 
 
 # ``auto``'s preference on the CPU, the fastest first: in benchmarks/export_results.md OpenVINO beat
-# onnxruntime on every family at one thread (but Faster R-CNN W40 on the Intel machine, 0.73x against
-# 0.72x) and on every target model at two.
+# onnxruntime in computation time on every family at one thread and on every target model at two.
 AUTO_ORDER: Sequence[str] = ("openvino", "onnxruntime")
 
 

@@ -243,7 +243,7 @@ def backbone_weights_file(weights: Union[bool, str], width: int, *, local_files_
     if tcfg is None or not tcfg.hf_hub_id:
         raise ValueError(f"weights_backbone={weights!r}: {name!r} is not a timm HRNet with weights on the "
                          f"Hub (e.g. 'hrnet_w{width}.ms_in1k')")
-    return _hub_file(tcfg.hf_hub_id, tcfg.hf_hub_filename or WEIGHTS_FILE, None,
+    return _hub_file(tcfg.hf_hub_id, tcfg.hf_hub_filename or "model.safetensors", None,  # timm's default name
                      cache_dir=cache_dir or hub_cache_dir(), local_files_only=is_offline(local_files_only),
                      force=False, hint=f"On a connected machine run `hrnetdet download --backbone {name}`.")
 
