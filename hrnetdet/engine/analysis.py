@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from ..zoo.checkpoint import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text
 from .curves import pyplot
 
 

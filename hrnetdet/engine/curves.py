@@ -5,7 +5,7 @@ import json
 import os
 from typing import Dict, List
 
-from ..zoo.checkpoint import atomic_write
+from ..io import atomic_write
 
 
 def read_metrics(path: str) -> List[Dict]:

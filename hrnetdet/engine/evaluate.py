@@ -17,7 +17,7 @@ from ..data.coco import CocoDetection, collate
 from ..data.results import coco_records
 from ..detectors import has_masks
 from ..inference.modes import check_mode, detect
-from ..zoo.checkpoint import atomic_write_text
+from ..io import atomic_write_text
 from .analysis import confusion_matrix, pr_curves, write_confusion_matrix, write_pr_curves
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")

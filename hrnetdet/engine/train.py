@@ -27,7 +27,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
-from ..zoo.checkpoint import atomic_write, atomic_write_text, save_pretrained
+from ..io import atomic_write, atomic_write_text
+from ..zoo.checkpoint import save_pretrained
 from ..zoo.recipe import Recipe
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
 from .curves import plot_curves

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..data.images import to_float
 from ..data.results import category_ids_of, coco_records
-from ..zoo.checkpoint import atomic_write
+from ..io import atomic_write
 from .predict import iter_predictions
 from .sources import is_video, video_rate
 from .thresholds import score_threshold
@@ -40,7 +40,7 @@ class UnreadableInputWarning(UserWarning):
 
 
 def write_file(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
-    """``write(file)`` into ``path``, atomically (``zoo.checkpoint.atomic_write``)."""
+    """``write(file)`` into ``path``, atomically (``io.atomic_write``)."""
     def to_temporary(tmp: str) -> None:
         with open(tmp, mode) as f:
             write(f)

@@ -10,13 +10,14 @@ import os
 import pickle
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..detectors.settings import build_args
+from ..io import atomic_write, atomic_write_text
 from ..version import __version__
 from .convert import (CheckpointError, category_ids_for, convert_reference, identify_reference,
                       reference_categories)
@@ -255,42 +256,6 @@ def changed_build_args(model: nn.Module) -> Dict[str, Any]:
     """The model's build arguments that differ from its architecture's defaults."""
     defaults = _default_build_args(model.arch)
     return {k: v for k, v in build_args(model).items() if k not in defaults or defaults[k] != v}
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """``text`` into ``path`` through ``atomic_write``."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def _umask() -> int:
-    """The process's umask (read without changing it where /proc says it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write: Callable[[str], object]) -> None:
-    """``write(tmp)`` a file beside ``path``, then rename it over ``path``: readers see the old
-    file or the new one, never a part. The file gets the user's umask (0644 by default), whatever
-    mode the writer created it with."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_into(model: nn.Module, state_dict: Dict[str, Tensor], path: str, arch: str) -> None:

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from ..backbone import HRNet
+from ..io import atomic_write_text
 from ..version import __version__
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Checkpoint, atomic_write_text, load_into, read_checkpoint,
-                         save_pretrained)
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, save_pretrained
 from .convert import CheckpointError
 from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
 from .registry import get_family
