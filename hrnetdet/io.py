@@ -1,4 +1,4 @@
-"""File writes that lose nothing and trust nothing: whole files replaced atomically, appends and
+"""hrnetdet's home folder, and file writes that lose nothing and trust nothing: whole files replaced atomically, appends and
 new files opened without following a link someone planted, private folders for caches.
 
 Every module that writes a file the user keeps goes through here, so one place decides what a
@@ -6,6 +6,15 @@ half-written file, a full disk or a symlink in a shared folder can do."""
 import os
 import stat
 from typing import IO, Callable
+
+
+HOME_ENV = "HRNETDET_HOME"
+
+
+def hrnetdet_home() -> str:
+    """The one folder for what hrnetdet keeps between runs (converted weights, exported graphs,
+    downloads): ``$HRNETDET_HOME``, else ``~/.cache/hrnetdet``."""
+    return os.path.expanduser(os.environ.get(HOME_ENV) or os.path.join("~", ".cache", "hrnetdet"))
 
 
 def _umask() -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
+from ..io import hrnetdet_home
 from ..neck.hrfpn import use_fast_neck
 from .folding import fold_batchnorm
 from .thresholds import score_threshold
@@ -278,8 +279,6 @@ def default_backend() -> str:
 def runtime_model(model: nn.Module, backend: str = "auto", cache_dir: str = "") -> nn.Module:
     """``model`` (changed in place) with its dense parts run by ``backend``, exported once into
     ``cache_dir`` (default ``$HRNETDET_HOME/exports``)."""
-    from ..zoo.hub import hrnetdet_home
-
     if backend == "auto":
         backend = default_backend()
     if backend not in RUNNERS:

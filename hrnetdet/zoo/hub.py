@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbone import HRNet
-from ..io import atomic_write_text
+from ..io import atomic_write_text, hrnetdet_home
 from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, save_pretrained
 from .convert import CheckpointError
@@ -36,13 +36,8 @@ from .registry import get_family
 
 logger = logging.getLogger("hrnetdet")
 
-HOME_ENV = "HRNETDET_HOME"
 REFERENCE_ROOT_ENV = "HRNETDET_REFERENCE_URL"  # a mirror of REFERENCE_URL_ROOT
 _TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def hrnetdet_home() -> str:
-    return os.path.expanduser(os.environ.get(HOME_ENV) or os.path.join("~", ".cache", "hrnetdet"))
 
 
 def hub_cache_dir() -> str:
