@@ -178,25 +178,34 @@ def test_a_full_disk_ends_naming_the_file_and_leaves_last_and_the_state_at_one_i
     else:
         _full_disk_at_call(monkeypatch, torch, "save", 2)
     message = rf"No space left on device: cannot write {re.escape(str(tmp_path / full_at))} \(the checkpoint of iteration 1 is kept"
-    with pytest.raises(OSError, match=message):
+    with pytest.raises(OSError, match=message) as failure:
         fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(tmp_path), **kw)
+    assert "\n" not in str(failure.value)  # the CLI's one line
     monkeypatch.undo()
     assert _recorded_iterations(tmp_path) == (1, 1)
     assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
     if full_at == "last":
         return
-    # As if killed between the state's write and last/'s, with the last metrics line torn: resume
-    # rewrites last/ from the state and drops the torn line.
+    # As if killed between the state's write and last/'s: resume rewrites last/ from the state.
     os.remove(tmp_path / "last" / "config.json")
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"type": "train", "iter": 2, "lo')
     with caplog.at_level(logging.INFO, logger="hrnetdet"):
         fit(tiny_model("faster_rcnn_hrnetv2p_w18", seed=7), ann, images, out_dir=str(tmp_path), resume=True,
             **{**kw, "iters": 1})
     assert _recorded_iterations(tmp_path) == (1, 1)
     assert _same(_weights(tmp_path), torch.load(tmp_path / "training_state.pt", weights_only=True)["model"])
-    assert [json.loads(line)["iter"] for line in open(tmp_path / "metrics.jsonl")] == [1]
-    assert f"{tmp_path / 'metrics.jsonl'}: dropped unreadable line(s) 3 (torn" in caplog.text
+    assert "was at iteration None" in caplog.text and "rewrote last/ from the training state" in caplog.text
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    """Before: a JSONDecodeError naming no file, at every --resume."""
+    records = [{"type": "train", "iter": 1, "loss": 2.0}, {"type": "val", "iter": 2, "bbox_AP": 0.1},
+               {"type": "train", "iter": 3, "loss": 1.0}]
+    lines = [json.dumps(r) + "\n" for r in records]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"type": "train", "iter": 4, "lo')
+    with caplog.at_level(logging.INFO, logger="hrnetdet"):
+        _Metrics(str(tmp_path), 2, True).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:2])
+    assert f"{tmp_path / 'metrics.jsonl'}: dropped unreadable line(s) 4 (torn" in caplog.text
 
 
 def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
