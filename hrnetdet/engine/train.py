@@ -1,6 +1,7 @@
 """``fit``: the reference's training recipe as a small loop: SGD with linear or constant warm-up and
-step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard against non-finite losses,
-EMA weights, early stopping, metrics in JSON lines, CSV and TensorBoard, and curves. The recipe:
+step decay, AMP, gradient clipping, torchrun DDP, exact resume (also after Ctrl-C or SIGTERM), a
+guard against non-finite losses, EMA weights, early stopping, metrics in JSON lines, CSV and
+TensorBoard, and curves. The recipe:
 docs/NUMERICS.md, 'Training recipe'.
 
 Three parts: ``TrainConfig`` (the run's settings), ``TrainState`` (everything a resumed run needs,
@@ -645,6 +646,10 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     ``training_state.pt``, ``metrics.jsonl``, ``metrics.csv``, ``tensorboard/`` (when tensorboard
     is installed) and ``loss.png``, ``lr.png``, ``ap.png``. Seed with ``seed_everything`` before
     building the model for runs that repeat exactly.
+
+    last/ and training_state.pt always record the same iteration (a full disk leaves the previous
+    pair and ends with an OSError naming the file). SIGINT (Ctrl-C) or SIGTERM ends the current
+    iteration, saves both and raises ``TrainingInterrupted``; ``resume=True`` continues from there.
 
     Returns a summary: iterations, last/best paths, the last validation metrics (also when
     resuming a finished run), skipped steps, whether it stopped early.
