@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from torchvision.ops import masks_to_boxes
 
-from hrnetdet.data import (Augment, BoxWarning, CocoDetection, DatasetError, GroupedBatchSampler, load_image,
+from hrnetdet.data import (AUGMENTATIONS, Augment, BoxWarning, CocoDetection, DatasetError, GroupedBatchSampler, load_image,
                            make_shapes_dataset)
 
 
@@ -114,6 +114,14 @@ def test_unknown_category_id_is_named(tmp_path):
         CocoDetection(ann, root)
 
 
+def _box_warnings(make):
+    """``make()``'s result and the messages of the BoxWarnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        made = make()
+    return made, [str(w.message) for w in caught if issubclass(w.category, BoxWarning)]
+
+
 def test_bad_boxes_clipped_or_dropped_with_one_counted_warning(tmp_path):
     boxes = [[-5, 2, 20, 10],    # clipped on the left
              [30, 20, 20, 20],   # clipped right and bottom
@@ -122,14 +130,68 @@ def test_bad_boxes_clipped_or_dropped_with_one_counted_warning(tmp_path):
              [5, 5, 10, 10]]     # fine
     anns = [{"id": i + 1, "image_id": 1, "category_id": 5, "bbox": b} for i, b in enumerate(boxes)]
     ann, root = _write(tmp_path, _coco(anns), [("a.png", 40, 30)])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = CocoDetection(ann, root)
-    box_warnings = [w for w in caught if issubclass(w.category, BoxWarning)]
-    assert len(box_warnings) == 1
-    assert "2 box(es) clipped to their image and 2 degenerate box(es) dropped" in str(box_warnings[0].message)
+    ds, messages = _box_warnings(lambda: CocoDetection(ann, root))
+    assert messages == [f"{ann}: dropped 2 annotation(s): 2 bbox under 1 pixel wide or high in its image (ids 3, 4); "
+                        f"clipped 2 box(es) to their image (ids 1, 2)"]
     _, t = ds[0]
     assert t["boxes"].tolist() == [[0, 2, 15, 12], [30, 20, 40, 30], [5, 5, 15, 15]]
+
+
+def test_duplicate_image_and_category_ids_are_refused_naming_them(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+              {"id": 1, "file_name": "b.png", "width": 40, "height": 30}]
+    ann, root = _write(tmp_path, _coco([{"id": 9, "image_id": 1, "category_id": 5, "bbox": [1, 1, 5, 5]}], images),
+                       [("a.png", 40, 30), ("b.png", 40, 30)])
+    with pytest.raises(DatasetError, match=rf"{ann}: duplicate image id\(s\) 1 in 'images'"):
+        CocoDetection(ann, root)  # before: b.png silently got a.png's box
+    data = _coco([{"id": 9, "image_id": 1, "category_id": 2, "bbox": [1, 1, 5, 5]}])
+    data["categories"] = [{"id": 2, "name": "dog"}, {"id": 2, "name": "cat"}, {"id": 4, "name": "x"},
+                          {"id": 4, "name": "y"}]
+    ann, root = _write(tmp_path, data, [("a.png", 40, 30)])
+    with pytest.raises(DatasetError, match=rf"{ann}: duplicate category id\(s\) 2, 4 in 'categories'"):
+        CocoDetection(ann, root)  # before: "unknown category_id 2"
+
+
+SQUARE = [5.0, 5.0, 15.0, 5.0, 15.0, 15.0, 5.0, 15.0]
+
+
+def test_unusable_annotations_are_dropped_with_one_counted_warning_naming_them(tmp_path):
+    crowd_rle = {"size": [10, 10], "counts": [100]}  # of a 10x10 image, not of this 40x30 one
+    cases = [  # (bbox, segmentation, iscrowd)
+        ([5, 5, 10, 10], [SQUARE], 0),                          # 1: fine
+        ([float("nan"), 5, 10, 10], [SQUARE], 0),               # 2
+        ([True, 5, 10, 10], [SQUARE], 0),                       # 3
+        (["5", 5, 10, 10], [SQUARE], 0),                        # 4
+        ([5, 5, 10], [SQUARE], 0),                              # 5
+        ([5, 5, 10, 10], [[5.0, 5.0, 15.0, 15.0]], 0),          # 6: 2 points
+        ([5, 5, 10, 10], [SQUARE[:-1]], 0),                     # 7: odd length
+        ([0, 0, 10, 10], crowd_rle, 1),                         # 8
+        ([5, 5, 10, 10], {"size": [30, 41], "counts": [1230]}, 0),  # 9
+        ([5, float("inf"), 10, 10], [SQUARE], 0),               # 10
+    ]
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 5, "bbox": b, "segmentation": s, "iscrowd": c}
+            for i, (b, s, c) in enumerate(cases)]
+    ann, root = _write(tmp_path, _coco(anns), [("a.png", 40, 30)])
+    ds, messages = _box_warnings(lambda: CocoDetection(ann, root, with_masks=True))
+    assert messages == [f"{ann}: dropped 9 annotation(s): 2 non-finite bbox (ids 2, 10), 2 non-numeric bbox "
+                        f"(ids 3, 4), 1 bbox not [x, y, width, height] (id 5), 1 polygon with < 3 points (id 6), "
+                        f"1 polygon of odd length (id 7), 2 RLE of the wrong size (ids 8, 9)"]
+    _, t = ds[0]
+    assert t["boxes"].tolist() == [[5, 5, 15, 15]] and int(t["masks"].sum()) == 100
+    # without masks the segmentations are not read, so their problems drop nothing
+    ds, messages = _box_warnings(lambda: CocoDetection(ann, root))
+    assert len(ds[0][1]["boxes"]) == 4 and "(ids 8, 9)" not in messages[0]
+
+
+def test_a_nan_box_is_dropped_the_same_under_every_augmentation(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [5, 5, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [float("nan"), 5, 10, 10]}]
+    ann, root = _write(tmp_path, _coco(anns), [("a.png", 40, 30)])
+    for preset in AUGMENTATIONS:  # before: dropped under flip, a NaN target under none
+        ds, messages = _box_warnings(lambda: CocoDetection(ann, root, transforms=Augment(preset, seed=0)))
+        assert messages == [f"{ann}: dropped 1 annotation(s): 1 non-finite bbox (id 2)"], preset
+        _, t = ds[0]
+        assert t["labels"].tolist() == [2] and torch.isfinite(t["boxes"]).all(), preset
 
 
 def test_size_mismatch_between_json_and_file(tmp_path):

@@ -2,19 +2,24 @@
 on, EMA, early stopping, logs and curves, target checks, gradient checkpointing, the non-finite
 guard, two-process gloo DDP, the CLI, and short fine-tunes of each family evaluated with pycocotools."""
 import copy
+import errno
 import importlib.util
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+import safetensors.torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -24,7 +29,8 @@ from hrnetdet.backbone import HRNet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.data import CocoDetection, make_shapes_dataset
 from hrnetdet.engine.curves import loss_keys, plot_curves
-from hrnetdet.engine.train import (Plan, TrainConfig, TrainingStateError, default_schedule, lr_factor,
+from hrnetdet.engine import train as train_module
+from hrnetdet.engine.train import (Plan, TrainConfig, TrainingStateError, _Metrics, default_schedule, lr_factor,
                                     param_groups)
 from hrnetdet.zoo.recipe import FCOS_RECIPE, RCNN_RECIPE
 
@@ -141,6 +147,118 @@ def test_a_run_sigkilled_with_validation_on_resumes_to_identical_weights(shapes,
     state.write_bytes(state.read_bytes()[:4096])  # truncated, e.g. by a full disk
     with pytest.raises(TrainingStateError, match=f"{state} is unreadable.*{run / 'last' / 'model.safetensors'}"):
         fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(run), resume=True, **kw)
+
+
+def _full_disk_at_call(monkeypatch, module, name, n):
+    """``module.name`` raising ENOSPC at its n-th call, as a full disk makes a write fail."""
+    real, calls = getattr(module, name), [0]
+
+    def full(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, full)
+
+
+def _recorded_iterations(run):
+    """(last/config.json's iteration, training_state.pt's)."""
+    return (json.load(open(run / "last" / "config.json"))["iteration"],
+            torch.load(run / "training_state.pt", weights_only=True)["iteration"])
+
+
+@pytest.mark.parametrize("full_at", ["training_state.pt", "last"])
+def test_a_full_disk_ends_naming_the_file_and_leaves_last_and_the_state_at_one_iteration(shapes, tmp_path,
+                                                                                        monkeypatch, caplog, full_at):
+    """Before: last/ one checkpoint ahead of training_state.pt, and an error naming no file."""
+    (ann, images), _ = shapes
+    kw = dict(iters=2, batch_size=1, lr=0.005, checkpoint_every=1, log_every=1, progress=False, aug="none")
+    if full_at == "last":
+        _full_disk_at_call(monkeypatch, safetensors.torch, "save_file", 2)
+    else:
+        _full_disk_at_call(monkeypatch, torch, "save", 2)
+    message = rf"No space left on device: cannot write {re.escape(str(tmp_path / full_at))} \(the checkpoint of iteration 1 is kept"
+    with pytest.raises(OSError, match=message) as failure:
+        fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(tmp_path), **kw)
+    assert "\n" not in str(failure.value)  # the CLI's one line
+    monkeypatch.undo()
+    assert _recorded_iterations(tmp_path) == (1, 1)
+    assert not [name for name in os.listdir(tmp_path) if ".tmp" in name]
+    if full_at == "last":
+        return
+    # As if killed between the state's write and last/'s: resume rewrites last/ from the state.
+    os.remove(tmp_path / "last" / "config.json")
+    with caplog.at_level(logging.INFO, logger="hrnetdet"):
+        fit(tiny_model("faster_rcnn_hrnetv2p_w18", seed=7), ann, images, out_dir=str(tmp_path), resume=True,
+            **{**kw, "iters": 1})
+    assert _recorded_iterations(tmp_path) == (1, 1)
+    assert _same(_weights(tmp_path), torch.load(tmp_path / "training_state.pt", weights_only=True)["model"])
+    assert "was at iteration None" in caplog.text and "rewrote last/ from the training state" in caplog.text
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, caplog):
+    """Before: a JSONDecodeError naming no file, at every --resume."""
+    records = [{"type": "train", "iter": 1, "loss": 2.0}, {"type": "val", "iter": 2, "bbox_AP": 0.1},
+               {"type": "train", "iter": 3, "loss": 1.0}]
+    lines = [json.dumps(r) + "\n" for r in records]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines) + '{"type": "train", "iter": 4, "lo')
+    with caplog.at_level(logging.INFO, logger="hrnetdet"):
+        _Metrics(str(tmp_path), 2, True).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines[:2])
+    assert f"{tmp_path / 'metrics.jsonl'}: dropped unreadable line(s) 4 (torn" in caplog.text
+
+
+def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
+    metrics = _Metrics(str(tmp_path), None, True)
+    monkeypatch.setattr(train_module, "open_no_follow", lambda path, mode: open("/dev/full", mode))
+    with pytest.raises(OSError, match=rf"No space left on device: cannot write {re.escape(metrics.path)}$"):
+        metrics.write({"type": "train", "iter": 1, "loss": 1.0})
+
+
+# A fresh process that trains the tiny model (DataLoader workers in its own process group, as a
+# terminal's Ctrl-C reaches them all) until a signal stops it.
+TRAINED_UNTIL_SIGNALLED = """
+import json, sys
+import torch, hrnetdet
+torch.manual_seed(0)
+model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", num_classes=4, min_size=64, max_size=80, **json.loads(sys.argv[1]))
+hrnetdet.fit(model, sys.argv[2], sys.argv[3], out_dir=sys.argv[4], **json.loads(sys.argv[5]))
+"""
+
+
+def _first_record(path, proc, timeout=600):
+    """Waits until the run has logged its first training record."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(path) and '"train"' in open(path).read():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no training record in {path}: {proc.communicate()[1][-2000:]}")
+
+
+def test_ctrl_c_and_sigterm_save_a_state_that_resumes_to_identical_weights(shapes, tmp_path):
+    """Before: Ctrl-C (or a scheduler's SIGTERM) left no last/ and no training_state.pt."""
+    (ann, images), _ = shapes
+    kw = dict(iters=4, batch_size=1, lr=0.005, checkpoint_every=100, log_every=1, progress=False)
+    fit(tiny_model("faster_rcnn_hrnetv2p_w18"), ann, images, out_dir=str(tmp_path / "straight"), **kw)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        run = tmp_path / signum.name
+        proc = subprocess.Popen([sys.executable, "-c", TRAINED_UNTIL_SIGNALLED, json.dumps(RPN_SMALL), ann, images,
+                                 str(run), json.dumps({**kw, "num_workers": 1})], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        _first_record(run / "metrics.jsonl", proc)
+        os.killpg(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode != 0 and f"stopped by {signum.name} at iteration" in stderr, stderr[-2000:]
+        saved = _recorded_iterations(run)
+        assert saved[0] == saved[1] and 1 <= saved[0] < 4, saved
+        resumed = fit(tiny_model("faster_rcnn_hrnetv2p_w18", seed=123), ann, images, out_dir=str(run), resume=True,
+                      **kw)
+        assert resumed["iterations"] == 4 and _same(_weights(tmp_path / "straight"), _weights(run)), signum.name
+        assert [json.loads(line)["iter"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores: two runs that each write full checkpoints

@@ -5,8 +5,10 @@ docs/NUMERICS.md, 'Dataset rules').
 Targets are in original-image coordinates: the model's own transform resizes and normalises.
 """
 import json
+import math
 import os
 import warnings
+from collections import Counter, defaultdict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,7 +27,8 @@ class DatasetError(ValueError):
 
 
 class BoxWarning(UserWarning):
-    """Boxes were clipped to their image or dropped as degenerate (one warning per dataset)."""
+    """Annotations were dropped (unusable box or segmentation) or their boxes clipped to their
+    image: one warning per dataset, counting each reason and naming the annotation ids."""
 
 
 def read_annotations(ann_file: str) -> Dict[str, Any]:
@@ -50,6 +53,12 @@ def read_annotations(ann_file: str) -> Dict[str, Any]:
             missing = [k for k in required if not isinstance(rec, dict) or k not in rec]
             if missing:
                 raise DatasetError(f"{ann_file}: {field_name}[{i}] lacks field(s) {missing}")
+    for field_name, noun in (("images", "image"), ("categories", "category")):
+        counts = Counter(str(rec["id"]) for rec in data[field_name])
+        repeated = [i for i, n in counts.items() if n > 1]
+        if repeated:  # the later record's annotations would silently go to the earlier one
+            raise DatasetError(f"{ann_file}: duplicate {noun} id(s) {', '.join(repeated[:10])} in '{field_name}': "
+                               f"each id must be unique")
     return data
 
 
@@ -59,21 +68,54 @@ def categories_of(data: Dict[str, Any]) -> Tuple[List[int], List[str]]:
     return [int(c["id"]) for c in cats], [BACKGROUND] + [str(c["name"]) for c in cats]
 
 
-def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
-    """Polygons, uncompressed or compressed RLE -> an (H, W) uint8 mask."""
+def _is_number(value: Any) -> bool:
+    """A finite int or float (json's true/false are ints to Python, but no coordinate)."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def bbox_problem(bbox: Any) -> Optional[str]:
+    """Why ``bbox`` is no ``[x, y, width, height]`` of finite numbers, or None."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return "bbox not [x, y, width, height]"
+    if not all(type(v) in (int, float) for v in bbox):
+        return "non-numeric bbox"
+    if not all(math.isfinite(v) for v in bbox):
+        return "non-finite bbox"
+    return None
+
+
+def segmentation_problem(segm: Any, height: Optional[int], width: Optional[int]) -> Optional[str]:
+    """Why ``segm`` cannot be an (H, W) mask of this image, or None: polygons need finite numbers
+    and at least 3 (x, y) points each (else pycocotools rasterises nothing or reads past them),
+    an RLE must have the image's size (else it is silently misplaced)."""
     if isinstance(segm, list):
-        segm = [p for p in segm if len(p) >= 6]
-        if not segm:
-            return np.zeros((height, width), dtype=np.uint8)
+        if not segm or not all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segm):
+            return "polygon not lists of finite numbers"
+        if any(len(p) % 2 for p in segm):
+            return "polygon of odd length"
+        if any(len(p) < 6 for p in segm):
+            return "polygon with < 3 points"
+        return None
+    if not (isinstance(segm, dict) and isinstance(segm.get("size"), list) and len(segm["size"]) == 2
+            and all(type(v) is int for v in segm["size"]) and isinstance(segm.get("counts"), (list, str))):
+        return "segmentation neither polygons nor RLE"
+    counts = segm["counts"]
+    if isinstance(counts, list) and not all(type(v) is int and v >= 0 for v in counts):
+        return "RLE counts not whole numbers"
+    h, w = segm["size"]
+    if (height is not None and [h, w] != [height, width]) or (isinstance(counts, list) and sum(counts) != h * w):
+        return "RLE of the wrong size"
+    return None
+
+
+def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
+    """Polygons, uncompressed or compressed RLE (checked by ``segmentation_problem``) -> an (H, W) uint8 mask."""
+    if isinstance(segm, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
+    elif isinstance(segm["counts"], list):
         rle = mask_utils.frPyObjects(segm, height, width)
-    elif isinstance(segm, dict) and isinstance(segm.get("counts"), (str, bytes)):
-        rle = dict(segm)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
     else:
-        raise ValueError(f"not a polygon list or RLE dict: {str(segm)[:80]}")
+        rle = {"size": segm["size"], "counts": segm["counts"].encode("ascii")}
     return mask_utils.decode(rle)
 
 
@@ -94,8 +136,12 @@ class CocoDetection(torch.utils.data.Dataset):
         min_image_size: drop images whose shorter side is smaller (the reference: 32 in training).
 
     Crowd annotations (``iscrowd=1``) are the reference's ignored boxes: not in the targets.
-    Boxes reaching outside their image are clipped; boxes narrower or lower than one pixel after
-    clipping are dropped; both are counted in a single ``BoxWarning``.
+    Annotations are checked once, here, so that no augmentation can change what is trained on:
+    a bbox that is not four finite numbers, or narrower or lower than one pixel after clipping to
+    its image, and (``with_masks``) a polygon of under 3 points or odd length or an RLE of another
+    size than its image are dropped; boxes reaching outside their image are clipped. One
+    ``BoxWarning`` counts each reason and names the annotation ids. Duplicate image or category
+    ids and references to unknown ones are a ``DatasetError``.
     """
 
     def __init__(self, ann_file: str, image_dir: str, *, transforms: Optional[Callable] = None,
@@ -111,6 +157,8 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(f"image folder not found: {self.image_dir}")
 
         by_image: Dict[int, List[dict]] = {int(im["id"]): [] for im in data["images"]}
+        size_of = {int(im["id"]): (im.get("height"), im.get("width")) for im in data["images"]}
+        dropped: Dict[str, List[Any]] = defaultdict(list)  # reason -> annotation ids
         for i, ann in enumerate(data["annotations"]):
             where = f"{self.ann_file}: annotations[{i}] (id {ann['id']})"
             if ann["category_id"] not in self.label_of:
@@ -118,12 +166,15 @@ class CocoDetection(torch.utils.data.Dataset):
                                    f"(categories: {self.cat_ids})")
             if ann["image_id"] not in by_image:
                 raise DatasetError(f"{where}: unknown image_id {ann['image_id']!r}")
-            bbox = ann["bbox"]
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-                raise DatasetError(f"{where}: field 'bbox' must be [x, y, width, height], got {bbox!r}")
             if with_masks and not ann.get("iscrowd", 0) and "segmentation" not in ann:
                 raise DatasetError(f"{where}: no 'segmentation' field (needed for masks)")
-            by_image[ann["image_id"]].append(ann)
+            problem = bbox_problem(ann["bbox"])
+            if problem is None and with_masks and "segmentation" in ann:
+                problem = segmentation_problem(ann["segmentation"], *size_of[ann["image_id"]])
+            if problem is None:
+                by_image[ann["image_id"]].append(ann)
+            else:
+                dropped[problem].append(ann["id"])
 
         self.images: List[dict] = []
         self.annotations: List[List[dict]] = []
@@ -139,14 +190,15 @@ class CocoDetection(torch.utils.data.Dataset):
                 continue
             self.images.append(im)
             self.annotations.append(anns)
-        self._boxes, clipped, dropped, example = self._prepare_boxes()
+        self._boxes, clipped = self._prepare_boxes(dropped)
         if clipped or dropped:
-            warnings.warn(f"{self.ann_file}: {clipped} box(es) clipped to their image and {dropped} "
-                          f"degenerate box(es) dropped (e.g. {example})", BoxWarning, stacklevel=2)
+            warnings.warn(annotation_summary(self.ann_file, dropped, clipped), BoxWarning, stacklevel=2)
 
-    def _prepare_boxes(self) -> Tuple[List[Tuple[np.ndarray, np.ndarray, List[int]]], int, int, str]:
-        """Per image: xyxy boxes, labels and the kept annotations' indices, clipped and filtered."""
-        out, clipped, dropped, example = [], 0, 0, ""
+    def _prepare_boxes(self, dropped: Dict[str, List[Any]]
+                       ) -> Tuple[List[Tuple[np.ndarray, np.ndarray, List[int]]], List[Any]]:
+        """Per image: xyxy boxes, labels and the kept annotations' indices, clipped and filtered;
+        and the ids of the clipped ones (degenerate ones are added to ``dropped``)."""
+        out, clipped = [], []
         for im, anns in zip(self.images, self.annotations):
             w, h = im.get("width"), im.get("height")
             boxes, labels, keep = [], [], []
@@ -159,19 +211,17 @@ class CocoDetection(torch.utils.data.Dataset):
                     c = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h),
                          min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
                     if c != box and c[2] - c[0] >= 1 and c[3] - c[1] >= 1:
-                        clipped += 1
-                        example = example or f"annotation id {ann['id']}: bbox {ann['bbox']} clipped to {w}x{h}"
+                        clipped.append(ann["id"])
                     box = c
                 if box[2] - box[0] < 1 or box[3] - box[1] < 1:
-                    dropped += 1
-                    example = example or f"annotation id {ann['id']}: degenerate bbox {ann['bbox']}"
+                    dropped["bbox under 1 pixel wide or high in its image"].append(ann["id"])
                     continue
                 boxes.append(box)
                 labels.append(self.label_of[ann["category_id"]])
                 keep.append(j)
             out.append((np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                         np.asarray(labels, dtype=np.int64), keep))
-        return out, clipped, dropped, example
+        return out, clipped
 
     def __len__(self) -> int:
         return len(self.images)
@@ -211,6 +261,20 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target, index)
         return image, target
+
+
+def annotation_summary(ann_file: str, dropped: Dict[str, List[Any]], clipped: List[Any]) -> str:
+    """One line: how many annotations were dropped for each reason and clipped, with their first ids."""
+    def ids(found: List[Any]) -> str:
+        shown = ", ".join(str(i) for i in found[:5]) + (", ..." if len(found) > 5 else "")
+        return f"(id{'s' if len(found) > 1 else ''} {shown})"
+    parts = []
+    if dropped:
+        reasons = ", ".join(f"{len(found)} {reason} {ids(found)}" for reason, found in dropped.items())
+        parts.append(f"dropped {sum(map(len, dropped.values()))} annotation(s): {reasons}")
+    if clipped:
+        parts.append(f"clipped {len(clipped)} box(es) to their image {ids(clipped)}")
+    return f"{ann_file}: {'; '.join(parts)}"
 
 
 def collate(batch: Sequence[Tuple[Tensor, Target]]) -> Tuple[List[Tensor], List[Target]]:

@@ -1,6 +1,7 @@
 """``fit``: the reference's training recipe as a small loop: SGD with linear or constant warm-up and
-step decay, AMP, gradient clipping, torchrun DDP, exact resume, a guard against non-finite losses,
-EMA weights, early stopping, metrics in JSON lines, CSV and TensorBoard, and curves. The recipe:
+step decay, AMP, gradient clipping, torchrun DDP, exact resume (also after Ctrl-C or SIGTERM), a
+guard against non-finite losses, EMA weights, early stopping, metrics in JSON lines, CSV and
+TensorBoard, and curves. The recipe:
 docs/NUMERICS.md, 'Training recipe'.
 
 Three parts: ``TrainConfig`` (the run's settings), ``TrainState`` (everything a resumed run needs,
@@ -13,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import time
 from collections import defaultdict, deque
 from contextlib import contextmanager, nullcontext
@@ -27,12 +29,13 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, open_no_follow
 from ..zoo.checkpoint import save_pretrained
 from ..zoo.recipe import Recipe
 from ..zoo.registry import get_arch_pretrained_cfgs, get_family
 from .curves import plot_curves
 from .evaluate import evaluate
+from .interrupt import GracefulStop, TrainingInterrupted, ignore_stop_signals
 
 logger = logging.getLogger("hrnetdet")
 
@@ -352,18 +355,36 @@ class _Metrics:
         self.tensorboard = None
         if not enabled:
             return
-        kept = []
-        if resume_iter is not None and os.path.isfile(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-        atomic_write_text(self.path, "".join(kept))
+        kept = self._records_until(resume_iter) if resume_iter is not None and os.path.isfile(self.path) else []
+        with naming_write_failures(self.path):
+            atomic_write_text(self.path, "".join(kept))
         self.tensorboard = _tensorboard_writer(os.path.join(out_dir, TENSORBOARD_DIR),
                                                resume_iter + 1 if resume_iter else None)
+
+    def _records_until(self, resume_iter: int) -> List[str]:
+        """The lines up to the resumed iteration; lines that do not parse (the last one torn by a
+        kill or a full disk) are dropped and said so."""
+        kept, torn = [], []
+        with open(self.path) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line) if line.strip() else {}
+                    if not isinstance(record, dict):
+                        raise ValueError(record)
+                except ValueError:
+                    torn.append(number)
+                    continue
+                if record and record.get("iter", 0) <= resume_iter:
+                    kept.append(line.rstrip("\n") + "\n")
+        if torn:
+            logger.warning("%s: dropped unreadable line(s) %s (torn when the run was stopped); kept %d records",
+                           self.path, ", ".join(map(str, torn)), len(kept))
+        return kept
 
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with naming_write_failures(self.path), open_no_follow(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
@@ -380,15 +401,16 @@ class _Metrics:
 
 
 def remove_orphan_temporaries(folders: Sequence[str]) -> List[str]:
-    """Delete the ``*.tmp<pid>`` files that a killed process left behind (their process is gone);
-    returns their paths."""
+    """Delete the ``*.tmp<pid>`` files and staged folders that a killed process left behind (their
+    process is gone); returns their paths."""
     removed = []
     for folder in folders:
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             match = re.search(r"\.tmp(\d+)$", name)
             if match and not _process_alive(int(match.group(1))):
-                os.remove(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
+                path = os.path.join(folder, name)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+                removed.append(path)
     return removed
 
 
@@ -419,17 +441,19 @@ class _Run:
     world: int
     amp_dtype: Optional[torch.dtype]
     metrics: _Metrics
+    stop: GracefulStop
 
 
-def checkpoint(run: _Run, state: TrainState) -> None:
-    """Validate (rank 0, with a validation set), save last/ (and best/) and the training state,
-    leaving the training RNG streams as they were; decides early stopping."""
+def checkpoint(run: _Run, state: TrainState, validate: bool = True) -> None:
+    """Validate (rank 0, with a validation set, unless ``validate`` is False), save last/ (and
+    best/) and the training state, leaving the training RNG streams as they were; decides early
+    stopping."""
     with training_rng_untouched() as own_rng:
         rng = [own_rng] * run.world
         if run.world > 1:
             dist.all_gather_object(rng, own_rng)
         if run.rank == 0:
-            _validate_and_save(run, state, rng)
+            _validate_and_save(run, state, rng, validate)
         if run.world > 1:
             stop = torch.tensor([int(state.stopped_early)], device=run.device if run.device.type == "cuda" else None)
             dist.broadcast(stop, 0)
@@ -437,29 +461,87 @@ def checkpoint(run: _Run, state: TrainState) -> None:
             dist.barrier()
 
 
-def _validate_and_save(run: _Run, state: TrainState, rng: List[Dict[str, Any]]) -> None:
-    weights, it = state.weights, state.iteration
-    extra: Dict[str, Any] = {"trained_on": os.path.basename(run.train_ann), "iteration": it}
+@contextmanager
+def naming_write_failures(path: str, note: str = "") -> Iterator[None]:
+    """An OSError while writing ``path`` (a full disk, a read-only folder) names it: torch and
+    safetensors raise theirs without the file's name."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e}: cannot write {path}{note}") from e
+
+
+def _provenance(run: _Run, state: TrainState) -> Dict[str, Any]:
+    """What last/ and best/ record beside the weights, the iteration first: resume checks it."""
+    extra: Dict[str, Any] = {"trained_on": os.path.basename(run.train_ann), "iteration": state.iteration}
     if state.ema is not None:
         extra["ema_decay"] = run.config.ema
-    if run.val_ann is not None:
+    return extra
+
+
+def save_last_and_state(run: _Run, state: TrainState, rng: List[Dict[str, Any]], extra: Dict[str, Any]) -> None:
+    """last/ and training_state.pt as a pair at one iteration: last/ is written into a folder beside
+    it, then the state, and only then are last/'s files renamed in (renames need no space), so a
+    full disk leaves the previous pair whole; a kill between the renames is mended on resume
+    (``mend_last``)."""
+    last = os.path.join(run.out_dir, "last")
+    staged = f"{last}.tmp{os.getpid()}"
+    previous = _last_iteration(last)
+    kept = "" if previous is None else f" (the checkpoint of iteration {previous} is kept: resume from it)"
+    try:
+        with naming_write_failures(last, kept):
+            save_pretrained(state.weights, staged, extra)
+        with naming_write_failures(run.state_path, kept):
+            state.save(run.state_path, rng, run.plan.total)
+        for name in os.listdir(staged):
+            os.replace(os.path.join(staged, name), os.path.join(last, name))
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _last_iteration(last: str) -> Optional[int]:
+    """The iteration that last/config.json records (None without one)."""
+    try:
+        with open(os.path.join(last, "config.json")) as f:
+            return json.load(f).get("iteration")
+    except (OSError, ValueError):
+        return None
+
+
+def mend_last(run: _Run, state: TrainState) -> None:
+    """Rewrite last/ from the resumed state when it records another iteration (the process was
+    killed between the state's write and last/'s): the state is what the run continues from."""
+    last = os.path.join(run.out_dir, "last")
+    found = _last_iteration(last)
+    if found != state.iteration:
+        logger.warning("%s was at iteration %s, %s at %d: rewrote last/ from the training state", last, found,
+                       run.state_path, state.iteration)
+        with naming_write_failures(last):
+            save_pretrained(state.weights, last, _provenance(run, state))
+
+
+def _validate_and_save(run: _Run, state: TrainState, rng: List[Dict[str, Any]], validate: bool) -> None:
+    weights, it = state.weights, state.iteration
+    extra = _provenance(run, state)
+    if validate and run.val_ann is not None:
         res = evaluate(weights, run.val_ann, run.val_images, device=str(run.device), progress=False)
         state.last_val = {f"{t}_{k}": v for t in ("bbox", "segm") if t in res for k, v in res[t]["stats"].items()}
         run.metrics.write({"type": "val", "iter": it, **state.last_val})
         extra["val_metrics"] = state.last_val
         if state.last_val["bbox_AP"] > state.best_ap:
             state.best_ap, state.bad_validations = state.last_val["bbox_AP"], 0
-            save_pretrained(weights, os.path.join(run.out_dir, "best"), extra)
+            with naming_write_failures(os.path.join(run.out_dir, "best")):
+                save_pretrained(weights, os.path.join(run.out_dir, "best"), extra)
         else:
             state.bad_validations += 1
         if run.config.patience is not None and state.bad_validations >= run.config.patience:
             state.stopped_early = True
             logger.info("early stop at iteration %d: bbox AP has not improved on %.4f for %d validations",
                         it, state.best_ap, state.bad_validations)
-    save_pretrained(weights, os.path.join(run.out_dir, "last"), extra)
-    state.save(run.state_path, rng, run.plan.total)
+    save_last_and_state(run, state, rng, extra)
     run.metrics.flush()
-    plot_curves(run.metrics.path, run.out_dir)
+    with naming_write_failures(f"the curves in {run.out_dir}"):
+        plot_curves(run.metrics.path, run.out_dir)
 
 
 def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils.data.DataLoader,
@@ -477,7 +559,7 @@ def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils
                dynamic_ncols=True, desc="train")
     t_log, it_log = time.time(), state.iteration
     try:
-        while state.iteration < plan.total and not state.stopped_early:
+        while state.iteration < plan.total and not state.stopped_early and not run.stop.stopping:
             epoch, first_batch = divmod(state.iteration, plan.per_epoch)
             sampler.set_epoch(epoch, first_batch)
             augment.set_epoch(epoch)
@@ -535,9 +617,12 @@ def train_loop(run: _Run, state: TrainState, net: nn.Module, loader: torch.utils
                                        "sec_per_iter": (now - t_log) / max(it - it_log, 1)})
                     t_log, it_log = now, it
                     since_log.clear()
+                stopping = run.stop.check(run.world, dev)
                 if it % plan.checkpoint_every == 0 or it == plan.total:
                     checkpoint(run, state)
-                if it >= plan.total or state.stopped_early:
+                elif stopping:  # saved at once: a scheduler's grace period is short
+                    checkpoint(run, state, validate=False)
+                if it >= plan.total or state.stopped_early or stopping:
                     break
     finally:
         bar.close()
@@ -561,6 +646,10 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     ``training_state.pt``, ``metrics.jsonl``, ``metrics.csv``, ``tensorboard/`` (when tensorboard
     is installed) and ``loss.png``, ``lr.png``, ``ap.png``. Seed with ``seed_everything`` before
     building the model for runs that repeat exactly.
+
+    last/ and training_state.pt always record the same iteration (a full disk leaves the previous
+    pair and ends with an OSError naming the file). SIGINT (Ctrl-C) or SIGTERM ends the current
+    iteration, saves both and raises ``TrainingInterrupted``; ``resume=True`` continues from there.
 
     Returns a summary: iterations, last/best paths, the last validation metrics (also when
     resuming a finished run), skipped steps, whether it stopped early.
@@ -597,7 +686,7 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
     sampler = GroupedBatchSampler(ds.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank,
                                   world_size=world)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=config.num_workers,
+                                         num_workers=config.num_workers, worker_init_fn=ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(config.seed))
     plan = Plan.resolve(config, len(sampler), world, family.recipe, arch)
 
@@ -626,16 +715,25 @@ def fit(model: nn.Module, train_ann: str, train_images: str, val_ann: Optional[s
 
     metrics = _Metrics(out_dir, state.iteration if resumed else None, rank == 0)
     run = _Run(config, plan, out_dir, state_path, train_ann, val_ann, val_images, dev, rank, world,
-               amp_dtype, metrics)
+               amp_dtype, metrics, GracefulStop())
+    if resumed and rank == 0:
+        mend_last(run, state)
     net = nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None,
         find_unused_parameters=True) if world > 1 else model
     try:
-        skipped = train_loop(run, state, net, loader, sampler, augment)
+        with run.stop:
+            skipped = train_loop(run, state, net, loader, sampler, augment)
     finally:
         metrics.close()
         if created_group:
             dist.destroy_process_group()
+    if run.stop.stopping and state.iteration < plan.total:
+        message = (f"stopped by {run.stop.name} at iteration {state.iteration} of {plan.total}: {state_path} "
+                   f"and last/ saved; resume to continue")
+        if rank == 0:
+            logger.info(message)
+        raise TrainingInterrupted(message)
     return {"iterations": state.iteration, "out_dir": out_dir,
             "last": os.path.join(out_dir, "last", "model.safetensors"),
             "best": os.path.join(out_dir, "best", "model.safetensors") if val_ann else None,
