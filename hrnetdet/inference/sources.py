@@ -75,18 +75,22 @@ def download_dir() -> str:
     return private_dir(os.path.join(hrnetdet_home(), "downloads"))
 
 
-class DownloadRefused(ConnectionError):
-    """A download stopped by one of its limits (size, deadline, redirect): the message says which."""
+class DownloadFailed(ConnectionError):
+    """A download stopped by one of its limits (size, deadline, redirect) or cut short by the server:
+    the message says which."""
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """Redirects followed to http(s) URLs only: a server cannot send the download to file:// or ftp://."""
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-        target = urllib.parse.urljoin(req.full_url, newurl)
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = urllib.parse.urljoin(req.full_url, headers.get("location") or headers.get("uri") or "")
         if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
-            raise DownloadRefused(f"refused a redirect to {target!r} (http and https only)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+            fp.close()
+            raise DownloadFailed(f"refused a redirect to {target!r} (http and https only)")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _opener(connections: List[http.client.HTTPConnection]) -> urllib.request.OpenerDirector:
@@ -130,17 +134,20 @@ def _copy_capped(response: Any, out: BinaryIO, max_bytes: int, expired: Callable
     """The response body into ``out``, in chunks as they come: refused past ``max_bytes`` (without
     reading further) and cut short when the deadline passes; a body shorter than its
     Content-Length is an error."""
-    declared = response.headers.get("Content-Length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise DownloadRefused(f"{declared} bytes, over the limit of {max_bytes}")
+    declared = response.headers.get("Content-Length", "")
+    declared = int(declared) if declared.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise DownloadFailed(f"{declared} bytes, over the limit of {max_bytes}")
     size = 0
     while not expired():
         chunk = response.read1(CHUNK_BYTES)
         if not chunk:
+            if declared is not None and size < declared and not expired():
+                raise DownloadFailed(f"the server sent {size} of the {declared} bytes it announced (truncated)")
             return
         size += len(chunk)
         if size > max_bytes:
-            raise DownloadRefused(f"more than {max_bytes} bytes, the limit")
+            raise DownloadFailed(f"more than {max_bytes} bytes, the limit")
         out.write(chunk)
 
 
@@ -174,12 +181,12 @@ def _fetch(url: str, out: BinaryIO, max_bytes: int, deadline_s: float, timeout_s
         with _opener(connections).open(url, timeout=min(timeout_s, deadline_s)) as response:
             _copy_capped(response, out, max_bytes, lambda: time.monotonic() > end)
         if time.monotonic() > end:
-            raise DownloadRefused(f"not done within {deadline_s:g} s")
-    except DownloadRefused as e:
-        raise DownloadRefused(f"cannot download {url}: {e}") from None
+            raise DownloadFailed(f"not done within {deadline_s:g} s")
+    except DownloadFailed as e:
+        raise DownloadFailed(f"cannot download {url}: {e}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         if time.monotonic() > end:
-            raise DownloadRefused(f"cannot download {url}: not done within {deadline_s:g} s") from None
+            raise DownloadFailed(f"cannot download {url}: not done within {deadline_s:g} s") from None
         raise ConnectionError(f"cannot download {url}: {_failure(e)}") from None
     finally:
         watchdog.cancel()
@@ -190,7 +197,7 @@ def _failure(e: BaseException) -> str:
     if isinstance(e, urllib.error.HTTPError):
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, http.client.IncompleteRead):
-        return f"the server stopped after {len(e.partial)} bytes, {e.expected} short of what it announced"
+        return f"the server stopped after {len(e.partial)} bytes (truncated)"
     reason = getattr(e, "reason", None) or str(e) or type(e).__name__
     return f"{reason} (offline? download the file yourself and give its path)"
 
