@@ -201,6 +201,10 @@ def test_the_pixel_limit_is_a_parameter(tmp_path):
         assert read_image(str(tmp_path / name), max_pixels=600).shape == (3, 20, 30)
         with pytest.raises(ValueError, match=f"{name}' is 30x20 pixels .* over the limit of 0.0 megapixels"):
             read_image(str(tmp_path / name), max_pixels=599)
+    with open(tmp_path / "a.png", "r+b") as f:  # 17 MiB (sparse) after IEND: more than 600 pixels can need
+        f.truncate(17 << 20)
+    with pytest.raises(ValueError, match=r"a.png' holds 17825792 bytes, more than an image of 0.0 megapixels needs"):
+        read_image(str(tmp_path / "a.png"), max_pixels=600)
     _zero_png(tmp_path / "wide.png", 3000, 1)
     assert read_image(str(tmp_path / "wide.png"), max_pixels=None).shape == (3, 1, 3000)
 

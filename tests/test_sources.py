@@ -237,3 +237,13 @@ def test_the_pixel_limit_reaches_the_inputs(server, home, tmp_path):
         assert image is None and error == (f"{item!r} is 32x24 pixels (0.0 megapixels), over the limit of "
                                            f"0.0 megapixels (raise it with --max-pixels)")
     assert os.listdir(home / "downloads") == []
+
+
+def test_a_fifo_named_like_a_video_is_refused_without_hanging(tmp_path):
+    pytest.importorskip("av")
+    from hrnetdet.inference.sources import video_frames, video_rate
+
+    os.mkfifo(tmp_path / "x.mp4")
+    for read in (lambda: next(video_frames(str(tmp_path / "x.mp4"))), lambda: video_rate(str(tmp_path / "x.mp4"))):
+        with pytest.raises(ValueError, match="x.mp4' is a FIFO, not a regular file"):
+            read()

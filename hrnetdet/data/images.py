@@ -82,7 +82,7 @@ def require_regular_file(path: Any) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"no such image file: {_shown(path)}") from None
+        raise FileNotFoundError(f"no such file: {_shown(path)}") from None
     _require_regular(path, mode)
 
 

@@ -10,6 +10,7 @@ pace), and follows redirects to http(s) only."""
 import glob
 import http.client
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -120,8 +121,6 @@ def _opener(connections: List[http.client.HTTPConnection]) -> urllib.request.Ope
 
 def _cut_off(connections: List[http.client.HTTPConnection]) -> None:
     """Shut the sockets of ``connections`` so that whatever waits on them returns now."""
-    import socket
-
     for conn in connections:
         if conn.sock is not None:
             try:
@@ -250,12 +249,17 @@ def require_av() -> Any:
     return av
 
 
+def _require_local_file(path: Any) -> None:
+    """A video path refused unless it is a regular file: FFmpeg would wait on a FIFO forever."""
+    if not is_url(path):
+        require_regular_file(path)
+
+
 def video_frames(path: str) -> Iterator[Tuple[int, float, Tensor]]:
     """(frame index, timestamp in seconds, CHW uint8 RGB frame) of every frame of a video file."""
     av = require_av()
-    if not is_url(path):
-        require_regular_file(path)  # a FIFO named x.mp4 would stall the open forever
     try:
+        _require_local_file(path)
         container = av.open(os.fspath(path))
     except (av.error.FFmpegError, OSError) as e:
         raise ValueError(f"cannot read {path!r} as a video: {e}") from None
@@ -269,5 +273,6 @@ def video_frames(path: str) -> Iterator[Tuple[int, float, Tensor]]:
 def video_rate(path: str) -> float:
     """Frames per second of a video file (its average rate)."""
     av = require_av()
+    _require_local_file(path)
     with av.open(os.fspath(path)) as container:
         return float(container.streams.video[0].average_rate or 25)
