@@ -56,11 +56,11 @@ def test_an_added_file_is_predicted_and_none_is_twice(reused_model, rgb, checkpo
     _images(tmp_path / "in", rgb, "a.jpg")  # sorts first: shifts the others' positions
     capsys.readouterr()
     assert _run([tmp_path / "in"], out, checkpoint) == 0
-    assert "2 already done in" in capsys.readouterr().out
-    assert inference_calls == [1, 1, 1]  # b, c, then only a
     ids = _image_ids_by_file(out)
     assert sorted(ids) == ["a.jpg", "b.jpg", "c.jpg"] and all(len(v) == 1 for v in ids.values())
     assert len({min(v) for v in ids.values()}) == 3
+    assert inference_calls == [1, 1, 1]  # b, c, then only a
+    assert "2 already done in" in capsys.readouterr().out
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [os.path.basename(r["input"]) for r in lines] == ["a.jpg", "b.jpg", "c.jpg"]
     assert all(r["size"] > 0 and r["mtime_ns"] > 0 for r in lines)

@@ -31,10 +31,11 @@ def run_predict(args: argparse.Namespace) -> int:
     weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast, "--backend": args.backend,
                "--checkpoint": predict_run.input_identity(args.checkpoint) if args.checkpoint else None}
     try:
-        counts = predict_run.run_predict(model, paths, args.out, score_thresh=args.score_thr, batch_size=args.batch_size,
-                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_workers=args.workers, half=args.half, strict=args.strict,
-                             draw=not args.no_draw, save_video=args.save_video,
-                             mode=mode_kwargs(args), settings=weights)
+        counts = predict_run.run_predict(
+            model, paths, args.out, score_thresh=args.score_thr, batch_size=args.batch_size,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_workers=args.workers,
+            half=args.half, strict=args.strict, draw=not args.no_draw, save_video=args.save_video,
+            mode=mode_kwargs(args), settings=weights)
     except predict_run.PredictRunError as e:
         raise SystemExit(f"hrnetdet predict: error: {e}") from None
     failed = os.path.join(args.out, predict_run.FAILED_TXT)

@@ -98,22 +98,32 @@ def run_settings(model: nn.Module, score_thresh: Optional[float], half: bool, mo
     return json.loads(json.dumps(settings))  # as run.json gives it back (tuples as lists)
 
 
+def _recorded_settings(path: str) -> Optional[Dict[str, Any]]:
+    """The settings in a ``run.json``; None when there is none."""
+    try:
+        with open_no_follow(path, "rb") as f:
+            return json.load(f)["settings"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PredictRunError(f"{path} cannot be read ({e}): choose another --out, or delete "
+                              f"{os.path.dirname(path)} to start afresh") from None
+
+
 def check_settings(out: str, settings: Dict[str, Any]) -> None:
     """Record ``settings`` in ``out/run.json``, or refuse a folder whose results were made with
     other settings (or by a version of hrnetdet that recorded none): results are never mixed."""
     path = os.path.join(out, RUN_JSON)
     advice = f"choose another --out, or delete {out} to start afresh"
-    try:
-        with open_no_follow(path, "rb") as f:
-            recorded = json.load(f)["settings"]
-    except FileNotFoundError:
-        if _part_files(out):
+    recorded = _recorded_settings(path)
+    if recorded is None and _part_files(out):
+        recorded = _recorded_settings(path)  # another rank may have written it since
+        if recorded is None:
             raise PredictRunError(f"{out} holds results of a run whose settings were not recorded "
-                                  f"(no {RUN_JSON}): {advice}") from None
+                                  f"(no {RUN_JSON}): {advice}")
+    if recorded is None:  # ranks may all write it: the same settings, atomically
         write_file(path, lambda f: f.write(json.dumps({"settings": settings}, indent=1) + "\n"))
         return
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PredictRunError(f"{path} cannot be read ({e}): {advice}") from None
     differ = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
     if differ:
         name = differ[0]
@@ -128,7 +138,8 @@ def check_out_holds_no_input(paths: Sequence[str], out: str) -> None:
     for path in paths:
         if is_url(path):
             continue
-        if folder in (os.path.dirname(os.path.realpath(path)), os.path.realpath(os.path.dirname(os.path.abspath(path)))):
+        parents = (os.path.dirname(os.path.realpath(path)), os.path.realpath(os.path.dirname(os.path.abspath(path))))
+        if folder in parents:  # the file itself, or a link to it, in the folder
             raise PredictRunError(f"--out {out} holds the input {printable(path)}: pictures and results written "
                                   f"there could overwrite inputs; choose another --out")
 
@@ -245,8 +256,10 @@ def _index(out: str) -> Dict[Key, Line]:
 def _done_inputs(index: Dict[Key, Line], out: str, save_video: bool) -> Set[Identity]:
     """Inputs with a result: an image's record, or a video's closing record (with ``save_video``,
     only when its annotated video was written whole)."""
+    def video_written(line: Line) -> bool:
+        return bool(line.video) and os.path.isfile(os.path.join(out, line.video))
     return {identity for (identity, frame), line in index.items() if frame == -1 and line.ok
-            and not (save_video and is_video(identity[0]) and not (line.video and os.path.isfile(os.path.join(out, line.video))))}
+            and not (save_video and is_video(identity[0]) and not video_written(line))}
 
 
 def _repair(jsonl: Any, path: str) -> None:
@@ -388,6 +401,128 @@ def _groups(indices: Sequence[int], paths: Sequence[str]) -> Iterator[List[int]]
         yield run
 
 
+class _Run:
+    """One rank's share of a run: predicts inputs and appends their records (images, frames,
+    videos' closing records) to the open ``jsonl``, drawing pictures and annotated videos."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], identities: Sequence[Dict[str, Any]], out: str,
+                 jsonl: Any, counts: Dict[str, Any], bar: Any, *, device: torch.device, strict: bool, draw: bool,
+                 save_video: bool, predict_kwargs: Dict[str, Any]):
+        self.model, self.paths, self.out, self.jsonl, self.counts, self.bar = model, paths, out, jsonl, counts, bar
+        self.device, self.strict, self.draw, self.save_video = device, strict, draw, save_video
+        self.predict_kwargs = predict_kwargs
+        self.names = picture_names(paths)
+        self.identities = identities
+        self.category_ids = category_ids_of(model)
+
+    def append(self, rec: Dict[str, Any]) -> None:
+        self.jsonl.write((json.dumps(rec) + "\n").encode())
+        self.jsonl.flush()
+
+    def record(self, res: Dict[str, Any], video: Optional[_VideoWriter] = None) -> bool:
+        """Append one result (or error) to the jsonl, drawing its picture; False for an error."""
+        from tqdm import tqdm
+
+        index = res["input_index"]
+        image = res.pop("image", None)
+        rec: Dict[str, Any] = {**self.identities[index], "file_name": self.paths[index]}
+        if "error" in res:
+            rec["error"] = res["error"]
+            self.counts["failed"] += 1
+            tqdm.write(f"hrnetdet predict: skipped {printable(self.paths[index])}: {printable(res['error'])}")
+            self.append(rec)
+            if self.strict:
+                raise PredictRunError(f"{printable(res['error'])} (--strict)")
+            return False
+        if "frame_index" in res:
+            rec.update(frame_index=res["frame_index"], timestamp=res["timestamp"])
+        rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
+        detections = coco_records(res, 0, self.category_ids)
+        for det in detections:
+            del det["image_id"]
+        rec["detections"] = detections
+        if (self.draw and "frame_index" not in res) or video is not None:
+            picture = self.picture(image, res)
+            if video is not None:
+                video.write(picture)
+            else:
+                rec["picture"] = f"{self.names[index]}.jpg"
+                write_jpeg(picture, os.path.join(self.out, rec["picture"]))
+        self.append(rec)
+        self.counts["done"] += 1
+        self.counts["detections"] += len(detections)
+        return True
+
+    @staticmethod
+    def picture(image: torch.Tensor, res: Dict[str, Any]) -> torch.Tensor:
+        from ..visualize import draw
+        return draw(image if image.dtype == torch.uint8 else to_float(image), res)
+
+    def predict(self, group: List[int], video: Optional[_VideoWriter] = None) -> int:
+        """Record the results of the inputs ``group``; the number of records (frames)."""
+        n = 0
+        for res in iter_predictions(self.model, [self.paths[i] for i in group], indices=group, device=self.device,
+                                    with_images=True, **self.predict_kwargs):
+            if not self.record(res, video) and is_video(self.paths[res["input_index"]]):
+                raise _VideoFailed()  # no closing record: the video is redone whole by a rerun
+            n += 1
+            if "frame_index" not in res:
+                self.bar.update(1)
+        return n
+
+    def predict_video(self, i: int) -> None:
+        """A video whole: its frames, its annotated video (written whole, atomically, or not at
+        all) and a closing record that marks it done."""
+        frames = 0
+
+        def encode(tmp: str) -> None:
+            nonlocal frames
+            writer = _VideoWriter(tmp, self.paths[i])
+            try:
+                frames = self.predict([i], writer)
+            finally:
+                writer.close()
+        video = f"{self.names[i]}.mp4"
+        try:
+            if self.save_video:
+                atomic_write(os.path.join(self.out, video), encode)
+            else:
+                frames = self.predict([i])
+        except _VideoFailed:
+            return
+        finally:
+            self.bar.update(1)
+        self.append({**self.identities[i], "file_name": self.paths[i], "frames": frames,
+                     **({"video": video} if self.save_video else {})})
+
+    def predict_all(self, indices: Sequence[int]) -> None:
+        for group in _groups(indices, self.paths):
+            if is_video(self.paths[group[0]]):
+                self.predict_video(group[0])
+            else:
+                self.predict(group)
+
+
+def write_jpeg(picture: torch.Tensor, path: str) -> None:
+    """A CHW uint8 picture as a JPEG file, atomically (PIL: torchvision's writer takes no file
+    object, and no name that is not UTF-8)."""
+    from PIL import Image
+    jpeg = Image.fromarray(picture.permute(1, 2, 0).numpy())
+    write_file(path, lambda f: jpeg.save(f, "JPEG", quality=90), mode="wb")
+
+
+def _unique_unfinished(identities: Sequence[Dict[str, Any]], shard: Sequence[int], done: Set[Identity]
+                       ) -> Tuple[List[int], int, int]:
+    """The inputs of ``shard`` to predict (each input's first listing, not done yet), and how many
+    were listed twice and how many are done."""
+    first: Dict[Identity, int] = {}
+    for i, identity in enumerate(identities):
+        first.setdefault(_identity(identity), i)
+    unique = [i for i in shard if first[_identity(identities[i])] == i]
+    mine = [i for i in unique if _identity(identities[i]) not in done]
+    return mine, len(shard) - len(unique), len(unique) - len(mine)
+
+
 def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thresh: Optional[float] = None,
                 batch_size: int = 1, device: Optional[str] = None, num_workers: Optional[int] = None,
                 half: bool = False, strict: bool = False, draw: bool = True, save_video: bool = False,
@@ -398,12 +533,9 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
     ``settings``: what else identifies the results (``run_settings``'s ``extra``).
     Returns counts: done (images and frames), skipped (already done), duplicates (inputs listed
     twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder)."""
-    from PIL import Image
     from tqdm import tqdm
 
     import torch.distributed as dist
-
-    from ..visualize import draw as draw_picture
 
     rank, world, created_group = distributed_rank()
     check_out_holds_no_input(paths, out)
@@ -417,111 +549,26 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval().to(dev)
-    names = picture_names(paths)
-    identities = [input_identity(p) for p in paths]
-    first = {}
-    for i, identity in enumerate(identities):
-        first.setdefault(_identity(identity), i)
-    category_ids = category_ids_of(model)
     own = os.path.join(out, RESULTS_JSONL if world == 1 else f"results.rank{rank}.jsonl")
     counts: Dict[str, Optional[int]] = {"done": 0, "skipped": 0, "duplicates": 0, "failed": 0, "detections": 0,
                                         "succeeded": None}
     with RunLock(out, rank):
         check_settings(out, run_settings(model, score_thresh, half, mode, settings))
-        done = _done_inputs(_index(out), out, save_video)
-        shard = range(rank, len(paths), world)
-        unique = [i for i in shard if first[_identity(identities[i])] == i]
-        mine = [i for i in unique if _identity(identities[i]) not in done]
-        counts["duplicates"], counts["skipped"] = len(shard) - len(unique), len(unique) - len(mine)
-        bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
+        identities = [input_identity(p) for p in paths]
+        mine, counts["duplicates"], counts["skipped"] = _unique_unfinished(
+            identities, range(rank, len(paths), world), _done_inputs(_index(out), out, save_video))
         try:
             jsonl = open_no_follow(own, "ab")
         except OSError as e:
             raise PredictRunError(f"cannot append to {own}: {e}") from None
+        bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
         try:
             _repair(jsonl, own)
-
-            def append(rec: Dict[str, Any]) -> None:
-                jsonl.write((json.dumps(rec) + "\n").encode())
-                jsonl.flush()
-
-            def record(res: Dict[str, Any], video: Optional[_VideoWriter] = None) -> bool:
-                """Append one result (or error) to the jsonl, drawing its picture; False for an error."""
-                index = res["input_index"]
-                image = res.pop("image", None)
-                rec: Dict[str, Any] = {**identities[index], "file_name": paths[index]}
-                if "error" in res:
-                    rec["error"] = res["error"]
-                    counts["failed"] += 1
-                    tqdm.write(f"hrnetdet predict: skipped {printable(paths[index])}: {printable(res['error'])}")
-                    append(rec)
-                    if strict:
-                        raise PredictRunError(f"{printable(res['error'])} (--strict)")
-                    return False
-                if "frame_index" in res:
-                    rec.update(frame_index=res["frame_index"], timestamp=res["timestamp"])
-                rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
-                detections = coco_records(res, 0, category_ids)
-                for det in detections:
-                    del det["image_id"]
-                rec["detections"] = detections
-                if (draw and "frame_index" not in res) or video is not None:
-                    picture = draw_picture(image if image.dtype == torch.uint8 else to_float(image), res)
-                    if video is not None:
-                        video.write(picture)
-                    else:
-                        rec["picture"] = f"{names[index]}.jpg"
-                        jpeg = Image.fromarray(picture.permute(1, 2, 0).numpy())
-                        write_file(os.path.join(out, rec["picture"]), lambda f: jpeg.save(f, "JPEG", quality=90),
-                                   mode="wb")
-                append(rec)
-                counts["done"] += 1
-                counts["detections"] += len(detections)
-                return True
-
-            def predict(group: List[int], video: Optional[_VideoWriter] = None) -> int:
-                """Record the results of the inputs ``group``; the number of records (frames)."""
-                n = 0
-                for res in iter_predictions(model, [paths[i] for i in group], indices=group, batch_size=batch_size,
-                                            device=dev, num_workers=num_workers, half=half, with_images=True,
-                                            mode=mode):
-                    if not record(res, video) and is_video(paths[res["input_index"]]):
-                        raise _VideoFailed()  # no closing record: the video is redone whole by a rerun
-                    n += 1
-                    if "frame_index" not in res:
-                        bar.update(1)
-                return n
-
-            def predict_video(i: int) -> None:
-                """A video whole: its frames, its annotated video (written whole, atomically, or not
-                at all) and a closing record that marks it done."""
-                frames = 0
-
-                def encode(tmp: str) -> None:
-                    nonlocal frames
-                    writer = _VideoWriter(tmp, paths[i])
-                    try:
-                        frames = predict([i], writer)
-                    finally:
-                        writer.close()
-                try:
-                    if save_video:
-                        atomic_write(os.path.join(out, f"{names[i]}.mp4"), encode)
-                    else:
-                        frames = predict([i])
-                except _VideoFailed:
-                    return
-                finally:
-                    bar.update(1)
-                append({**identities[i], "file_name": paths[i], "frames": frames,
-                        **({"video": f"{names[i]}.mp4"} if save_video else {})})
-
+            run = _Run(model, paths, identities, out, jsonl, counts, bar, device=dev, strict=strict, draw=draw,
+                       save_video=save_video, predict_kwargs=dict(batch_size=batch_size, num_workers=num_workers,
+                                                                  half=half, mode=mode))
             with score_threshold(model, score_thresh), torch.no_grad():
-                for group in _groups(mine, paths):
-                    if is_video(paths[group[0]]):
-                        predict_video(group[0])
-                    else:
-                        predict(group)
+                run.predict_all(mine)
         finally:
             jsonl.close()
             bar.close()
