@@ -151,11 +151,15 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_written(reused_model, rgb
     folder.mkdir()
     name = os.fsdecode(b"\xff.png")  # a lone surrogate on a UTF-8 file system
     Image.fromarray(rgb).save(os.path.join(folder, name), format="PNG")
+    with open(os.path.join(folder, os.fsdecode(b"\xfe.jpg")), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 truncated")
     out = tmp_path / "out"
-    assert _run([folder], out, checkpoint) == 0
-    records = _records(out)
+    with pytest.warns(UserWarning, match="1 input"):
+        assert _run([folder], out, checkpoint) == 0
+    records = _records(out)  # the name's bytes come back from the JSON escapes
     assert records and {os.fsencode(r["file_name"]) for r in records} == {os.fsencode(str(folder)) + b"/\xff.png"}
     assert os.path.isfile(os.path.join(out, os.fsdecode(b"\xff.jpg")))
+    assert (out / "failed.txt").read_text(encoding="utf-8").startswith(f"{folder}/\\udcfe.jpg\t")
 
 
 def test_a_resumed_save_video_run_writes_the_video_whole(reused_model, rgb, checkpoint, tmp_path, monkeypatch):
