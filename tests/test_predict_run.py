@@ -67,10 +67,15 @@ def test_an_added_file_is_predicted_and_none_is_twice(reused_model, rgb, checkpo
     # a file that changed is a new input: redone, and still once in the results
     Image.fromarray(rgb[::-1].copy()).save(tmp_path / "in" / "c.jpg")
     os.utime(tmp_path / "in" / "c.jpg", ns=(1, 1))
+    capsys.readouterr()
     assert _run([tmp_path / "in"], out, checkpoint) == 0
+    assert "2 already done in" in capsys.readouterr().out
     assert inference_calls == [1, 1, 1, 1]
     assert all(len(v) == 1 for v in _image_ids_by_file(out).values())
     assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    # a rerun over fewer inputs: the folder holds this run's results, and says what it dropped
+    assert _run([tmp_path / "in" / "a.jpg"], out, checkpoint) == 0
+    assert set(_image_ids_by_file(out)) == {"a.jpg"} and "2 earlier results" in capsys.readouterr().out
 
 
 def test_a_rerun_with_other_settings_is_refused_not_mixed(rgb, checkpoint, tmp_path, inference_calls):

@@ -43,6 +43,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise SystemExit(f"hrnetdet predict: error: no input could be read ({counts['failed']} failed, listed "
                          f"in {failed})")
     duplicates = f", {counts['duplicates']} listed twice" if counts["duplicates"] else ""
+    if counts["dropped"]:
+        duplicates += f", {counts['dropped']} earlier results of inputs not in this run (or changed since) dropped"
     unreadable = f" (listed in {failed})" if counts["failed"] else ""
     print(f"{counts['done']} images or frames, {counts['detections']} detections scoring above "
           f"{args.score_thr}; {counts['skipped']} already done in {args.out}{duplicates}, "

@@ -91,7 +91,7 @@ def run_settings(model: nn.Module, score_thresh: Optional[float], half: bool, mo
     identity, backend)."""
     transform = getattr(model, "transform", None)
     modes = {"slice": None, "overlap": 0.2, "full_image": True, "tta": False, **(mode or {})}
-    settings = {"--model-class": type(model).__name__,
+    settings = {"model class": type(model).__name__,
                 "--min-size": getattr(transform, "min_size", None), "--max-size": getattr(transform, "max_size", None),
                 "--score-thr": score_thresh, "--half": half,
                 **{f"--{k.replace('_', '-')}": v for k, v in modes.items()}, **(extra or {})}
@@ -286,7 +286,7 @@ def finish(out: str, identities: Sequence[Dict[str, Any]]) -> Dict[str, int]:
     (``identities``, in order; records of other inputs, or of an input's earlier content, are
     dropped), then write ``results.json`` (COCO results; ``image_id`` is the image's or frame's
     position) and ``failed.txt``, each atomically. Returns counts: records (images and frames done),
-    detections, failed and succeeded inputs."""
+    detections, failed and succeeded inputs, and dropped (inputs whose records were dropped)."""
     index = _index(out)
     position: Dict[Identity, int] = {}
     for i, identity in enumerate(identities):
@@ -295,7 +295,8 @@ def finish(out: str, identities: Sequence[Dict[str, Any]]) -> Dict[str, int]:
     order = sorted((key for key in index if key[0] in position),
                    key=lambda key: (position[key[0]], key[1] if key[1] >= 0 else float("inf")))
     parts = _part_files(out)
-    counts = {"records": 0, "detections": 0, "failed": 0, "succeeded": 0}
+    counts = {"records": 0, "detections": 0, "failed": 0, "succeeded": 0,
+              "dropped": len({identity for identity, _ in index if identity not in position})}
     failed: List[str] = []
 
     def write_jsonl(f: Any) -> None:
@@ -532,7 +533,8 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
     (see the module's docstring); ``mode``: sliced inference or TTA settings (``modes.detect``);
     ``settings``: what else identifies the results (``run_settings``'s ``extra``).
     Returns counts: done (images and frames), skipped (already done), duplicates (inputs listed
-    twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder)."""
+    twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder) and
+    dropped (inputs of earlier runs not in this one, or changed since: their results are dropped)."""
     from tqdm import tqdm
 
     import torch.distributed as dist
@@ -551,7 +553,7 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
     model.eval().to(dev)
     own = os.path.join(out, RESULTS_JSONL if world == 1 else f"results.rank{rank}.jsonl")
     counts: Dict[str, Optional[int]] = {"done": 0, "skipped": 0, "duplicates": 0, "failed": 0, "detections": 0,
-                                        "succeeded": None}
+                                        "succeeded": None, "dropped": None}
     with RunLock(out, rank):
         check_settings(out, run_settings(model, score_thresh, half, mode, settings))
         identities = [input_identity(p) for p in paths]
@@ -576,7 +578,7 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
             dist.barrier()
         if rank == 0:
             merged = finish(out, identities)
-            counts["succeeded"] = merged["succeeded"]
+            counts["succeeded"], counts["dropped"] = merged["succeeded"], merged["dropped"]
             if merged["failed"]:
                 warnings.warn(f"{merged['failed']} input(s) could not be read and were skipped: listed in "
                               f"{os.path.join(out, FAILED_TXT)}", UnreadableInputWarning, stacklevel=2)
