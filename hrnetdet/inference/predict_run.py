@@ -222,7 +222,11 @@ class Line(NamedTuple):
 
 def _read_lines(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(offset, record) of each complete line of a jsonl file; a torn last line is skipped."""
-    with open_no_follow(path, "rb") as f:
+    try:
+        f = open_no_follow(path, "rb")
+    except OSError as e:  # a link or FIFO planted in --out
+        raise PredictRunError(f"cannot read {e}") from None
+    with f:
         offset = 0
         for line in f:
             if line.endswith(b"\n"):
