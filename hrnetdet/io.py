@@ -58,19 +58,21 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def open_no_follow(path: str, mode: str = "a") -> IO:
-    """``open(path, mode)`` for appending or writing that refuses a symlink at ``path`` (and any
-    file that is not a regular file) instead of writing through it. Raises OSError naming the path."""
-    flags = {"a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    """``open(path, mode)`` for appending, writing (or reading, ``"rb"``) that refuses a symlink at
+    ``path`` (and any file that is not a regular file, without blocking on a FIFO) instead of going
+    through it. Raises OSError naming the path."""
+    flags = {"rb": os.O_RDONLY,
+             "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND, "ab": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
              "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC}[mode]
     try:
         fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o666)
     except OSError as e:
         if os.path.islink(path):
-            raise OSError(e.errno, f"{path} is a symbolic link: refusing to write through it") from None
+            raise OSError(e.errno, f"{path} is a symbolic link: refusing to open it") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(f"{path} is not a regular file: refusing to write to it")
+        raise OSError(f"{path} is not a regular file: refusing to open it")
     return os.fdopen(fd, mode)
 
 

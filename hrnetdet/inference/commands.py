@@ -16,6 +16,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from .sources import expand_inputs
 
     paths = expand_inputs(args.inputs)
+    try:  # before the model is built: a refusal costs nothing
+        predict_run.check_out_holds_no_input(paths, args.out)
+    except predict_run.PredictRunError as e:
+        raise SystemExit(f"hrnetdet predict: error: {e}") from None
     kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
     model = create_model(args.model, pretrained=args.pretrained or "." in args.model,
                          checkpoint_path=args.checkpoint, **kwargs)
@@ -24,16 +28,27 @@ def run_predict(args: argparse.Namespace) -> int:
             optimize_for_inference(model, backend=args.backend)
         except ImportError as e:  # the backend's package is missing: the message says which extra
             raise SystemExit(f"hrnetdet predict: error: --backend {args.backend}: {e}") from None
+    weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast, "--backend": args.backend,
+               "--checkpoint": predict_run.input_identity(args.checkpoint) if args.checkpoint else None}
     try:
-        counts = predict_run.run_predict(model, paths, args.out, score_thresh=args.score_thr, batch_size=args.batch_size,
-                             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_workers=args.workers, half=args.half, strict=args.strict,
-                             draw=not args.no_draw, save_video=args.save_video,
-                             mode=mode_kwargs(args))
+        counts = predict_run.run_predict(
+            model, paths, args.out, score_thresh=args.score_thr, batch_size=args.batch_size,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_workers=args.workers,
+            half=args.half, strict=args.strict, draw=not args.no_draw, save_video=args.save_video,
+            mode=mode_kwargs(args), settings=weights)
     except predict_run.PredictRunError as e:
         raise SystemExit(f"hrnetdet predict: error: {e}") from None
+    failed = os.path.join(args.out, predict_run.FAILED_TXT)
+    if counts["failed"] and counts["succeeded"] == 0:
+        raise SystemExit(f"hrnetdet predict: error: no input could be read ({counts['failed']} failed, listed "
+                         f"in {failed})")
+    duplicates = f", {counts['duplicates']} listed twice" if counts["duplicates"] else ""
+    if counts["dropped"]:
+        duplicates += f", {counts['dropped']} earlier results of inputs not in this run (or changed since) dropped"
+    unreadable = f" (listed in {failed})" if counts["failed"] else ""
     print(f"{counts['done']} images or frames, {counts['detections']} detections scoring above "
-          f"{args.score_thr}; {counts['skipped']} already done, {counts['failed']} unreadable: "
-          f"{os.path.join(args.out, 'results.json')}")
+          f"{args.score_thr}; {counts['skipped']} already done in {args.out}{duplicates}, "
+          f"{counts['failed']} unreadable{unreadable}: {os.path.join(args.out, 'results.json')}")
     return 0
 
 

@@ -66,6 +66,15 @@ def _finish(out: Dict[str, Tensor], categories: Sequence[str], mask_format: str)
     return res
 
 
+def too_small(image: Tensor, min_side: int, name: str) -> str:
+    """Why the model cannot take ``image`` (a side under ``min_side`` pixels), naming it; "" if it can.
+    Checked per input before batching, so one tiny image is that input's error, not its batch's."""
+    h, w = int(image.shape[-2]), int(image.shape[-1])
+    if min(h, w) >= min_side:
+        return ""
+    return f"{name}: {h}x{w} pixels; the model needs at least {min_side} on each side"
+
+
 def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int = 1,
                      device: Optional[torch.device] = None, num_workers: Optional[int] = None,
                      half: bool = False, mask_format: str = "uint8",
@@ -85,6 +94,7 @@ def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     indices = list(range(len(items))) if indices is None else list(indices)
     categories = list(getattr(model, "categories", []))
+    min_side = getattr(getattr(model, "transform", None), "min_image_side", 1)
     autocast = (torch.autocast(device.type, dtype=half_dtype(device)) if half else contextlib.nullcontext())
 
     def infer(images: List[Tensor], infos: List[Result]) -> Iterator[Result]:
@@ -103,6 +113,9 @@ def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int 
             images, infos = [], []
             try:
                 for frame_index, timestamp, frame in video_frames(path):
+                    small = too_small(frame, min_side, path)
+                    if small:
+                        raise ValueError(small)
                     images.append(frame)
                     infos.append({**base, "frame_index": frame_index, "timestamp": round(timestamp, 6)})
                     if len(images) == batch_size:
@@ -131,6 +144,9 @@ def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int 
                 info: Result = {"input_index": indices[start + i]}
                 if isinstance(item, (str, os.PathLike)):
                     info["file_name"] = os.fspath(item)
+                if image is not None:
+                    error = too_small(image, min_side, info.get("file_name", f"input {indices[start + i]}"))
+                    image = None if error else image
                 if image is None:
                     yield {**info, "error": error}
                 else:

@@ -1,11 +1,19 @@
-"""The ``hrnetdet predict`` run over files: resumable and all-or-something.
+"""The ``hrnetdet predict`` run over files: resumable, keyed by input, and all-or-something.
 
-An output folder holds ``results.jsonl`` (one line per image or video frame, appended as each is
-done), ``results.json`` (COCO results, written atomically at the end from the lines), ``failed.txt``
-(inputs that could not be read) and the pictures. A rerun into the same folder skips what is
-done; a second run into it at the same time is refused (a lock file per rank). Under
-``torchrun`` each rank takes every WORLD_SIZE-th input and appends to ``results.rank{r}.jsonl``;
-rank 0 merges the parts once every rank is done.
+An output folder holds ``run.json`` (the settings that shape results: a rerun with other settings
+is refused, never mixed), ``results.jsonl`` (one line per image, video frame and finished video,
+appended as each is done, each carrying its input's identity: resolved path, size and mtime_ns, or
+the URL), ``results.json`` (COCO results of this run's inputs, each once, written atomically at the
+end), ``failed.txt`` (inputs that could not be read, and why) and the pictures and annotated videos.
+A rerun into the same folder skips the inputs already done (a file that changed is redone); a
+second run into it at the same time is refused (a lock file per rank). Under ``torchrun`` each rank
+takes every WORLD_SIZE-th input and appends to ``results.rank{r}.jsonl``; rank 0 merges the parts
+once every rank is done.
+
+Every file in the folder is created without following a link someone planted there: appends and
+the lock through ``open_no_follow`` or ``O_EXCL``, everything else through ``atomic_write``, which
+replaces a link. Names that are not UTF-8 are written with their undecodable bytes as ``\\udcXX``
+escapes (Python's surrogateescape code points; ``os.fsencode`` turns them back into the bytes).
 """
 import datetime
 import json
@@ -13,22 +21,24 @@ import os
 import socket
 import tempfile
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..data.images import to_float
 from ..data.results import category_ids_of, coco_records
-from ..io import atomic_write
+from ..io import atomic_write, open_no_follow
 from .predict import iter_predictions
-from .sources import is_video, video_rate
+from .sources import is_url, is_video, video_rate
 from .thresholds import score_threshold
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_JSON = "results.json"
 FAILED_TXT = "failed.txt"
-Key = Tuple[int, int]  # (input index, frame index or -1)
+RUN_JSON = "run.json"
+Identity = Tuple[str, Optional[int], Optional[int]]  # resolved path or URL, size, mtime_ns
+Key = Tuple[Identity, int]  # (input identity, frame index; -1: the image, or the finished video)
 
 
 class PredictRunError(RuntimeError):
@@ -39,12 +49,99 @@ class UnreadableInputWarning(UserWarning):
     """Some inputs could not be read and were skipped (counted; listed in failed.txt)."""
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a non-UTF-8 file name as ``\\udcXX`` escapes, so a
+    message or text file can always be written."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_file(path: str, write: Callable[[Any], None], mode: str = "w") -> None:
     """``write(file)`` into ``path``, atomically (``io.atomic_write``)."""
     def to_temporary(tmp: str) -> None:
         with open(tmp, mode) as f:
             write(f)
     atomic_write(path, to_temporary)
+
+
+def input_identity(path: str) -> Dict[str, Any]:
+    """What a result is keyed by: a file's resolved path with its size and mtime_ns (a changed file
+    is a new input), or a URL as given."""
+    if is_url(path):
+        return {"input": path}
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return {"input": real}  # unreadable: its error record is redone on every rerun anyway
+    return {"input": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _identity(record: Dict[str, Any]) -> Identity:
+    return record["input"], record.get("size"), record.get("mtime_ns")
+
+
+def _key(record: Dict[str, Any]) -> Key:
+    return _identity(record), int(record.get("frame_index", -1))
+
+
+def run_settings(model: nn.Module, score_thresh: Optional[float], half: bool, mode: Optional[Dict[str, Any]],
+                 extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The settings that shape a run's results, named by their ``hrnetdet predict`` options;
+    ``extra``: what the caller knows beyond the model object (the CLI: model name, weights
+    identity, backend)."""
+    transform = getattr(model, "transform", None)
+    modes = {"slice": None, "overlap": 0.2, "full_image": True, "tta": False, **(mode or {})}
+    settings = {"model class": type(model).__name__,
+                "--min-size": getattr(transform, "min_size", None), "--max-size": getattr(transform, "max_size", None),
+                "--score-thr": score_thresh, "--half": half,
+                **{f"--{k.replace('_', '-')}": v for k, v in modes.items()}, **(extra or {})}
+    return json.loads(json.dumps(settings))  # as run.json gives it back (tuples as lists)
+
+
+def _recorded_settings(path: str) -> Optional[Dict[str, Any]]:
+    """The settings in a ``run.json``; None when there is none."""
+    try:
+        with open_no_follow(path, "rb") as f:
+            return json.load(f)["settings"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PredictRunError(f"{path} cannot be read ({e}): choose another --out, or delete "
+                              f"{os.path.dirname(path)} to start afresh") from None
+
+
+def check_settings(out: str, settings: Dict[str, Any]) -> None:
+    """Record ``settings`` in ``out/run.json``, or refuse a folder whose results were made with
+    other settings (or by a version of hrnetdet that recorded none): results are never mixed."""
+    path = os.path.join(out, RUN_JSON)
+    advice = f"choose another --out, or delete {out} to start afresh"
+    recorded = _recorded_settings(path)
+    if recorded is None and _part_files(out):
+        recorded = _recorded_settings(path)  # another rank may have written it since
+        if recorded is None:
+            raise PredictRunError(f"{out} holds results of a run whose settings were not recorded "
+                                  f"(no {RUN_JSON}): {advice}")
+    if recorded is None:  # ranks may all write it: the same settings, atomically
+        write_file(path, lambda f: f.write(json.dumps({"settings": settings}, indent=1) + "\n"))
+        return
+    differ = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
+    if differ:
+        name = differ[0]
+        raise PredictRunError(f"{out} holds results made with {name} {json.dumps(recorded.get(name))}; this run "
+                              f"has {name} {json.dumps(settings.get(name))}: {advice}")
+
+
+def check_out_holds_no_input(paths: Sequence[str], out: str) -> None:
+    """Refuse an ``out`` folder that holds an input file: pictures and results written there could
+    replace the inputs (``--out`` set to the input folder)."""
+    folder = os.path.realpath(out)
+    for path in paths:
+        if is_url(path):
+            continue
+        parents = (os.path.dirname(os.path.realpath(path)), os.path.realpath(os.path.dirname(os.path.abspath(path))))
+        if folder in parents:  # the file itself, or a link to it, in the folder
+            raise PredictRunError(f"--out {out} holds the input {printable(path)}: pictures and results written "
+                                  f"there could overwrite inputs; choose another --out")
 
 
 class RunLock:
@@ -56,8 +153,8 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            try:  # exclusive and not following links: a planted link or file counts as a held lock
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except FileExistsError:
                 if not self._stale():
                     raise PredictRunError(self._held_message()) from None
@@ -70,8 +167,8 @@ class RunLock:
 
     def _owner(self) -> Tuple[int, str]:
         try:
-            with open(self.path) as f:
-                pid, host = f.read().split()
+            with open_no_follow(self.path, "rb") as f:
+                pid, host = f.read(256).decode().split()
             return int(pid), host
         except (OSError, ValueError):
             return -1, ""
@@ -115,13 +212,21 @@ def picture_names(paths: Sequence[str]) -> List[str]:
     return names
 
 
-def _key(record: Dict[str, Any]) -> Key:
-    return int(record["input_index"]), int(record.get("frame_index", -1))
+class Line(NamedTuple):
+    """Where a record is (file, byte offset) and what the run needs to know of it without reading it again."""
+    path: str
+    offset: int
+    ok: bool
+    video: Optional[str]  # a finished video's annotated file, when one was written
 
 
 def _read_lines(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(offset, record) of each complete line of a jsonl file; a torn last line is skipped."""
-    with open(path, "rb") as f:
+    try:
+        f = open_no_follow(path, "rb")
+    except OSError as e:  # a link or FIFO planted in --out
+        raise PredictRunError(f"cannot read {e}") from None
+    with f:
         offset = 0
         for line in f:
             if line.endswith(b"\n"):
@@ -134,76 +239,96 @@ def _read_lines(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
 
 def _part_files(out: str) -> List[str]:
     parts = sorted(f for f in os.listdir(out) if f.startswith("results.rank") and f.endswith(".jsonl"))
-    return [os.path.join(out, f) for f in ([RESULTS_JSONL] if os.path.exists(os.path.join(out, RESULTS_JSONL)) else [])
+    return [os.path.join(out, f) for f in ([RESULTS_JSONL] if os.path.lexists(os.path.join(out, RESULTS_JSONL)) else [])
             + parts]
 
 
-def _index(out: str) -> Dict[Key, Tuple[str, int, bool]]:
-    """Every record in the folder's jsonl files: key -> (file, offset, ok). A success beats an
-    error for the same key; otherwise the later line wins."""
-    index: Dict[Key, Tuple[str, int, bool]] = {}
+def _index(out: str) -> Dict[Key, Line]:
+    """Every record in the folder's jsonl files: key -> its line. A success beats an error for
+    the same key; otherwise the later line wins."""
+    index: Dict[Key, Line] = {}
     for path in _part_files(out):
         for offset, rec in _read_lines(path):
+            if "input" not in rec:
+                continue
             ok = "error" not in rec
-            if ok or not index.get(_key(rec), ("", 0, False))[2]:
-                index[_key(rec)] = (path, offset, ok)
+            if ok or not (_key(rec) in index and index[_key(rec)].ok):
+                index[_key(rec)] = Line(path, offset, ok, rec.get("video"))
     return index
 
 
-def _repair(path: str) -> None:
-    """Drop a torn last line (a run killed mid-write), so that appending continues cleanly."""
-    if not os.path.exists(path):
-        return
+def _done_inputs(index: Dict[Key, Line], out: str, save_video: bool) -> Set[Identity]:
+    """Inputs with a result: an image's record, or a video's closing record (with ``save_video``,
+    only when its annotated video was written whole)."""
+    def video_written(line: Line) -> bool:
+        return bool(line.video) and os.path.isfile(os.path.join(out, line.video))
+    return {identity for (identity, frame), line in index.items() if frame == -1 and line.ok
+            and not (save_video and is_video(identity[0]) and not video_written(line))}
+
+
+def _repair(jsonl: Any, path: str) -> None:
+    """Drop a torn last line (a run killed mid-write) of the open ``jsonl``, so that appending
+    continues cleanly."""
     good = 0
-    with open(path, "rb") as f:
+    with open_no_follow(path, "rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break
             good += len(line)
-    if good != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good)
+    if good != os.fstat(jsonl.fileno()).st_size:
+        os.ftruncate(jsonl.fileno(), good)
 
 
-def _line(path: str, offset: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
+def _line(line: Line) -> bytes:
+    with open_no_follow(line.path, "rb") as f:
+        f.seek(line.offset)
         return f.readline()
 
 
-def finish(out: str) -> Tuple[int, int, int]:
-    """Merge every jsonl file of ``out`` into ``results.jsonl`` (input order), write
-    ``results.json`` (COCO results; ``image_id`` is the record's position) and ``failed.txt``,
-    each atomically. Returns (records done, detections, failed inputs)."""
+def finish(out: str, identities: Sequence[Dict[str, Any]]) -> Dict[str, int]:
+    """Merge every jsonl file of ``out`` into ``results.jsonl``: the records of this run's inputs
+    (``identities``, in order; records of other inputs, or of an input's earlier content, are
+    dropped), then write ``results.json`` (COCO results; ``image_id`` is the image's or frame's
+    position) and ``failed.txt``, each atomically. Returns counts: records (images and frames done),
+    detections, failed and succeeded inputs, and dropped (inputs whose records were dropped)."""
     index = _index(out)
-    order = sorted(index)
+    position: Dict[Identity, int] = {}
+    for i, identity in enumerate(identities):
+        position.setdefault(_identity(identity), i)
+    # An input's records in order: its frames, then its closing record (-1) after them.
+    order = sorted((key for key in index if key[0] in position),
+                   key=lambda key: (position[key[0]], key[1] if key[1] >= 0 else float("inf")))
     parts = _part_files(out)
-    done = detections = 0
+    counts = {"records": 0, "detections": 0, "failed": 0, "succeeded": 0,
+              "dropped": len({identity for identity, _ in index if identity not in position})}
     failed: List[str] = []
 
     def write_jsonl(f: Any) -> None:
         for key in order:
-            path, offset, _ = index[key]
-            f.write(_line(path, offset))
+            f.write(_line(index[key]))
 
     def write_json(f: Any) -> None:
-        nonlocal done, detections
         f.write("[")
         first = True
-        for image_id, key in enumerate(order):
-            path, offset, ok = index[key]
-            rec = json.loads(_line(path, offset))
-            if not ok:
-                failed.append(f"{rec['file_name']}\t{rec['error']}")
+        image_id = 0
+        for key in order:
+            rec = json.loads(_line(index[key]))
+            if "error" in rec:
+                failed.append(f"{printable(rec['file_name'])}\t{printable(rec['error'])}")
                 continue
-            done += 1
+            if key[1] == -1:
+                counts["succeeded"] += 1
+            if "detections" not in rec:
+                continue  # a video's closing record
+            counts["records"] += 1
             for det in rec["detections"]:
                 det = {"image_id": image_id, "file_name": rec["file_name"], **det}
                 if "frame_index" in rec:
                     det["frame_index"] = rec["frame_index"]
                 f.write(("" if first else ",") + json.dumps(det))
                 first = False
-                detections += 1
+                counts["detections"] += 1
+            image_id += 1
         f.write("]")
 
     write_file(os.path.join(out, RESULTS_JSON), write_json)
@@ -212,7 +337,8 @@ def finish(out: str) -> Tuple[int, int, int]:
         if os.path.basename(path) != RESULTS_JSONL:
             os.remove(path)
     write_file(os.path.join(out, FAILED_TXT), lambda f: f.write("".join(line + "\n" for line in failed)))
-    return done, detections, len(failed)
+    counts["failed"] = len(failed)
+    return counts
 
 
 def distributed_rank() -> Tuple[int, int, bool]:
@@ -230,13 +356,14 @@ def distributed_rank() -> Tuple[int, int, bool]:
 
 
 class _VideoWriter:
-    """Annotated frames of one video into an MP4 file (PyAV, H.264 or MPEG-4)."""
+    """Annotated frames of the video ``source`` into an MP4 file ``path`` (PyAV, H.264 or MPEG-4;
+    the file may have any name: ``atomic_write``'s temporary one)."""
 
-    def __init__(self, path: str, rate: float):
+    def __init__(self, path: str, source: str):
         from .sources import require_av
         self.av = require_av()
         self.path = path
-        self.rate = rate
+        self.source = source
         self.container = None
         self.stream = None
 
@@ -244,10 +371,10 @@ class _VideoWriter:
         h, w = (int(frame.shape[1]) // 2) * 2, (int(frame.shape[2]) // 2) * 2  # yuv420p needs even sizes
         if self.container is None:
             from fractions import Fraction
-            self.container = self.av.open(self.path, mode="w")
+            self.container = self.av.open(self.path, mode="w", format="mp4")
             codecs = self.av.codecs_available
             self.stream = self.container.add_stream("libx264" if "libx264" in codecs else "mpeg4",
-                                                    rate=Fraction(self.rate).limit_denominator(1001))
+                                                    rate=Fraction(video_rate(self.source)).limit_denominator(1001))
             self.stream.width, self.stream.height, self.stream.pix_fmt = w, h, "yuv420p"
         image = frame[:, :h, :w].permute(1, 2, 0).contiguous().numpy()
         for packet in self.stream.encode(self.av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -260,21 +387,164 @@ class _VideoWriter:
             self.container.close()
 
 
+class _VideoFailed(Exception):
+    """A video stopped part way: its annotated file is dropped, not kept truncated."""
+
+
+def _groups(indices: Sequence[int], paths: Sequence[str]) -> Iterator[List[int]]:
+    """Runs of consecutive image inputs (decoded together, in workers), and each video alone."""
+    run: List[int] = []
+    for i in indices:
+        if is_video(paths[i]):
+            if run:
+                yield run
+                run = []
+            yield [i]
+        else:
+            run.append(i)
+    if run:
+        yield run
+
+
+class _Run:
+    """One rank's share of a run: predicts inputs and appends their records (images, frames,
+    videos' closing records) to the open ``jsonl``, drawing pictures and annotated videos."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], identities: Sequence[Dict[str, Any]], out: str,
+                 jsonl: Any, counts: Dict[str, Any], bar: Any, *, device: torch.device, strict: bool, draw: bool,
+                 save_video: bool, predict_kwargs: Dict[str, Any]):
+        self.model, self.paths, self.out, self.jsonl, self.counts, self.bar = model, paths, out, jsonl, counts, bar
+        self.device, self.strict, self.draw, self.save_video = device, strict, draw, save_video
+        self.predict_kwargs = predict_kwargs
+        self.names = picture_names(paths)
+        self.identities = identities
+        self.category_ids = category_ids_of(model)
+
+    def append(self, rec: Dict[str, Any]) -> None:
+        self.jsonl.write((json.dumps(rec) + "\n").encode())
+        self.jsonl.flush()
+
+    def record(self, res: Dict[str, Any], video: Optional[_VideoWriter] = None) -> bool:
+        """Append one result (or error) to the jsonl, drawing its picture; False for an error."""
+        from tqdm import tqdm
+
+        index = res["input_index"]
+        image = res.pop("image", None)
+        rec: Dict[str, Any] = {**self.identities[index], "file_name": self.paths[index]}
+        if "error" in res:
+            rec["error"] = res["error"]
+            self.counts["failed"] += 1
+            tqdm.write(f"hrnetdet predict: skipped {printable(self.paths[index])}: {printable(res['error'])}")
+            self.append(rec)
+            if self.strict:
+                raise PredictRunError(f"{printable(res['error'])} (--strict)")
+            return False
+        if "frame_index" in res:
+            rec.update(frame_index=res["frame_index"], timestamp=res["timestamp"])
+        rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
+        detections = coco_records(res, 0, self.category_ids)
+        for det in detections:
+            del det["image_id"]
+        rec["detections"] = detections
+        if (self.draw and "frame_index" not in res) or video is not None:
+            picture = self.picture(image, res)
+            if video is not None:
+                video.write(picture)
+            else:
+                rec["picture"] = f"{self.names[index]}.jpg"
+                write_jpeg(picture, os.path.join(self.out, rec["picture"]))
+        self.append(rec)
+        self.counts["done"] += 1
+        self.counts["detections"] += len(detections)
+        return True
+
+    @staticmethod
+    def picture(image: torch.Tensor, res: Dict[str, Any]) -> torch.Tensor:
+        from ..visualize import draw
+        return draw(image if image.dtype == torch.uint8 else to_float(image), res)
+
+    def predict(self, group: List[int], video: Optional[_VideoWriter] = None) -> int:
+        """Record the results of the inputs ``group``; the number of records (frames)."""
+        n = 0
+        for res in iter_predictions(self.model, [self.paths[i] for i in group], indices=group, device=self.device,
+                                    with_images=True, **self.predict_kwargs):
+            if not self.record(res, video) and is_video(self.paths[res["input_index"]]):
+                raise _VideoFailed()  # no closing record: the video is redone whole by a rerun
+            n += 1
+            if "frame_index" not in res:
+                self.bar.update(1)
+        return n
+
+    def predict_video(self, i: int) -> None:
+        """A video whole: its frames, its annotated video (written whole, atomically, or not at
+        all) and a closing record that marks it done."""
+        frames = 0
+
+        def encode(tmp: str) -> None:
+            nonlocal frames
+            writer = _VideoWriter(tmp, self.paths[i])
+            try:
+                frames = self.predict([i], writer)
+            finally:
+                writer.close()
+        video = f"{self.names[i]}.mp4"
+        try:
+            if self.save_video:
+                atomic_write(os.path.join(self.out, video), encode)
+            else:
+                frames = self.predict([i])
+        except _VideoFailed:
+            return
+        finally:
+            self.bar.update(1)
+        self.append({**self.identities[i], "file_name": self.paths[i], "frames": frames,
+                     **({"video": video} if self.save_video else {})})
+
+    def predict_all(self, indices: Sequence[int]) -> None:
+        for group in _groups(indices, self.paths):
+            if is_video(self.paths[group[0]]):
+                self.predict_video(group[0])
+            else:
+                self.predict(group)
+
+
+def write_jpeg(picture: torch.Tensor, path: str) -> None:
+    """A CHW uint8 picture as a JPEG file, atomically (PIL: torchvision's writer takes no file
+    object, and no name that is not UTF-8)."""
+    from PIL import Image
+    jpeg = Image.fromarray(picture.permute(1, 2, 0).numpy())
+    write_file(path, lambda f: jpeg.save(f, "JPEG", quality=90), mode="wb")
+
+
+def _unique_unfinished(identities: Sequence[Dict[str, Any]], shard: Sequence[int], done: Set[Identity]
+                       ) -> Tuple[List[int], int, int]:
+    """The inputs of ``shard`` to predict (each input's first listing, not done yet), and how many
+    were listed twice and how many are done."""
+    first: Dict[Identity, int] = {}
+    for i, identity in enumerate(identities):
+        first.setdefault(_identity(identity), i)
+    unique = [i for i in shard if first[_identity(identities[i])] == i]
+    mine = [i for i in unique if _identity(identities[i]) not in done]
+    return mine, len(shard) - len(unique), len(unique) - len(mine)
+
+
 def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thresh: Optional[float] = None,
                 batch_size: int = 1, device: Optional[str] = None, num_workers: Optional[int] = None,
                 half: bool = False, strict: bool = False, draw: bool = True, save_video: bool = False,
-                progress: bool = True, mode: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+                progress: bool = True, mode: Optional[Dict[str, Any]] = None,
+                settings: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[int]]:
     """Predict every input of ``paths`` (expanded files, URLs, videos) into the folder ``out``
-    (see the module's docstring); ``mode``: sliced inference or TTA settings (``modes.detect``).
-    Returns counts: done, skipped (already done), failed, detections."""
-    from torchvision.io import write_jpeg
+    (see the module's docstring); ``mode``: sliced inference or TTA settings (``modes.detect``);
+    ``settings``: what else identifies the results (``run_settings``'s ``extra``).
+    Returns counts: done (images and frames), skipped (already done), duplicates (inputs listed
+    twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder) and
+    dropped (inputs of earlier runs not in this one, or changed since: their results are dropped)."""
     from tqdm import tqdm
 
     import torch.distributed as dist
 
-    from ..visualize import draw as draw_picture
-
     rank, world, created_group = distributed_rank()
+    check_out_holds_no_input(paths, out)
     try:
         os.makedirs(out, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test")
@@ -285,73 +555,36 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval().to(dev)
-    names = picture_names(paths)
-    category_ids = category_ids_of(model)
     own = os.path.join(out, RESULTS_JSONL if world == 1 else f"results.rank{rank}.jsonl")
-    counts = {"done": 0, "skipped": 0, "failed": 0, "detections": 0}
+    counts: Dict[str, Optional[int]] = {"done": 0, "skipped": 0, "duplicates": 0, "failed": 0, "detections": 0,
+                                        "succeeded": None, "dropped": None}
     with RunLock(out, rank):
-        _repair(own)
-        done = {key for key, (_, _, ok) in _index(out).items() if ok}
-        mine = [i for i in range(rank, len(paths), world)
-                if is_video(paths[i]) or (i, -1) not in done]
-        counts["skipped"] = len(range(rank, len(paths), world)) - len(mine)
-        videos: Dict[int, _VideoWriter] = {}
+        check_settings(out, run_settings(model, score_thresh, half, mode, settings))
+        identities = [input_identity(p) for p in paths]
+        mine, counts["duplicates"], counts["skipped"] = _unique_unfinished(
+            identities, range(rank, len(paths), world), _done_inputs(_index(out), out, save_video))
+        try:
+            jsonl = open_no_follow(own, "ab")
+        except OSError as e:
+            raise PredictRunError(f"cannot append to {own}: {e}") from None
         bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
         try:
-            with score_threshold(model, score_thresh), open(own, "a") as jsonl, torch.no_grad():
-                stream = iter_predictions(model, [paths[i] for i in mine], indices=mine, batch_size=batch_size,
-                                          device=dev, num_workers=num_workers, half=half,
-                                          with_images=True, mode=mode)
-                last_input = -1
-                for res in stream:
-                    index = res["input_index"]
-                    if index != last_input:
-                        bar.update(1)
-                        last_input = index
-                    if _key(res) in done:
-                        continue  # a video frame done by an earlier run
-                    image = res.pop("image", None)
-                    rec: Dict[str, Any] = {"input_index": index, "file_name": res["file_name"]}
-                    if "error" in res:
-                        rec["error"] = res["error"]
-                        counts["failed"] += 1
-                        tqdm.write(f"hrnetdet predict: skipped {res['file_name']}: {res['error']}")
-                        jsonl.write(json.dumps(rec) + "\n")
-                        jsonl.flush()
-                        if strict:
-                            raise PredictRunError(f"{res['error']} (--strict)")
-                        continue
-                    if "frame_index" in res:
-                        rec.update(frame_index=res["frame_index"], timestamp=res["timestamp"])
-                    rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
-                    detections = coco_records(res, 0, category_ids)
-                    for det in detections:
-                        del det["image_id"]
-                    rec["detections"] = detections
-                    if draw or save_video:
-                        picture = draw_picture(image if image.dtype == torch.uint8 else to_float(image), res)
-                        if "frame_index" not in res:
-                            rec["picture"] = f"{names[index]}.jpg"
-                            write_jpeg(picture, os.path.join(out, rec["picture"]), quality=90)
-                        elif save_video:
-                            if index not in videos:
-                                videos[index] = _VideoWriter(os.path.join(out, f"{names[index]}.mp4"),
-                                                             video_rate(paths[index]))
-                            videos[index].write(picture)
-                    jsonl.write(json.dumps(rec) + "\n")
-                    jsonl.flush()
-                    counts["done"] += 1
-                    counts["detections"] += len(detections)
+            _repair(jsonl, own)
+            run = _Run(model, paths, identities, out, jsonl, counts, bar, device=dev, strict=strict, draw=draw,
+                       save_video=save_video, predict_kwargs=dict(batch_size=batch_size, num_workers=num_workers,
+                                                                  half=half, mode=mode))
+            with score_threshold(model, score_thresh), torch.no_grad():
+                run.predict_all(mine)
         finally:
-            for writer in videos.values():
-                writer.close()
+            jsonl.close()
             bar.close()
         if world > 1:
             dist.barrier()
         if rank == 0:
-            _, _, failed = finish(out)
-            if failed:
-                warnings.warn(f"{failed} input(s) could not be read and were skipped: listed in "
+            merged = finish(out, identities)
+            counts["succeeded"], counts["dropped"] = merged["succeeded"], merged["dropped"]
+            if merged["failed"]:
+                warnings.warn(f"{merged['failed']} input(s) could not be read and were skipped: listed in "
                               f"{os.path.join(out, FAILED_TXT)}", UnreadableInputWarning, stacklevel=2)
         if world > 1:
             dist.barrier()
