@@ -137,7 +137,7 @@ def test_a_tiny_image_is_a_counted_skip_naming_the_file(reused_model, rgb, check
     assert len(failed) == 1 and failed[0].startswith(str(tmp_path / "in" / "tiny.png"))
     assert "1x1 pixels" in failed[0]
     assert set(_image_ids_by_file(out)) == {"a.jpg"}
-    with pytest.raises(SystemExit, match=r"tiny\.png: 1x1 pixels.*--strict"):
+    with pytest.raises(SystemExit, match=r"tiny\.png' is 1x1 pixels.*--strict"):
         _run([tmp_path / "in"], tmp_path / "strict", checkpoint, "--strict")
 
 

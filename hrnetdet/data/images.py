@@ -114,8 +114,9 @@ def _megapixels(pixels: int) -> str:
     return f"{pixels / 1e6:.1f} megapixels"
 
 
-def _check_size(path: Any, size: Tuple[int, int], max_pixels: Optional[int], min_side: int) -> None:
-    """The header's ``size`` (width, height) against the limits, before any decoder allocates."""
+def check_size(path: Any, size: Tuple[int, int], max_pixels: Optional[int], min_side: int) -> None:
+    """An image's ``size`` (width, height) against the limits: a file's from its header, before any
+    decoder allocates; an in-memory image's or a video frame's as it comes. Raises ImageRefused."""
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageRefused(f"{_shown(path)} is {width}x{height} pixels ({_megapixels(width * height)}), over the "
@@ -155,7 +156,7 @@ def read_image(path: str, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: i
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit speaks
                 with Image.open(f) as im:
-                    _check_size(path, im.size, max_pixels, min_side)
+                    check_size(path, im.size, max_pixels, min_side)
                     if not by_torchvision:
                         return _pil_to_tensor(im)
             return _torchvision_decode(path, f, max_pixels)

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..data.images import to_float
+from ..data.images import ImageRefused, check_size, to_float
 from ..data.results import mask_rle
 from .modes import check_mode, detect
 from .sources import ImageInputs, as_list, expand_inputs, is_url, is_video, video_frames
@@ -68,11 +68,13 @@ def _finish(out: Dict[str, Tensor], categories: Sequence[str], mask_format: str)
 
 def too_small(image: Tensor, min_side: int, name: str) -> str:
     """Why the model cannot take ``image`` (a side under ``min_side`` pixels), naming it; "" if it can.
-    Checked per input before batching, so one tiny image is that input's error, not its batch's."""
-    h, w = int(image.shape[-2]), int(image.shape[-1])
-    if min(h, w) >= min_side:
-        return ""
-    return f"{name}: {h}x{w} pixels; the model needs at least {min_side} on each side"
+    Checked per input before batching, so one tiny image is that input's error, not its batch's
+    (files were checked from their headers already; this catches arrays and video frames)."""
+    try:
+        check_size(name, (int(image.shape[-1]), int(image.shape[-2])), None, min_side)
+    except ImageRefused as e:
+        return str(e)
+    return ""
 
 
 def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int = 1,
