@@ -106,6 +106,8 @@ def _zip_member(f: BinaryIO, size: int, info: zipfile.ZipInfo, budget: List[int]
     them and they overlap no member read before."""
     if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} is compressed (torch stores them plain)")
+    if not 0 <= info.header_offset <= size - 30:
+        raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} starts outside the file")
     f.seek(info.header_offset)
     local = f.read(30)
     if len(local) != 30 or local[:4] != b"PK\x03\x04":
