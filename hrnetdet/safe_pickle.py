@@ -311,7 +311,7 @@ class _Machine:
             name = op.name
             if name == "STOP":
                 value = self.pop()[0]
-                return value.built if isinstance(value, _NumpyRequest) and value.built is not None else value
+                return value.built if isinstance(value, _ArrayRequest) and value.built is not None else value
             self.step(name, arg)
         raise Refused("a pickle without its end (truncated)")
 
@@ -384,7 +384,7 @@ class _Machine:
             if arg not in self.memo:
                 raise Refused("a malformed pickle (it refers to a value it never stored)")
             value, depth = self.memo[arg]
-            self.push(value.built if isinstance(value, _NumpyRequest) and value.built is not None else value, depth)
+            self.push(value.built if isinstance(value, _ArrayRequest) and value.built is not None else value, depth)
         elif name in ("PERSID", "BINPERSID"):
             self.push(self.persistent_load(arg if name == "PERSID" else self.pop()[0]))
         else:  # EXT1/2/4 (the copyreg extension registry), out-of-band buffers
