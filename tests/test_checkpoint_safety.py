@@ -47,6 +47,8 @@ def outcome(path):
         text = str(e)
         if "\n" in text or " at 0x" in text or path not in text:
             return "BAD: refusal not one clean line naming the file: " + text[:300]
+        if "MemoryError" in text or "alloc" in text:  # what an allocation past the limit looks like
+            return "BAD: tried to allocate more than the file justifies: " + text[:300]
         return "refused: " + text
     except BaseException as e:
         return "BAD: " + type(e).__name__ + ": " + "".join(traceback.format_exception_only(type(e), e))[:300]
@@ -250,7 +252,7 @@ class _System:
 def _hostile(folder):
     """name -> bytes of each hostile file; files that would run code touch ``folder``/ran.txt."""
     marker = os.path.join(folder, "ran.txt")
-    deep = b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."
+    deep = b"\x80\x02}" + _u("state_dict") + b"}" + _u("k") + b"]" * 100000 + b"a" * 99999 + b"ss."
     files = {
         "forged_object_dtype.pth": _torch_zip(_forged_object_dtype()),
         "bytearray_2gib.pth": _torch_zip(b"\x80\x02" + _g("builtins", "bytearray") + _long(2 ** 31) + b"\x85R."),
@@ -276,6 +278,8 @@ def _hostile(folder):
                                                 [("0", b"\0" * 16)]),
         "negative_stride.pth": _torch_zip(_state_dict(_tensor(_storage_pid("0", 4), [2], [-1], 1)),
                                           [("0", b"\0" * 16)]),
+        "unknown_storage_type.pth": _torch_zip(_state_dict(_tensor(_storage_pid("0", 4, "NoSuchStorage"), [4], [1])),
+                                               [("0", b"\0" * 16)]),
         "missing_storage.pth": _torch_zip(_state_dict(_tensor(_storage_pid("7", 4), [4], [1])), [("0", b"\0" * 16)]),
         "legacy_storage_claim.pth": pickle.dumps(0x1950a86a20f9469cfc6c, 2)
         + pickle.dumps(1001, 2) + pickle.dumps({"little_endian": True}, 2)
@@ -302,7 +306,7 @@ def test_hostile_files_are_refused_in_one_line(tmp_path):
     bad = {n: o for n, o in outcomes.items() if not o.startswith("refused")}
     assert not bad, bad
     assert not (tmp_path / "ran.txt").exists()
-    assert "does not exist" in outcomes["torch_no_such_name.pth"]
+    assert "does not exist" in outcomes["torch_no_such_name.pth"] and "does not exist" in outcomes["unknown_storage_type.pth"]
     assert "nested deeper than" in outcomes["deep_list.pth"]
     _assert_peak(lines)
 

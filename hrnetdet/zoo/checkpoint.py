@@ -155,9 +155,28 @@ def _no_storages(pid: Any) -> None:
     raise safe_pickle.Refused("a storage where the format has none")
 
 
+class _Bounded:
+    """A file whose reads never ask for more than is left in it: a length in a pickle may claim
+    gigabytes, and a buffered file allocates what a read asks for before it reads."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
 def _load_legacy(f: BinaryIO, size: int) -> object:
     """torch's format before 1.6: magic number, protocol, system info, the object (whose storages
     are allocated as they are named, within the file's size), the storages' keys, their bytes."""
+    f = _Bounded(f, size)
     if safe_pickle.load(f, _no_storages) != MAGIC_NUMBER:
         raise safe_pickle.Refused("a pickle, but not one torch.save wrote (no magic number)")
     if safe_pickle.load(f, _no_storages) != LEGACY_PROTOCOL:
@@ -184,7 +203,7 @@ def _load_legacy(f: BinaryIO, size: int) -> object:
     for key in keys:
         data, storage = storages[key]
         count = int.from_bytes(f.read(8), "little", signed=True)
-        if count * storage.flat.element_size() != len(data) or f.readinto(data) != len(data):
+        if count * storage.flat.element_size() != len(data) or f.f.readinto(data) != len(data):
             raise safe_pickle.Refused(f"storage {key[:40]!r} is cut short or of another size")
         if storage.flat.dtype == torch.bool:
             storage.flat.view(torch.uint8).copy_(storage.flat.view(torch.uint8).ne(0))
