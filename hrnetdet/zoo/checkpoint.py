@@ -2,22 +2,21 @@
 unpickler) and hrnetdet's ``.safetensors`` with the config.json beside it, writing a model so that
 it rebuilds exactly (``save_pretrained``), atomically and with the user's umask, and loading a state
 dict strictly."""
-import codecs
-import collections
 import functools
+import io
 import json
 import os
-import pickle
-import types
+import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import safe_pickle
 from ..detectors.settings import build_args
 from ..io import atomic_write, atomic_write_text
+from ..safe_pickle import Unpickled
 from ..version import __version__
 from .convert import (CheckpointError, category_ids_for, convert_reference, identify_reference,
                       reference_categories)
@@ -39,126 +38,183 @@ class Checkpoint:
     config: Dict[str, Any] = field(default_factory=dict)
 
 
-class Unpickled:
-    """Stands in for an object of a class the restricted unpickler does not build (an mmengine
-    ``HistoryBuffer``, a ``ConfigDict``, or worse): inert, it keeps nothing and runs nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, value: Any) -> None:
-        pass
-
-    def extend(self, values: Any) -> None:
-        pass
-
-
-@functools.lru_cache(maxsize=None)
-def _placeholder(module: str, name: str) -> type:
-    return type(name, (Unpickled,), {"__module__": module, "__qualname__": name})
-
-
-_TENSOR_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                      "_rebuild_parameter_with_state", "_rebuild_meta_tensor_no_storage",
-                      "_rebuild_device_tensor_from_numpy", "_rebuild_qtensor", "_rebuild_sparse_tensor")
-
-
-def _allowed_global(module: str, name: str) -> Any:
-    """What a checkpoint may build: tensors and their storages (torch handles storages itself),
-    torch's value types, plain containers, and numpy arrays and scalars. None for anything else."""
-    if module == "torch._utils" and name in _TENSOR_REBUILDERS:
-        return getattr(torch._utils, name, None)
-    if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
-        return getattr(torch, name)
-    plain = {("collections", "OrderedDict"): collections.OrderedDict, ("_codecs", "encode"): codecs.encode,
-             ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
-             ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
-             ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    if (module, name) in plain:
-        return plain[module, name]
-    reconstruct, scalar = np.ndarray.__reduce__(np.zeros(1))[0], np.float64(0).__reduce__()[0]
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-        return reconstruct if name == "_reconstruct" else scalar
-    if module == "numpy.dtypes" and name.endswith("DType"):
-        return getattr(np.dtypes, name, None)
-    return None
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Builds only what ``_allowed_global`` allows; every other class or function becomes an inert
-    ``Unpickled`` placeholder named after it, so no code from the file ever runs."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = _allowed_global(module, name)
-        return found if found is not None else _placeholder(module, name)
-
-
-_restricted_pickle = types.ModuleType("hrnetdet_restricted_pickle")
-_restricted_pickle.Unpickler = _RestrictedUnpickler
-_restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()
-
-
-def _unpickled_names(obj: Any, found: Optional[set] = None) -> set:
-    """``module.Class`` of every placeholder inside ``obj``'s dicts, lists and tuples."""
-    found = set() if found is None else found
-    if isinstance(obj, Unpickled):
-        found.add(f"{type(obj).__module__}.{type(obj).__qualname__}")
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _unpickled_names(v, found)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _unpickled_names(v, found)
-    return found
+MAGIC_NUMBER = 0x1950a86a20f9469cfc6c  # what torch's pre-zip (before 1.6) format starts with
+LEGACY_PROTOCOL = 1001
 
 
 def _refuse_unpickled(path: str, obj: Any) -> None:
     """Refuse ``obj`` when a placeholder for a class hrnetdet will not unpickle is inside it."""
-    names = _unpickled_names(obj)
+    names = {safe_pickle.placeholder_name(v) for v in safe_pickle.walk(obj) if isinstance(v, Unpickled)}
     if names:
         raise CheckpointError(f"{path}: holds objects hrnetdet will not unpickle ({', '.join(sorted(names))}) "
                               f"where a checkpoint has tensors: not a checkpoint hrnetdet can read")
 
 
+def _refuse_non_tensors(path: str, state_dict: dict) -> None:
+    """A state dict's keys are names and its values tensors; anything else is no checkpoint's."""
+    odd = next((k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, Tensor))), None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: its state_dict holds a {type(state_dict[odd]).__name__} "
+                              f"under {str(odd)[:80]!r}, where a checkpoint has tensors")
+
+
 def _torch_load(path: str) -> object:
-    """torch's weights-only load; a file it refuses for the classes in it (an mmengine trainer's
-    numpy values, HistoryBuffers, ConfigDicts) goes through the restricted unpickler instead."""
+    """What torch.save wrote, read by hrnetdet's own safe unpickler (hrnetdet/safe_pickle.py): a
+    zip (torch >= 1.6) or the older sequence of pickles followed by the storages' bytes."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # a zip (torch >= 1.6) or a pickle (older torch)
-        raise CheckpointError(f"{path}: not a checkpoint at all (neither a zip nor a pickle file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # objects the weights-only unpickler does not build: the restricted one handles them
-    except Exception as e:  # a zip without its central directory, a pickle cut short...
-        raise CheckpointError(f"{path}: truncated or corrupted PyTorch checkpoint "
-                              f"({type(e).__name__}: {_without_advice(e)})") from None
-    try:
-        return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: truncated or corrupted PyTorch checkpoint "
-                              f"({type(e).__name__}: {_without_advice(e)})") from None
+        f.seek(0)
+        if head[:2] != b"PK" and head[:1] != b"\x80":
+            raise CheckpointError(f"{path}: not a checkpoint at all (neither a zip nor a pickle file)")
+        try:
+            return _load_zip(f, size) if head[:2] == b"PK" else _load_legacy(f, size)
+        except safe_pickle.Refused as e:
+            raise CheckpointError(f"{path}: truncated or corrupted PyTorch checkpoint ({e})") from None
 
 
-def _without_advice(e: Exception) -> str:
-    """torch's message, first line only: its later lines advise loading with weights_only=False,
-    which runs whatever code the file holds."""
-    lines = [line for line in str(e).strip().splitlines() if "weights_only" not in line]
-    return lines[0][:200] if lines else ""
+def _storage_bytes(dtype: torch.dtype, numel: Any, key: Any, budget: List[int]) -> int:
+    """The bytes a storage of ``numel`` elements takes, once the file is known to hold them: the
+    storages together may not claim more than ``budget`` (the file's bytes not yet accounted for)."""
+    if type(numel) is not int or numel < 0:
+        raise safe_pickle.Refused(f"storage {str(key)[:40]!r} has no element count")
+    nbytes = numel * dtype.itemsize
+    if nbytes > budget[0]:
+        raise safe_pickle.Refused(f"storage {str(key)[:40]!r} claims {nbytes} bytes, more than the file holds")
+    budget[0] -= nbytes
+    return nbytes
+
+
+def _storage(data: bytearray, dtype: torch.dtype) -> safe_pickle.Storage:
+    """A storage over ``data`` (shared, not copied); bools are made 0 or 1."""
+    flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    if dtype == torch.bool:
+        flat.copy_(flat.ne(0))
+    return safe_pickle.Storage(flat.view(dtype))
+
+
+def _storage_id(pid: Any, length: int) -> Tuple[safe_pickle.StorageType, str, Any]:
+    """The type, key and element count a persistent id names (with ``length`` fields)."""
+    if not (isinstance(pid, tuple) and len(pid) == length and pid[0] == "storage"
+            and isinstance(pid[1], safe_pickle.StorageType) and isinstance(pid[2], str)):
+        raise safe_pickle.Refused("a persistent id that is not a storage of a known type")
+    return pid[1], pid[2], pid[4]
+
+
+def _zip_member(f: BinaryIO, size: int, info: zipfile.ZipInfo, budget: List[int]) -> bytearray:
+    """A stored (uncompressed, as torch writes them) member's bytes, read only when the file holds
+    them and they overlap no member read before."""
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} is compressed (torch stores them plain)")
+    if not 0 <= info.header_offset <= size - 30:
+        raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} starts outside the file")
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} has no local header")
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    if start + info.file_size > size or info.file_size > budget[0]:
+        raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} claims more bytes than the file holds")
+    budget[0] -= info.file_size
+    data = bytearray(info.file_size)
+    f.seek(start)
+    if f.readinto(data) != len(data):
+        raise safe_pickle.Refused(f"zip member {info.filename[:60]!r} is cut short")
+    return data
+
+
+def _load_zip(f: BinaryIO, size: int) -> object:
+    try:
+        members = {i.filename: i for i in zipfile.ZipFile(f).infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, OverflowError, NotImplementedError) as e:
+        raise safe_pickle.Refused(f"not a readable zip: {type(e).__name__}") from None
+    pickles = [n for n in members if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise safe_pickle.Refused("a zip without the one data.pkl of torch's format")
+    prefix, budget = pickles[0][: -len("data.pkl")], [size]
+    if prefix + "byteorder" in members and _zip_member(f, size, members[prefix + "byteorder"], budget) != b"little":
+        raise safe_pickle.Refused("saved on a big-endian machine, which hrnetdet does not read")
+    storages: Dict[str, safe_pickle.Storage] = {}
+
+    def persistent_load(pid: Any) -> safe_pickle.Storage:
+        storage_type, key, numel = _storage_id(pid, 5)
+        if key not in storages:
+            info = members.get(f"{prefix}data/{key}")
+            if info is None:
+                raise safe_pickle.Refused(f"storage {key[:40]!r} is not in the zip")
+            nbytes = _storage_bytes(storage_type.dtype, numel, key, [info.file_size])
+            storages[key] = _storage(_zip_member(f, size, info, budget)[:nbytes], storage_type.dtype)
+        if storages[key].flat.dtype != storage_type.dtype:
+            raise safe_pickle.Refused(f"storage {key[:40]!r} is read as two dtypes")
+        return storages[key]
+
+    return safe_pickle.load(io.BytesIO(_zip_member(f, size, members[pickles[0]], budget)), persistent_load)
+
+
+def _no_storages(pid: Any) -> None:
+    raise safe_pickle.Refused("a storage where the format has none")
+
+
+class _Bounded:
+    """A file whose reads never ask for more than is left in it: a length in a pickle may claim
+    gigabytes, and a buffered file allocates what a read asks for before it reads."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _load_legacy(f: BinaryIO, size: int) -> object:
+    """torch's format before 1.6: magic number, protocol, system info, the object (whose storages
+    are allocated as they are named, within the file's size), the storages' keys, their bytes."""
+    f = _Bounded(f, size)
+    if safe_pickle.load(f, _no_storages) != MAGIC_NUMBER:
+        raise safe_pickle.Refused("a pickle, but not one torch.save wrote (no magic number)")
+    if safe_pickle.load(f, _no_storages) != LEGACY_PROTOCOL:
+        raise safe_pickle.Refused("an unknown version of torch's format")
+    info = safe_pickle.load(f, _no_storages)
+    if not isinstance(info, dict) or info.get("little_endian") is not True:
+        raise safe_pickle.Refused("saved on a big-endian machine, which hrnetdet does not read")
+    budget = [size - f.tell()]
+    storages: Dict[str, Tuple[bytearray, safe_pickle.Storage]] = {}
+
+    def persistent_load(pid: Any) -> safe_pickle.Storage:
+        storage_type, key, numel = _storage_id(pid, 6)
+        if pid[5] is not None:
+            raise safe_pickle.Refused("a storage view, which only torch before 0.4 wrote")
+        if key not in storages:
+            data = bytearray(_storage_bytes(storage_type.dtype, numel, key, budget))
+            storages[key] = (data, _storage(data, storage_type.dtype))
+        return storages[key][1]
+
+    obj = safe_pickle.load(f, persistent_load)
+    keys = safe_pickle.load(f, _no_storages)
+    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
+        raise safe_pickle.Refused("its list of storages does not match the storages it uses")
+    for key in keys:
+        data, storage = storages[key]
+        count = int.from_bytes(f.read(8), "little", signed=True)
+        if count * storage.flat.element_size() != len(data) or f.f.readinto(data) != len(data):
+            raise safe_pickle.Refused(f"storage {key[:40]!r} is cut short or of another size")
+        if storage.flat.dtype == torch.bool:
+            storage.flat.view(torch.uint8).copy_(storage.flat.view(torch.uint8).ne(0))
+    return obj
 
 
 def read_checkpoint(path: str) -> Checkpoint:
     """Read a reference ``.pth`` (converted on the fly) or an hrnetdet ``.safetensors`` file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(f"no such checkpoint file: {path}")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     obj = _torch_load(path)
@@ -170,6 +226,7 @@ def read_checkpoint(path: str) -> Checkpoint:
         sd, meta = obj["state_dict"], obj.get("meta")
         meta = meta if isinstance(meta, dict) else {}
         _refuse_unpickled(path, sd)  # the meta may hold anything: only the weights are checked
+        _refuse_non_tensors(path, sd)
         if any(k.startswith("module.") for k in sd):
             sd = {k[len("module."):]: v for k, v in sd.items()}
         family, width = identify_reference(sd, path, list_families())
