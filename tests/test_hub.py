@@ -17,7 +17,7 @@ from fake_hub import env, hub, serve_reference  # noqa: F401  (fixtures)
 from hrnetdet.backbone import HRNet
 from hrnetdet.cli import main as cli_main
 from hrnetdet.zoo import registry
-from hrnetdet.zoo.coco import COCO_CATEGORY_NAMES
+from hrnetdet.data.categories import COCO_CATEGORY_NAMES
 from hrnetdet.zoo.convert import CheckpointError
 from hrnetdet.zoo.hub import (_reference_file, backbone_weights_file, class_dependent_keys, converted_path, fetch_pretrained,
                               load_except_class_layers, load_pretrained_checkpoint)

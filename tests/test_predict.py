@@ -92,7 +92,7 @@ def test_predict_command_writes_coco_json_and_pictures(checkpoint, folder, tmp_p
     assert {os.path.basename(r["file_name"]) for r in records} == {"a.png", "b.jpg"}
     first = [r for r in records if r["image_id"] == 0]
     assert len(first) > 0 and {"bbox", "score", "category_id", "category_name", "segmentation"} <= set(first[0])
-    assert all(r["category_id"] in hrnetdet.zoo.coco.COCO_CATEGORY_IDS for r in records)
+    assert all(r["category_id"] in hrnetdet.data.categories.COCO_CATEGORY_IDS for r in records)
     assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
 
 
@@ -284,7 +284,7 @@ def test_results_carry_the_dataset_category_ids(model, rgb, tmp_path, monkeypatc
     from pycocotools import mask as mask_utils
     from hrnetdet.data.results import category_ids_of, coco_records
     res = hrnetdet.predict(model, rgb)
-    assert category_ids_of(model) == list(hrnetdet.zoo.coco.COCO_CATEGORY_IDS)
+    assert category_ids_of(model) == list(hrnetdet.data.categories.COCO_CATEGORY_IDS)
     monkeypatch.setattr(model, "category_ids", [1000 + i for i in range(80)])  # restored for the shared model
     records = coco_records(res, 7, category_ids_of(model))
     assert [r["category_id"] for r in records] == [1000 + lab - 1 for lab in res["labels"].tolist()]

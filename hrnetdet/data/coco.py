@@ -16,7 +16,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from ..zoo.coco import BACKGROUND
+from .categories import BACKGROUND
 from .images import load_image
 
 Target = Dict[str, Tensor]

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..zoo.convert import category_ids_for
+from .categories import category_ids_for
 
 
 def category_ids_of(model: nn.Module) -> Optional[List[int]]:
-    """The dataset category id of each label 1..K: ``zoo.convert.category_ids_for`` of the model's
+    """The dataset category id of each label 1..K: ``categories.category_ids_for`` of the model's
     categories and ``category_ids`` (its dataset's, or COCO's for COCO's categories, else the label);
     None for a model without categories."""
     categories = list(getattr(model, "categories", None) or [])

@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import safe_pickle
+from ..data.categories import category_ids_for
 from ..detectors.settings import build_args
 from ..io import atomic_write, atomic_write_text
 from ..safe_pickle import Unpickled
 from ..version import __version__
-from .convert import (CheckpointError, category_ids_for, convert_reference, identify_reference,
+from .convert import (CheckpointError, convert_reference, identify_reference,
                       reference_categories)
 from .registry import get_family, list_families
 

@@ -6,7 +6,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .coco import BACKGROUND, COCO_CATEGORIES, COCO_CATEGORY_IDS
+from ..data.categories import categories_for
 from .records import Family, Rule, Transform
 
 
@@ -129,36 +129,6 @@ def convert_reference(state_dict: Dict[str, Tensor], family: Family, path: str =
     if layout.bgr_input:
         out[FIRST_CONV] = flip_input_channels(out[FIRST_CONV])
     return out
-
-
-def categories_for(num_classes: int, names: Optional[Sequence[str]] = None) -> List[str]:
-    """Category names with the background first: ``names`` (the background is added when missing)
-    when they fit ``num_classes``, else COCO's for 81 classes, else ``class_1``..."""
-    if names:
-        names = list(names)
-        if names[0] != BACKGROUND:
-            names = [BACKGROUND] + names
-        if len(names) == num_classes:
-            return names
-    if num_classes == len(COCO_CATEGORIES):
-        return list(COCO_CATEGORIES)
-    return [BACKGROUND] + [f"class_{i}" for i in range(1, num_classes)]
-
-
-def category_ids_for(categories: Sequence[str], ids: Optional[Sequence[int]] = None) -> List[Optional[int]]:
-    """Dataset category ids aligned with ``categories`` (None for the background): ``ids`` (one per
-    foreground category, or aligned with the background's None first), else COCO's for COCO's
-    categories, else the label indices."""
-    if ids is not None:
-        ids = [None if i is None else int(i) for i in ids]
-        if len(ids) == len(categories) - 1:
-            ids = [None] + ids
-        if len(ids) != len(categories) or ids[0] is not None:
-            raise ValueError(f"{len(ids)} category ids for {len(categories)} categories (with background)")
-        return ids
-    if tuple(categories) == COCO_CATEGORIES:
-        return [None, *COCO_CATEGORY_IDS]
-    return [None, *range(1, len(categories))]
 
 
 def reference_categories(meta: dict, num_classes: int) -> List[str]:

@@ -6,8 +6,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 from torch import nn
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, read_config
-from .coco import BACKGROUND, COCO_CATEGORIES
-from .convert import CheckpointError, categories_for, category_ids_for
+from ..data.categories import BACKGROUND, COCO_CATEGORIES, categories_for, category_ids_for
+from .convert import CheckpointError
 from .hub import (HF_HUB_PREFIX, hub_model_files, load_backbone_weights, load_except_class_layers,
                   load_pretrained_checkpoint)
 from .records import PretrainedCfg, arch_name

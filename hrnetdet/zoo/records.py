@@ -8,7 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 from torch import Tensor, nn
 
 from ..detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD
-from .coco import COCO_CATEGORIES
+from ..data.categories import COCO_CATEGORIES
 from .recipe import RCNN_RECIPE, Recipe
 
 Transform = Callable[[Tensor], Tensor]
