@@ -3,6 +3,7 @@ that then resumes to the weights of a straight one, and its errors name it; the 
 import csv
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -35,7 +36,7 @@ class Recorder(Callback):
 
     def on_step_end(self, state, losses):
         assert "loss" in losses and all(isinstance(v, float) for v in losses.values())
-        assert not state.step_skipped and state.optimizer.param_groups[0]["lr"] > 0
+        assert state.step_skipped == (not all(map(math.isfinite, losses.values())))
         self.events.append(("step_end", state.iteration))
 
     def on_validation_end(self, state, metrics):
@@ -68,19 +69,22 @@ def expected_events(plan, start=0, validation=True):
 def test_a_user_callback_sees_every_event_in_order_at_its_iteration(shapes, tmp_path):
     (ann, images), (val_ann, val_images) = shapes
     recorder = Recorder()
-    summary = fit(tiny_model(ARCH), ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=6, batch_size=2,
-                  lr=0.005, checkpoint_every=3, log_every=1, progress=False, aug="none", callbacks=[recorder])
+    summary = fit(tiny_model(ARCH), ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=4, batch_size=2,
+                  lr=0.005, checkpoint_every=2, log_every=1, progress=False, aug="none", callbacks=[recorder])
     plan = recorder.plan
-    assert (plan.total, plan.per_epoch, plan.checkpoint_every) == (6, 2, 3)  # three epochs, two checkpoints
-    assert recorder.events == expected_events(plan)
+    assert (plan.total, plan.per_epoch, plan.checkpoint_every) == (4, 2, 2)  # two epochs, two checkpoints
+    assert recorder.events == expected_events(plan) == [
+        ("fit_start", 0), ("epoch_start", 0, 0), ("step_end", 1), ("step_end", 2), ("validation_end", 2),
+        ("checkpoint", 2), ("epoch_start", 2, 1), ("step_end", 3), ("step_end", 4), ("validation_end", 4),
+        ("checkpoint", 4), ("fit_end", 4)]
     assert sum(e[0] == "step_end" for e in recorder.events) == plan.total == summary["iterations"]
     assert summary["stop_reason"] is None
 
     # A finished run resumed: no step, the loop's start and end only.
     again = Recorder()
-    fit(tiny_model(ARCH), ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=6, batch_size=2,
-        lr=0.005, checkpoint_every=3, progress=False, aug="none", resume=True, callbacks=[again])
-    assert again.events == [("fit_start", 6), ("fit_end", 6)]
+    fit(tiny_model(ARCH), ann, images, val_ann, val_images, out_dir=str(tmp_path), iters=4, batch_size=2,
+        lr=0.005, checkpoint_every=2, progress=False, aug="none", resume=True, callbacks=[again])
+    assert again.events == [("fit_start", 4), ("fit_end", 4)]
 
 
 class StopAt(Callback):
@@ -111,6 +115,23 @@ def test_a_callback_stops_the_run_saved_at_its_iteration_and_resume_continues(sh
     assert resumed_recorder.events == expected_events(resumed_recorder.plan, start=2, validation=False)
     assert _same(_weights(tmp_path / "straight"), _weights(run))
     assert [json.loads(line)["iter"] for line in open(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_skipped_step_is_announced_before_its_step_end(shapes, tmp_path):
+    (ann, images), _ = shapes
+    model = tiny_model(ARCH)
+    forward, calls = model.forward, [0]
+
+    def nan_on_second(*args, **kwargs):
+        calls[0] += 1
+        losses = forward(*args, **kwargs)
+        return {k: v * float("nan") for k, v in losses.items()} if calls[0] == 2 else losses
+    model.forward = nan_on_second
+    recorder = Recorder()
+    summary = fit(model, ann, images, out_dir=str(tmp_path), iters=2, batch_size=1, lr=0.005, progress=False,
+                  callbacks=[recorder])
+    assert summary["skipped_steps"] == 1
+    assert recorder.events[2:6] == [("step_end", 1), ("step_skipped", 2), ("step_end", 2), ("checkpoint", 2)]
 
 
 class Broken(Callback):
