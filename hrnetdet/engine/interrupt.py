@@ -30,6 +30,7 @@ class GracefulStop:
     def __init__(self) -> None:
         self.signum: Optional[int] = None
         self.stopping = False
+        self.signalled = False
         self._previous: Dict[int, object] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -52,12 +53,13 @@ class GracefulStop:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "another process's signal"
 
-    def check(self, world: int, device: torch.device) -> bool:
-        """Whether to stop now; under DDP every process stops at the same iteration."""
-        flag = self.signum is not None
+    def check(self, world: int, device: torch.device, requested: bool = False) -> bool:
+        """Whether to stop now: a signal, or a stop ``requested`` by a callback; under DDP every
+        process stops at the same iteration. ``signalled`` says whether a signal was among them."""
+        flags = [self.signum is not None, requested]
         if world > 1:
-            votes = torch.tensor([int(flag)], device=device if device.type == "cuda" else None)
+            votes = torch.tensor([int(f) for f in flags], device=device if device.type == "cuda" else None)
             dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-            flag = bool(votes.item())
-        self.stopping = flag
-        return flag
+            flags = [bool(v) for v in votes.tolist()]
+        self.signalled, self.stopping = flags[0], any(flags)
+        return self.stopping
