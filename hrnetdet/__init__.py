@@ -9,7 +9,8 @@ from .version import __version__
 _EXPORTS = {"CheckpointError": "hrnetdet.zoo", "create_model": "hrnetdet.zoo",
             "get_arch_pretrained_cfgs": "hrnetdet.zoo", "get_pretrained_cfg": "hrnetdet.zoo",
             "list_families": "hrnetdet.zoo", "list_models": "hrnetdet.zoo", "save_pretrained": "hrnetdet.zoo",
-            "evaluate": "hrnetdet.engine.evaluate", "fit": "hrnetdet.engine.train",
+            "Callback": "hrnetdet.engine.callbacks", "evaluate": "hrnetdet.engine.evaluate",
+            "fit": "hrnetdet.engine.train",
             "optimize_for_inference": "hrnetdet.inference", "predict": "hrnetdet.inference",
             "draw": "hrnetdet.visualize"}
 
