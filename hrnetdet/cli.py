@@ -5,12 +5,13 @@ The parser is built here without importing torch, so ``--help`` answers at once;
 user can fix print as one line naming the flag (``--debug`` or ``HRNETDET_DEBUG=1``: the traceback).
 """
 import argparse
+import contextlib
 import importlib
 import os
 import re
 import sys
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 from .threads import THREADS_HELP, set_num_threads
 from .version import __version__
@@ -279,6 +280,22 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"hrnetdet: warning: {without_internals(str(message))}\n"
 
 
+@contextlib.contextmanager
+def cli_output(debug: bool) -> Iterator[None]:
+    """Warnings on one line without their source line, and huggingface_hub's notes on each retry
+    silenced (the error that follows says why it failed), unless --debug or HF_HUB_VERBOSITY is set."""
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    quiet_hub = not debug and "HF_HUB_VERBOSITY" not in os.environ
+    if quiet_hub:
+        os.environ["HF_HUB_VERBOSITY"] = "error"  # read when huggingface_hub is imported
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatwarning
+        if quiet_hub:
+            del os.environ["HF_HUB_VERBOSITY"]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -288,20 +305,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command in ("eval", "predict") and not (args.checkpoint or args.pretrained or "." in args.model):
         subparser.error("give --checkpoint PATH, --pretrained [TAG] or a --model NAME.tag with published weights")
     set_num_threads(args.threads)
-    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    args.debug = args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0")
+    with cli_output(args.debug):
+        return _run(args, subparser)
+
+
+def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
     try:
         module, function = COMMANDS[args.command].run.split(":")
         run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)
     except USER_ERRORS as e:
-        if args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0"):
+        if args.debug:
             raise
         message = user_message(without_internals(str(e)) or type(e).__name__, subparser, args)
         raise SystemExit(f"hrnetdet {args.command}: error: {message}") from None
     except KeyboardInterrupt:
         raise SystemExit(f"hrnetdet {args.command}: interrupted") from None
-    finally:
-        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -107,14 +107,14 @@ CASES = [
     # of BAD_CONFIGS is tried in-process below)
     ("convert_empty_checkpoint", "convert {d}/empty.pth --out {d}/o", {}, 1, "empty.pth"),
     ("predict_config_string_num_classes", "predict {d}/a.jpg --model {arch} --checkpoint "
-     "{d}/string_num_classes/model.safetensors --out {d}/p", {}, 1, "num_classes"),
+     "{d}/string_num_classes/model.safetensors --out {d}/p", {}, 1, "config.json: num_classes must be"),
     ("export_config_zero_min_size", "export {arch} --checkpoint {d}/zero_min_size/model.safetensors "
-     "--format torchscript --out {d}/exported", {}, 1, "build_args.min_size"),
+     "--format torchscript --out {d}/exported", {}, 1, "config.json: build_args.min_size must be"),
     ("eval_config_categories_misfit", "eval --model {arch} --checkpoint {d}/categories_misfit/model.safetensors "
-     "--ann {d}/ann.json --images {d}", {}, 1, "categories"),
+     "--ann {d}/ann.json --images {d}", {}, 1, "config.json: categories holds 4 names"),
     # no network
     ("push_unreachable", "push {d}/run --repo me/x", {"HF_ENDPOINT": "http://127.0.0.1:{port}", "HF_TOKEN": "x"},
-     1, "me/x"),
+     1, "could not push to me/x"),
     ("download_unreachable", "download {arch}.coco_1x --dir {d}/dl",
      {"HRNETDET_REFERENCE_URL": "http://127.0.0.1:{port}"}, 1, "could not download"),
     ("predict_hub_offline", "predict {d}/a.jpg --model hf-hub:me/x --pretrained --out {d}/p",
@@ -228,3 +228,12 @@ def test_warnings_are_one_line_without_source():
     line = one_line_warning(UserWarning("a\n  warning about <object at 0x7f3a>"), UserWarning, "x.py", 3,
                             "    warnings.warn(...)")
     assert line == "hrnetdet: warning: a warning about <object>\n"
+
+
+@pytest.mark.slow
+def test_unreachable_hub_download_is_one_line(files):
+    """huggingface_hub retries for about 23 s and logs each try; the CLI says only why it failed."""
+    proc = _run("download --backbone hrnet_w18.ms_in1k", {"HF_ENDPOINT": "http://127.0.0.1:{port}"}, files,
+                _closed_port())
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("hrnetdet download: error: the Hub (http://127.0.0.1:")
