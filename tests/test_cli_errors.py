@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from hrnetdet.zoo import records
 from hrnetdet.zoo.checkpoint import changed_build_args
 from hrnetdet.zoo.convert import CheckpointError
-from hrnetdet.zoo.factory import build_settings, create_model, validate_config
+from hrnetdet.zoo.config import build_settings, validate_config
+from hrnetdet.zoo.factory import create_model
 from hrnetdet.zoo.registry import list_families
 from hrnetdet.zoo.records import arch_name
 
@@ -237,3 +238,16 @@ def test_unreachable_hub_download_is_one_line(files):
                 _closed_port())
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("hrnetdet download: error: the Hub (http://127.0.0.1:")
+
+
+def test_push_checks_the_run_config_first(files, tmp_path):
+    """A run whose config.json is not one save_pretrained could have written is refused before the
+    model card is written or the Hub is asked (it was a KeyError traceback)."""
+    from hrnetdet.zoo.push import push_run
+    run = tmp_path / "run"
+    _weights_folder(run / "best", {"architecture": ARCH, "num_classes": 3})  # no categories
+    with pytest.raises(CheckpointError, match=r"best/config.json: no 'categories'"):
+        push_run(str(run), "me/x")
+    (run / "best" / "config.json").write_text(json.dumps({**GOOD_CONFIG, "build_args": {"min_size": [0]}}))
+    with pytest.raises(CheckpointError, match=r"best/config.json: build_args.min_size must be"):
+        push_run(str(run), "me/x")

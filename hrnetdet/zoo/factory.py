@@ -1,17 +1,12 @@
 """``create_model`` and the generated per-architecture factories (timm's ``_builder`` role)."""
-import functools
-import inspect
 import logging
-import math
 import os
-import typing
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
-from ..detectors.rcnn import build_detector, build_rpn
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, Checkpoint, _default_build_args, load_into, read_checkpoint,
-                         read_config)
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint
+from .config import check_build_kwargs, read_saved_config, validate_config
 from .coco import BACKGROUND, COCO_CATEGORIES
 from .convert import CheckpointError, categories_for, category_ids_for
 from .hub import (HF_HUB_PREFIX, hub_model_files, load_backbone_weights, load_except_class_layers,
@@ -55,15 +50,14 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
         config_path, weights_path = hub_model_files(repo_id, revision or None, weights=bool(pretrained),
                                                     local_files_only=local_files_only)
-        config, pretrained = read_config(config_path), False
-        name = _saved_arch(config, config_path)
+        (config, name), pretrained = read_saved_config(config_path), False
         checkpoint_path = checkpoint_path or weights_path
     elif os.path.isdir(name):
         config_path = os.path.join(name, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{name} is a folder without {CONFIG_FILE}: not one save_pretrained wrote")
         checkpoint_path = checkpoint_path or os.path.join(name, WEIGHTS_FILE)
-        name = _saved_arch(read_config(config_path), config_path)
+        name = read_saved_config(config_path)[1]
     arch, tag = split_name(name)
     if isinstance(pretrained, str):
         if tag is not None and tag != pretrained:
@@ -119,139 +113,10 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
     return model
 
 
-def _saved_arch(config: Dict[str, Any], config_path: str) -> str:
-    arch = config.get("architecture")
-    if not isinstance(arch, str):
-        raise CheckpointError(f"{config_path}: no 'architecture' (a config.json from hrnetdet's save_pretrained has one)")
-    return arch
-
-
-# Bounds of what a config.json (or a builder keyword) may ask for, chosen so that a typo cannot
-# allocate without limit: image sides in pixels, classes with the background, other counts.
-MAX_SIDE = 10000
-MAX_CLASSES = 100000
-MAX_COUNT = 100000
-SIDES = ("min_size", "max_size")
-
-
 def _config_source(checkpoint_path: str) -> str:
     """The file a safetensors checkpoint's config came from: the config.json beside it, else its header."""
     beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CONFIG_FILE)
     return beside if os.path.isfile(beside) else checkpoint_path
-
-
-def _keywords(builder: Callable[..., nn.Module]) -> Dict[str, inspect.Parameter]:
-    """The keyword parameters of a family's builder; a builder with ``**kwargs`` hands them on to
-    the two-stage assembly (``build_detector``, then ``build_rpn``), whose keywords count too."""
-    params = dict(inspect.signature(builder).parameters)
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        for assembly in (build_detector, build_rpn):
-            params = {**inspect.signature(assembly).parameters, **params}
-    return {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-
-
-@functools.lru_cache(maxsize=None)
-def build_settings(arch: str) -> Dict[str, Tuple[Any, bool]]:
-    """The build arguments of ``arch`` a config.json may set: setting -> (its default, whether it may
-    be null). The keywords ``arch``'s builder takes that a built model records (what save_pretrained
-    writes), with the defaults read back from a model built on the meta device."""
-    family, _ = get_family(arch)
-    params = _keywords(family.builder)
-    return {key: (default, params[key].default is None or type(None) in typing.get_args(params[key].annotation))
-            for key, default in _default_build_args(arch).items() if key in params}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole(value: Any, low: int, high: int) -> Optional[str]:
-    """What is wrong with ``value`` as a whole number in [low, high], or None."""
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-        return None
-    return f"must be a whole number from {low} to {high}, got {_short(value)}"
-
-
-def _setting_problem(key: str, value: Any, default: Any, nullable: bool) -> Optional[str]:
-    """What is wrong with ``value`` for the build setting ``key`` (whose default is ``default``), or None.
-    Its type is the default's; sides are 1..MAX_SIDE pixels, thresholds 0..1, other counts up to
-    MAX_COUNT (and down to 1, or to the default when that is lower: frozen_stages -1 freezes none)."""
-    if value is None:
-        return None if nullable else f"may not be null (default {default!r})"
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else f"must be true or false, got {_short(value)}"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else f"must be a string such as {default!r}, got {_short(value)}"
-    if isinstance(default, list):
-        value = list(value) if isinstance(value, tuple) else [value] if key in SIDES and not isinstance(value, list) else value
-        if not isinstance(value, list) or not value or (key not in SIDES and len(value) != len(default)):
-            count = "one or more" if key in SIDES else len(default)
-            return f"must be a list of {count} numbers such as {default!r}, got {_short(value)}"
-        return next(filter(None, (_setting_problem(key, v, default[0], False) for v in value)), None)
-    if key in SIDES:
-        return _whole(value, 1, MAX_SIDE)
-    if isinstance(default, int):
-        return _whole(value, min(default, 1), MAX_COUNT)
-    if not _is_number(value):
-        return f"must be a number, got {_short(value)}"
-    if key.endswith("_thresh") and not 0 <= value <= 1:
-        return f"must be from 0 to 1, got {value}"
-    if key == "image_std" and value <= 0:
-        return f"must be above 0, got {value}"
-    return None
-
-
-def check_build_kwargs(kwargs: Dict[str, Any], arch: str) -> None:
-    """Builder keywords given in Python (or by the CLI's flags) that a config.json could also hold,
-    checked as a config.json's are (other keywords are left to the builder)."""
-    settings = build_settings(arch)
-    for key, value in kwargs.items():
-        problem = _setting_problem(key, value, *settings[key]) if key in settings else None
-        if problem:
-            raise ValueError(f"{key}={_short(value)}: {problem}")
-
-
-def validate_config(config: Dict[str, Any], path: str, arch: str) -> None:
-    """A saved config (config.json) checked before anything is built from it: ``num_classes``,
-    ``categories`` (they must fit ``num_classes``), ``category_ids`` and every key and value of
-    ``build_args`` against what ``arch``'s builder takes. Raises CheckpointError naming the file and
-    the field."""
-    def refuse(field: str, problem: str) -> None:
-        raise CheckpointError(f"{path}: {field} {problem}")
-
-    num_classes = config.get("num_classes")
-    problem = None if num_classes is None else _whole(num_classes, 2, MAX_CLASSES)
-    if problem:
-        refuse("num_classes", f"{problem} (classes with the background)")
-    categories = config.get("categories")
-    if categories is not None:
-        if not isinstance(categories, list) or not categories or not all(isinstance(c, str) for c in categories):
-            refuse("categories", f"must be a list of names, got {_short(categories)}")
-        with_background = len(categories) + (categories[0] != BACKGROUND)
-        if num_classes is not None and with_background != num_classes:
-            refuse("categories", f"holds {len(categories)} names, which do not fit num_classes={num_classes} "
-                                 f"(which counts the background {BACKGROUND!r})")
-        ids = config.get("category_ids")
-        if ids is not None and (not isinstance(ids, list) or len(ids) not in (with_background - 1, with_background)
-                                or not all(i is None or _whole(i, 0, 2 ** 63 - 1) is None for i in ids)):
-            refuse("category_ids", f"must be a list of {with_background - 1} whole numbers (one per category), "
-                                   f"got {_short(ids)}")
-    build_args = config.get("build_args", {})
-    if not isinstance(build_args, dict):
-        refuse("build_args", f"must be an object of builder settings, got {_short(build_args)}")
-    settings = build_settings(arch)
-    for key, value in build_args.items():
-        if key not in settings:
-            refuse(f"build_args.{key}", f"is not a setting of {arch} (known: {', '.join(sorted(settings))})")
-        problem = _setting_problem(key, value, *settings[key])
-        if problem:
-            refuse(f"build_args.{key}", problem)
-
-
-def _short(value: Any) -> str:
-    """A JSON value for a one-line message."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _factory(arch: str) -> Callable[..., nn.Module]:

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 
 from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config
+from .convert import CheckpointError
+from .config import read_saved_config
 from .hub import HF_HUB_PREFIX
 from .registry import get_family
 
@@ -110,7 +112,10 @@ def push_run(run_dir: str, repo_id: str, *, private: bool = False, token: Option
     """Upload a training run's weights, config, curves and predictions picture with a generated
     model card; returns the commit."""
     source = weights_dir(run_dir)
-    config = read_config(os.path.join(source, CONFIG_FILE))
+    config_path = os.path.join(source, CONFIG_FILE)
+    config = read_saved_config(config_path)[0]
+    if "categories" not in config:
+        raise CheckpointError(f"{config_path}: no 'categories' (the model card lists them)")
     pictures = [p for p in PICTURES if os.path.isfile(os.path.join(run_dir, p))]
     per_class = None
     if os.path.isfile(os.path.join(run_dir, EVAL_METRICS)):
