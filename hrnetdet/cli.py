@@ -60,7 +60,8 @@ class Command(NamedTuple):
 
 def _weights_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--checkpoint", type=existing_file, help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
+    p.add_argument("--checkpoint", type=existing_file,
+                   help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
                    help="the published COCO weights of --model (or of this tag)")
 
@@ -81,18 +82,21 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=existing_file, help="a reference (mmdetection) .pth checkpoint")
     p.add_argument("--model", help="architecture name; inferred from the checkpoint when omitted")
-    p.add_argument("--out", type=output_folder, required=True, help="output folder for model.safetensors and config.json")
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output folder for model.safetensors and config.json")
 
 
 def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="+", help="arch, arch.tag or a wildcard ('*w18*')")
-    p.add_argument("--dir", type=output_folder, help="a folder to fill (to copy to an offline machine); default: the caches")
+    p.add_argument("--dir", type=output_folder,
+                   help="a folder to fill (to copy to an offline machine); default: the caches")
     p.add_argument("--backbone", action="store_true",
                    help="names are timm HRNets (hrnet_w32.ms_in1k), for --weights-backbone")
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", type=existing_folder, metavar="RUN_DIR", help="a training run folder (hrnetdet train --out)")
+    p.add_argument("run_dir", type=existing_folder, metavar="RUN_DIR",
+                   help="a training run folder (hrnetdet train --out)")
     p.add_argument("--repo", required=True, help="the Hub repository to create or update, e.g. org/name")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--token", help="a Hub token (default: the logged-in one)")
@@ -150,8 +154,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
     p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
     p.add_argument("--images", type=existing_folder, required=True, help="image folder")
-    p.add_argument("--out", type=output_folder, help="folder for predictions.json (COCO results), metrics.json, a confusion matrix "
-                                 "and precision-recall curves")
+    p.add_argument("--out", type=output_folder, help="folder for predictions.json (COCO results), metrics.json, "
+                                                     "a confusion matrix and precision-recall curves")
     _device_arg(p)
     p.add_argument("--min-size", type=positive_int, help="shorter side (the model's default: 800)")
     _max_size_arg(p)

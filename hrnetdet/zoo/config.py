@@ -67,7 +67,8 @@ def _setting_problem(key: str, value: Any, default: Any, nullable: bool) -> Opti
     if isinstance(default, str):
         return None if isinstance(value, str) else f"must be a string such as {default!r}, got {_short(value)}"
     if isinstance(default, list):
-        value = list(value) if isinstance(value, tuple) else [value] if key in SIDES and not isinstance(value, list) else value
+        if isinstance(value, tuple) or (key in SIDES and not isinstance(value, list)):  # (640, 672) or 800
+            value = list(value) if isinstance(value, tuple) else [value]
         if not isinstance(value, list) or not value or (key not in SIDES and len(value) != len(default)):
             count = "one or more" if key in SIDES else len(default)
             return f"must be a list of {count} numbers such as {default!r}, got {_short(value)}"
@@ -143,6 +144,7 @@ def read_saved_config(config_path: str) -> Tuple[Dict[str, Any], str]:
     config = read_config(config_path)
     arch = config.get("architecture")
     if not isinstance(arch, str):
-        raise CheckpointError(f"{config_path}: no 'architecture' (a config.json from hrnetdet's save_pretrained has one)")
+        raise CheckpointError(f"{config_path}: no 'architecture' (a config.json from hrnetdet's save_pretrained "
+                              f"has one)")
     validate_config(config, config_path, split_name(arch)[0])
     return config, arch
