@@ -5,11 +5,13 @@ The parser is built here without importing torch, so ``--help`` answers at once;
 user can fix print as one line naming the flag (``--debug`` or ``HRNETDET_DEBUG=1``: the traceback).
 """
 import argparse
+import contextlib
 import importlib
 import os
 import re
 import sys
-from typing import Callable, Dict, List, NamedTuple, Optional
+import warnings
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 from .threads import THREADS_HELP, set_num_threads
 from .version import __version__
@@ -23,9 +25,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def existing_file(path: str) -> str:
-    """A data file the command reads late (after building the model): checked before it starts."""
-    if not os.path.isfile(path):
+    """A file the command reads after importing torch or building the model: checked before it starts."""
+    if not os.path.exists(path):
         raise argparse.ArgumentTypeError(f"file not found: {path}")
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"not a regular file: {path}")
     return path
 
 
@@ -41,6 +45,13 @@ def existing_folder(path: str) -> str:
     return path
 
 
+def output_folder(path: str) -> str:
+    """A folder the command creates or writes into: refused at once when a file is in its place."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} exists and is not a folder")
+    return path
+
+
 class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -49,7 +60,8 @@ class Command(NamedTuple):
 
 def _weights_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--checkpoint", help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
+    p.add_argument("--checkpoint", type=existing_file,
+                   help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
                    help="the published COCO weights of --model (or of this tag)")
 
@@ -59,7 +71,7 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _max_size_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-size", type=int, help="longer side cap (the model's default: 1333)")
+    p.add_argument("--max-size", type=positive_int, help="longer side cap (the model's default: 1333)")
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
@@ -68,20 +80,23 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a reference (mmdetection) .pth checkpoint")
+    p.add_argument("checkpoint", type=existing_file, help="a reference (mmdetection) .pth checkpoint")
     p.add_argument("--model", help="architecture name; inferred from the checkpoint when omitted")
-    p.add_argument("--out", required=True, help="output folder for model.safetensors and config.json")
+    p.add_argument("--out", type=output_folder, required=True,
+                   help="output folder for model.safetensors and config.json")
 
 
 def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="+", help="arch, arch.tag or a wildcard ('*w18*')")
-    p.add_argument("--dir", help="a folder to fill (to copy to an offline machine); default: the caches")
+    p.add_argument("--dir", type=output_folder,
+                   help="a folder to fill (to copy to an offline machine); default: the caches")
     p.add_argument("--backbone", action="store_true",
                    help="names are timm HRNets (hrnet_w32.ms_in1k), for --weights-backbone")
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run folder (hrnetdet train --out)")
+    p.add_argument("run_dir", type=existing_folder, metavar="RUN_DIR",
+                   help="a training run folder (hrnetdet train --out)")
     p.add_argument("--repo", required=True, help="the Hub repository to create or update, e.g. org/name")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--token", help="a Hub token (default: the logged-in one)")
@@ -93,11 +108,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=existing_folder, required=True, help="image folder of the training set")
     p.add_argument("--val-ann", type=existing_file, help="COCO instances json of the validation set")
     p.add_argument("--val-images", type=existing_folder, help="image folder of the validation set")
-    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves")
+    p.add_argument("--out", type=output_folder, required=True, help="run folder: checkpoints, metrics.jsonl, curves")
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--epochs", type=int, help="training length in passes over the training set")
-    length.add_argument("--iters", type=int, help="training length in iterations (batches per process)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per process (default 2)")
+    length.add_argument("--epochs", type=positive_int, help="training length in passes over the training set")
+    length.add_argument("--iters", type=positive_int, help="training length in iterations (batches per process)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="images per process (default 2)")
     p.add_argument("--lr", type=float, help="default: the family's rate x total batch / 16")
     p.add_argument("--schedule", help="the reference's step schedule by name (default: the family's own)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun: LOCAL_RANK)")
@@ -106,7 +121,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/training_state.pt")
     p.add_argument("--weights-backbone", nargs="?", const=True, default=None, metavar="TIMM_NAME",
                    help="initialise the HRNet from timm's ImageNet weights (without detector weights)")
-    p.add_argument("--min-size", type=int, nargs="+", help="shorter side(s); several = multi-scale training")
+    p.add_argument("--min-size", type=positive_int, nargs="+", help="shorter side(s); several = multi-scale training")
     _max_size_arg(p)
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the run")
@@ -115,7 +130,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="augmentation preset (default flip: the reference's horizontal flip)")
     p.add_argument("--ema", nargs="?", type=float, const=0.9998, default=None, metavar="DECAY",
                    help="validate and save an exponential moving average of the weights (decay 0.9998)")
-    p.add_argument("--patience", type=int, metavar="N",
+    p.add_argument("--patience", type=positive_int, metavar="N",
                    help="stop when validation bbox AP has not improved for N validations")
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="iterations between checkpoints and validations (default: about 10 per run)")
@@ -127,7 +142,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _mode_args(p: argparse.ArgumentParser) -> None:
     """``--slice``, ``--overlap``, ``--no-full-image`` and ``--tta``, for ``predict`` and ``eval``."""
-    p.add_argument("--slice", type=int, metavar="S",
+    p.add_argument("--slice", type=positive_int, metavar="S",
                    help="sliced inference: SxS tiles at native resolution (for large images, small objects)")
     p.add_argument("--overlap", type=float, default=0.2, help="tile overlap, a fraction of S (0.2)")
     p.add_argument("--no-full-image", dest="full_image", action="store_false",
@@ -139,12 +154,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
     p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
     p.add_argument("--images", type=existing_folder, required=True, help="image folder")
-    p.add_argument("--out", help="folder for predictions.json (COCO results), metrics.json, a confusion matrix "
-                                 "and precision-recall curves")
+    p.add_argument("--out", type=output_folder, help="folder for predictions.json (COCO results), metrics.json, "
+                                                     "a confusion matrix and precision-recall curves")
     _device_arg(p)
-    p.add_argument("--min-size", type=int, help="shorter side (the model's default: 800)")
+    p.add_argument("--min-size", type=positive_int, help="shorter side (the model's default: 800)")
     _max_size_arg(p)
-    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
     _mode_args(p)
 
@@ -154,15 +169,15 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    "(before a bare --pretrained)")
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
     p.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring above this (0.3)")
-    p.add_argument("--out", default="predictions",
+    p.add_argument("--out", type=output_folder, default="predictions",
                    help="output folder (./predictions); a rerun into it skips the inputs already done")
     _device_arg(p)
-    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
     p.add_argument("--workers", type=int, help="image decoding processes (default: half the cores, at most 4)")
     p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable input instead of skipping it")
     p.add_argument("--save-video", action="store_true", help="write an annotated video for each video input")
-    p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
+    p.add_argument("--min-size", type=positive_int, help="test resize: shorter side (the model's default: 800)")
     _max_size_arg(p)
     p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
     p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
@@ -174,14 +189,14 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="architecture, optionally with a weight tag (NAME[.tag])")
-    p.add_argument("--checkpoint", help="a reference .pth or hrnetdet .safetensors file")
+    p.add_argument("--checkpoint", type=existing_file, help="a reference .pth or hrnetdet .safetensors file")
     p.add_argument("--format", required=True, choices=["torchscript", "onnx", "openvino"])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", type=output_folder, required=True, help="output folder")
     p.add_argument("--dynamic", action="store_true",
                    help="ONNX/OpenVINO graphs for any image size (default: the padded size of a 480x640 image)")
     p.add_argument("--half", action="store_true", help="OpenVINO: store the weights in float16")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
-    p.add_argument("--min-size", type=int, help="test resize: shorter side (the model's default: 800)")
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (17)")
+    p.add_argument("--min-size", type=positive_int, help="test resize: shorter side (the model's default: 800)")
     _max_size_arg(p)
 
 
@@ -259,21 +274,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def without_internals(message: str) -> str:
+    """A message as one line, without the memory addresses of the objects it names (``<... at 0x7f..>``)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(message.split()))
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI shows it: one line, without the source line Python echoes under it."""
+    return f"hrnetdet: warning: {without_internals(str(message))}\n"
+
+
+@contextlib.contextmanager
+def cli_output(debug: bool) -> Iterator[None]:
+    """Warnings on one line without their source line, and huggingface_hub's notes on each retry
+    silenced (the error that follows says why it failed), unless --debug or HF_HUB_VERBOSITY is set."""
+    formatwarning, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    quiet_hub = not debug and "HF_HUB_VERBOSITY" not in os.environ
+    if quiet_hub:
+        os.environ["HF_HUB_VERBOSITY"] = "error"  # read when huggingface_hub is imported
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatwarning
+        if quiet_hub:
+            del os.environ["HF_HUB_VERBOSITY"]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     subparser = args.command_parser
+    if unknown:  # refused by the command's parser, whose usage names the command
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in ("eval", "predict") and not (args.checkpoint or args.pretrained or "." in args.model):
         subparser.error("give --checkpoint PATH, --pretrained [TAG] or a --model NAME.tag with published weights")
     set_num_threads(args.threads)
-    module, function = COMMANDS[args.command].run.split(":")
-    run = getattr(importlib.import_module(module), function)
+    args.debug = args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0")
+    with cli_output(args.debug):
+        return _run(args, subparser)
+
+
+def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
     try:
+        module, function = COMMANDS[args.command].run.split(":")
+        run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)
     except USER_ERRORS as e:
-        if args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0"):
+        if args.debug:
             raise
-        message = user_message(" ".join(str(e).split()) or type(e).__name__, subparser, args)
+        message = user_message(without_internals(str(e)) or type(e).__name__, subparser, args)
         raise SystemExit(f"hrnetdet {args.command}: error: {message}") from None
     except KeyboardInterrupt:
         raise SystemExit(f"hrnetdet {args.command}: interrupted") from None

@@ -58,7 +58,7 @@ def test_version_is_the_package_version(capsys):
 
 def test_unknown_model_is_one_line_naming_the_flag(image):
     proc = _run_cli("-m", "hrnetdet.cli", "predict", image, "--model", "faster_rcnn_hrnet_w99",
-                    "--checkpoint", "x.safetensors")
+                    "--checkpoint", image)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("hrnetdet predict: error: argument --model: ")
     assert "faster_rcnn_hrnet_w99" in proc.stderr and "`hrnetdet models` lists" in proc.stderr
@@ -77,7 +77,7 @@ def test_missing_checkpoint_names_the_flag(tmp_path, capsys):
     missing = str(tmp_path / "missing.pth")
     message = _error(["eval", "--model", ARCH, "--checkpoint", missing, "--ann", __file__, "--images",
                       str(tmp_path)], capsys)
-    assert message == f"hrnetdet eval: error: argument --checkpoint: checkpoint file not found: {missing}"
+    assert message == f"hrnetdet eval: error: argument --checkpoint: file not found: {missing}"
 
 
 def test_missing_data_fails_before_the_model_is_built(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_python_argument_names_become_flags(image, tmp_path, capsys, monkeypatch
 
 
 def test_debug_shows_the_original_error(image, monkeypatch):
-    argv = ["predict", image, "--model", "nope", "--checkpoint", "x.pth"]
+    argv = ["predict", image, "--model", "nope", "--checkpoint", image]
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         main([*argv, "--debug"])
     monkeypatch.setenv("HRNETDET_DEBUG", "1")

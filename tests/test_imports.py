@@ -7,7 +7,7 @@ from typing import Dict, Set
 PACKAGE = Path(__file__).resolve().parents[1] / "hrnetdet"
 
 # records leaf, pure conversion, the table, checkpoint I/O, the Hub, the factory, the commands.
-ZOO_LAYERS = ["recipe", "records", "registry", "convert", "models", "parity", "checkpoint", "hub", "push",
+ZOO_LAYERS = ["recipe", "records", "registry", "convert", "models", "parity", "checkpoint", "config", "hub", "push",
               "factory", "commands", "__init__"]
 
 

@@ -70,6 +70,7 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
         raise ValueError("half: only --format openvino stores float16 weights; onnxruntime's CPU provider "
                          "has no float16 convolutions and eager float16 is slower than float32 on the CPU")
     model.eval()
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export.", dir=out_dir)
     try:
@@ -83,16 +84,24 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
                 with tempfile.TemporaryDirectory() as onnx_dir:
                     export_parts(model, generated_image(*EXAMPLE_SIZE), onnx_dir, dynamic=dynamic, opset=opset)
                     _openvino_ir(onnx_dir, tmp, half)
+        stats = _check(model, tmp, format, dynamic, log) if check else []
         for name in sorted(os.listdir(tmp), key=lambda n: n == MANIFEST):  # the manifest last
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not check:
-        return []
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # a failed export leaves no folder it made
+    return stats
+
+
+def _check(model: nn.Module, export_dir: str, format: str, dynamic: bool,
+           log: Callable[[str], Any]) -> List[Dict[str, float]]:
+    """The export-time check of the files in ``export_dir`` (still the temporary folder: a file whose
+    check fails never reaches ``out_dir``)."""
     if format == "torchscript":
-        run = _load_torchscript(os.path.join(out_dir, "model.pt"))
+        run = _load_torchscript(os.path.join(export_dir, "model.pt"))
     else:
-        run = attach(copy.deepcopy(model), out_dir, "onnxruntime" if format == "onnx" else "openvino")
+        run = attach(copy.deepcopy(model), export_dir, "onnxruntime" if format == "onnx" else "openvino")
     sizes = DYNAMIC_CHECK_SIZES if dynamic or format == "torchscript" else STATIC_CHECK_SIZES
     return [check_export(model, run, size, log) for size in sizes]
 

@@ -5,8 +5,9 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, read_config
 from ..data.categories import BACKGROUND, COCO_CATEGORIES, categories_for, category_ids_for
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint
+from .config import check_build_kwargs, read_saved_config, validate_config
 from .convert import CheckpointError
 from .hub import (HF_HUB_PREFIX, hub_model_files, load_backbone_weights, load_except_class_layers,
                   load_pretrained_checkpoint)
@@ -44,19 +45,19 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
             override a saved config's.
     """
     config: Dict[str, Any] = {}
+    config_path = None
     if name.startswith(HF_HUB_PREFIX):
         repo_id, _, revision = name[len(HF_HUB_PREFIX):].partition("@")
         config_path, weights_path = hub_model_files(repo_id, revision or None, weights=bool(pretrained),
                                                     local_files_only=local_files_only)
-        config, pretrained = read_config(config_path), False
-        name = _saved_arch(config, config_path)
+        (config, name), pretrained = read_saved_config(config_path), False
         checkpoint_path = checkpoint_path or weights_path
     elif os.path.isdir(name):
         config_path = os.path.join(name, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{name} is a folder without {CONFIG_FILE}: not one save_pretrained wrote")
         checkpoint_path = checkpoint_path or os.path.join(name, WEIGHTS_FILE)
-        name = _saved_arch(read_config(config_path), config_path)
+        name = read_saved_config(config_path)[1]
     arch, tag = split_name(name)
     if isinstance(pretrained, str):
         if tag is not None and tag != pretrained:
@@ -73,10 +74,14 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         if ckpt.family is not None and (ckpt.family, ckpt.width) != (family.name, width):
             raise CheckpointError(
                 f"{checkpoint_path} holds a {arch_name(ckpt.family, ckpt.width)} checkpoint, not {arch}")
-        config = ckpt.config or config
+        if ckpt.config:
+            config, config_path = ckpt.config, _config_source(checkpoint_path)
     elif pretrained:
         ckpt = load_pretrained_checkpoint(cfg, local_files_only=local_files_only)
 
+    if config:
+        validate_config(config, config_path, arch)
+    check_build_kwargs(kwargs, arch)
     ckpt_classes = (ckpt.num_classes or (len(ckpt.categories) if ckpt.categories else None)) if ckpt else None
     if num_classes is None:
         num_classes = ckpt_classes or config.get("num_classes") or len(COCO_CATEGORIES)
@@ -108,11 +113,10 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
     return model
 
 
-def _saved_arch(config: Dict[str, Any], config_path: str) -> str:
-    arch = config.get("architecture")
-    if not isinstance(arch, str):
-        raise CheckpointError(f"{config_path}: no 'architecture' (a config.json from hrnetdet's save_pretrained has one)")
-    return arch
+def _config_source(checkpoint_path: str) -> str:
+    """The file a safetensors checkpoint's config came from: the config.json beside it, else its header."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), CONFIG_FILE)
+    return beside if os.path.isfile(beside) else checkpoint_path
 
 
 def _factory(arch: str) -> Callable[..., nn.Module]:

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 
 from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config
+from .convert import CheckpointError
+from .config import read_saved_config
 from .hub import HF_HUB_PREFIX
 from .registry import get_family
 
@@ -20,12 +22,21 @@ def upload_folder(folder: str, repo_id: str, message: str, *, private: bool = Fa
                   token: Optional[str] = None) -> str:
     """Create the model repository if needed and commit every file of ``folder``; returns the commit."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token, library_name="hrnetdet",
-                library_version=__version__)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    from huggingface_hub.utils import HfHubHTTPError
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    api = HfApi(endpoint=endpoint, token=token, library_name="hrnetdet", library_version=__version__)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
                   for name in sorted(os.listdir(folder))]
-    return api.create_commit(repo_id, operations, commit_message=message, repo_type="model").oid
+    # What a Hub call raises when the Hub cannot be reached or refuses: OSError (requests' errors,
+    # HfHubHTTPError, offline mode) or, where huggingface_hub uses httpx, the HTTP client's base error.
+    hub_errors = (OSError, HfHubHTTPError.__bases__[0])
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.create_commit(repo_id, operations, commit_message=message, repo_type="model").oid
+    except hub_errors as e:
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConnectionError(f"could not push to {repo_id} on the Hub ({endpoint or 'huggingface.co'}): "
+                              f"{reason}") from e
 
 
 def weights_dir(run_dir: str) -> str:
@@ -101,7 +112,10 @@ def push_run(run_dir: str, repo_id: str, *, private: bool = False, token: Option
     """Upload a training run's weights, config, curves and predictions picture with a generated
     model card; returns the commit."""
     source = weights_dir(run_dir)
-    config = read_config(os.path.join(source, CONFIG_FILE))
+    config_path = os.path.join(source, CONFIG_FILE)
+    config = read_saved_config(config_path)[0]
+    if "categories" not in config:
+        raise CheckpointError(f"{config_path}: no 'categories' (the model card lists them)")
     pictures = [p for p in PICTURES if os.path.isfile(os.path.join(run_dir, p))]
     per_class = None
     if os.path.isfile(os.path.join(run_dir, EVAL_METRICS)):
