@@ -2,12 +2,14 @@
 tile overlaps and cut boxes collapse to one detection, flipped passes come back in place. Checked
 against geometry built independently of the code (concatenated images, boxes drawn in image
 pixels, mirror images) with real W18 detectors whose random weights are calibrated."""
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou
 
 import hrnetdet
 from calibrate import calibrate
+from hrnetdet.data.results import mask_rle, region_rle
 from hrnetdet.inference import match_detections
 from hrnetdet.inference.slicing import merge_tiles, sliced_predict, tile_windows
 from hrnetdet.inference.tta import tta_predict
@@ -80,6 +82,47 @@ def test_tiles_map_back_to_image_pixels(models, family):
     assert checked >= 10
 
 
+def test_sliced_masks_are_the_models_own_pastes(models):
+    """Each detection kept by the NMS merge carries exactly the mask the model pastes for it in
+    its own frame (its tile, or the whole image), placed there and zero elsewhere, as uint8; with
+    ``mask_format="rle"`` the same pixels as COCO RLE."""
+    model = models["mask_rcnn"]
+    image = _image(64, 112, 8)
+    windows = tile_windows(64, 112, 64, 0.5)
+    with torch.no_grad():  # the tiles are 64 px: the model's own test scale, no resize
+        frames = [model([image[:, y0:y1, x0:x1]])[0] for x0, y0, x1, y1 in windows] + [model([image])[0]]
+    candidates = []
+    for (x0, y0, _, _), out in zip([w for w in windows] + [(0, 0, 112, 64)], frames):
+        for k in range(len(out["boxes"])):
+            placed = torch.zeros(1, 64, 112, dtype=torch.uint8)
+            placed[:, y0:y0 + out["masks"].shape[-2], x0:x0 + out["masks"].shape[-1]] = out["masks"][k]
+            candidates.append((out["boxes"][k] + torch.tensor([x0, y0, x0, y0]), out["scores"][k],
+                               out["labels"][k], placed))
+    out = sliced_predict(model, image, 64, overlap=0.5, batch_size=1)  # each tile alone, as above
+    assert out["masks"].dtype == torch.uint8 and out["masks"].shape == (len(out["boxes"]), 1, 64, 112)
+    assert len(out["boxes"]) >= 10
+    for box, score, label, mask in zip(out["boxes"], out["scores"], out["labels"], out["masks"]):
+        same = [c for c in candidates if torch.equal(c[0], box) and c[1] == score and c[2] == label]
+        assert len(same) >= 1 and all(torch.equal(mask, c[3]) for c in same), box
+    rle = sliced_predict(model, image, 64, overlap=0.5, batch_size=1, mask_format="rle")
+    assert rle["masks"] == [mask_rle(m) for m in out["masks"]]
+    assert torch.equal(rle["boxes"], out["boxes"])
+
+
+def test_region_rle_is_the_full_masks_rle():
+    """A mask given as a region placed in the image encodes as the whole image's mask does,
+    wherever the region lies (edges, empty, full) and whatever it holds."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        height, width = (int(v) for v in rng.integers(1, 12, 2))
+        h, w = int(rng.integers(0, height + 1)), int(rng.integers(0, width + 1))
+        y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        region = rng.random((h, w)) < rng.random()
+        full = np.zeros((height, width), dtype=bool)
+        full[y0:y0 + h, x0:x0 + w] = region
+        assert region_rle(region, x0, y0, height, width) == mask_rle(full)
+
+
 def _tile_result(boxes, scores, labels, masks_in_tile=None):
     out = {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
            "labels": torch.tensor(labels)}
@@ -89,7 +132,7 @@ def _tile_result(boxes, scores, labels, masks_in_tile=None):
 
 
 def _box_mask(box, height, width):
-    """A filled box as a (1, height, width) mask, drawn in the given frame's pixels."""
+    """A filled box as a (1, height, width) mask, drawn in image pixels."""
     m = torch.zeros(1, height, width)
     x0, y0, x1, y1 = box
     m[:, y0:y1, x0:x1] = 1
@@ -114,7 +157,7 @@ def test_cut_boxes_and_overlap_duplicates_collapse(merge, with_masks):
     ]
     outputs = []
     for window, view in zip(windows, views):
-        masks = torch.cat([_box_mask(bx, height, 64)[None] for bx, _, _ in view]) if with_masks else None
+        masks = torch.ones(len(view), 1, 28, 28) if with_masks else None  # per box: the box filled
         outputs.append(_tile_result([v[0] for v in view], [v[1] for v in view], [v[2] for v in view], masks))
     out = merge_tiles(outputs, windows, height, width, merge=merge)
     assert sorted(out["labels"].tolist()) == [1, 2]
