@@ -2,6 +2,12 @@
 tile overlaps and cut boxes collapse to one detection, flipped passes come back in place. Checked
 against geometry built independently of the code (concatenated images, boxes drawn in image
 pixels, mirror images) with real W18 detectors whose random weights are calibrated."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -121,6 +127,101 @@ def test_region_rle_is_the_full_masks_rle():
         full = np.zeros((height, width), dtype=bool)
         full[y0:y0 + h, x0:x0 + w] = region
         assert region_rle(region, x0, y0, height, width) == mask_rle(full)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh process (peak RSS only grows): the growth of the peak over the RSS before the call.
+# The peak is the process's own (VmHWM): getrusage's ru_maxrss keeps the parent's RSS across exec.
+_PEAK_PRELUDE = """
+import json, os, sys
+import torch
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+def rss():
+    return status("VmRSS")
+def growth(before):
+    return status("VmHWM") - before
+"""
+
+_MERGE_CHILD = _PEAK_PRELUDE + """
+import numpy as np
+from hrnetdet.data.results import mask_rle
+from hrnetdet.inference.slicing import merge_tiles, tile_windows
+def empty(side):
+    return mask_rle(np.zeros((side, side), dtype=bool))
+def tiles(side, per_tile, seed):
+    g = torch.Generator().manual_seed(seed)
+    windows = tile_windows(side, side, 128, 0.2)
+    outs = []
+    for _ in windows:
+        xy = torch.rand(per_tile, 2, generator=g) * 100
+        wh = 4 + torch.rand(per_tile, 2, generator=g) * 60
+        outs.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=128)], 1), "scores": torch.rand(per_tile, generator=g),
+                     "labels": torch.randint(1, 81, (per_tile,), generator=g),
+                     "masks": torch.rand(per_tile, 1, 28, 28, generator=g)})
+    return windows, outs
+figures = {}
+for fmt, side in (("rle", 1024), ("uint8", 512)):
+    windows, outs = tiles(side, 30, 0)
+    before = rss()
+    out = merge_tiles(outs, windows, side, side, mask_format=fmt)
+    figures[fmt] = {"detections": len(out["boxes"]), "pixels": side * side, "growth": growth(before),
+                    "pasted": sum(m != empty(side) for m in out["masks"]) if fmt == "rle"
+                    else int(out["masks"].flatten(1).any(1).sum())}
+print(json.dumps(figures))
+"""
+
+
+def _peak_child(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tools")]),
+                               "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_merged_masks_take_memory_by_box_not_by_image():
+    """Merging 2500+ detections of 100 tiles on a 1024x1024 image into RLE needs no image-sized
+    buffer per detection (a float one would be 12 GB; the whole merge stays under 200 MB above its
+    start); into uint8 (512x512) it needs the result's own byte per pixel and detection, not 4."""
+    figures = _peak_child(_MERGE_CHILD)
+    rle, uint8 = figures["rle"], figures["uint8"]
+    assert rle["detections"] >= 2500 and rle["pasted"] >= 0.9 * rle["detections"], rle
+    assert rle["growth"] < 200 * 2 ** 20, rle
+    assert uint8["detections"] >= 600 and uint8["pasted"] >= 0.9 * uint8["detections"], uint8
+    masks_bytes = uint8["detections"] * uint8["pixels"]
+    assert uint8["growth"] < 1.5 * masks_bytes, (uint8, masks_bytes)
+
+
+_PREDICT_CHILD = _PEAK_PRELUDE + """
+import hrnetdet
+from calibrate import calibrate
+side, tile, per_tile = (int(a) for a in sys.argv[1:4])
+g = torch.Generator().manual_seed(0)
+image = torch.nn.functional.interpolate(torch.rand(1, 3, side // 8, side // 8, generator=g), size=(side, side))[0]
+torch.manual_seed(0)
+model = hrnetdet.create_model("mask_rcnn_hrnetv2p_w18", min_size=tile, max_size=tile,
+                              box_detections_per_img=per_tile, rpn_post_nms_top_n_test=100)
+model = calibrate(model, [image[:, :tile, :tile]])
+with torch.no_grad():
+    model([image[:, :tile, :tile]])
+before = rss()
+result = hrnetdet.predict(model, image, score_thresh=0.0, slice=tile, mask_format="rle")
+print(json.dumps({"detections": len(result["boxes"]), "pixels": side * side, "growth": growth(before)}))
+"""
+
+
+@pytest.mark.slow
+def test_sliced_mask_rcnn_predict_memory_is_bounded():
+    """The issue's case, scaled down: sliced Mask R-CNN ``predict`` with RLE masks on a 1024x1024
+    image (128-px tiles, 300+ detections) stays far below one float image per detection (1.3 GB,
+    what it took before whatever the mask format): under a quarter of it, and under 300 MB."""
+    figures = _peak_child(_PREDICT_CHILD, "1024", "128", "4")
+    float_masks = figures["detections"] * figures["pixels"] * 4
+    assert figures["detections"] >= 250, figures
+    assert figures["growth"] < min(float_masks / 4, 300 * 2 ** 20), (figures, float_masks)
 
 
 def _tile_result(boxes, scores, labels, masks_in_tile=None):
