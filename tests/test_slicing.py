@@ -2,12 +2,20 @@
 tile overlaps and cut boxes collapse to one detection, flipped passes come back in place. Checked
 against geometry built independently of the code (concatenated images, boxes drawn in image
 pixels, mirror images) with real W18 detectors whose random weights are calibrated."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torchvision.ops import box_iou
 
 import hrnetdet
 from calibrate import calibrate
+from hrnetdet.data.results import mask_rle, region_rle
 from hrnetdet.inference import match_detections
 from hrnetdet.inference.slicing import merge_tiles, sliced_predict, tile_windows
 from hrnetdet.inference.tta import tta_predict
@@ -80,6 +88,142 @@ def test_tiles_map_back_to_image_pixels(models, family):
     assert checked >= 10
 
 
+def test_sliced_masks_are_the_models_own_pastes(models):
+    """Each detection kept by the NMS merge carries exactly the mask the model pastes for it in
+    its own frame (its tile, or the whole image), placed there and zero elsewhere, as uint8; with
+    ``mask_format="rle"`` the same pixels as COCO RLE."""
+    model = models["mask_rcnn"]
+    image = _image(64, 112, 8)
+    windows = tile_windows(64, 112, 64, 0.5)
+    with torch.no_grad():  # the tiles are 64 px: the model's own test scale, no resize
+        frames = [model([image[:, y0:y1, x0:x1]])[0] for x0, y0, x1, y1 in windows] + [model([image])[0]]
+    candidates = []
+    for (x0, y0, _, _), out in zip([w for w in windows] + [(0, 0, 112, 64)], frames):
+        for k in range(len(out["boxes"])):
+            placed = torch.zeros(1, 64, 112, dtype=torch.uint8)
+            placed[:, y0:y0 + out["masks"].shape[-2], x0:x0 + out["masks"].shape[-1]] = out["masks"][k]
+            candidates.append((out["boxes"][k] + torch.tensor([x0, y0, x0, y0]), out["scores"][k],
+                               out["labels"][k], placed))
+    out = sliced_predict(model, image, 64, overlap=0.5, batch_size=1)  # each tile alone, as above
+    assert out["masks"].dtype == torch.uint8 and out["masks"].shape == (len(out["boxes"]), 1, 64, 112)
+    assert len(out["boxes"]) >= 10
+    for box, score, label, mask in zip(out["boxes"], out["scores"], out["labels"], out["masks"]):
+        same = [c for c in candidates if torch.equal(c[0], box) and c[1] == score and c[2] == label]
+        assert len(same) >= 1 and all(torch.equal(mask, c[3]) for c in same), box
+    rle = sliced_predict(model, image, 64, overlap=0.5, batch_size=1, mask_format="rle")
+    assert rle["masks"] == [mask_rle(m) for m in out["masks"]]
+    assert torch.equal(rle["boxes"], out["boxes"])
+
+
+def test_region_rle_is_the_full_masks_rle():
+    """A mask given as a region placed in the image encodes as the whole image's mask does,
+    wherever the region lies (edges, empty, full) and whatever it holds."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        height, width = (int(v) for v in rng.integers(1, 12, 2))
+        h, w = int(rng.integers(0, height + 1)), int(rng.integers(0, width + 1))
+        y0, x0 = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        region = rng.random((h, w)) < rng.random()
+        full = np.zeros((height, width), dtype=bool)
+        full[y0:y0 + h, x0:x0 + w] = region
+        assert region_rle(region, x0, y0, height, width) == mask_rle(full)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a fresh process (peak RSS only grows): the growth of the peak over the RSS before the call.
+# The peak is the process's own (VmHWM): getrusage's ru_maxrss keeps the parent's RSS across exec.
+_PEAK_PRELUDE = """
+import json, os, sys
+import torch
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+def rss():
+    return status("VmRSS")
+def growth(before):
+    return status("VmHWM") - before
+"""
+
+_MERGE_CHILD = _PEAK_PRELUDE + """
+import numpy as np
+from hrnetdet.data.results import mask_rle
+from hrnetdet.inference.slicing import merge_tiles, tile_windows
+def empty(side):
+    return mask_rle(np.zeros((side, side), dtype=bool))
+def tiles(side, per_tile, seed):
+    g = torch.Generator().manual_seed(seed)
+    windows = tile_windows(side, side, 128, 0.2)
+    outs = []
+    for _ in windows:
+        xy = torch.rand(per_tile, 2, generator=g) * 100
+        wh = 4 + torch.rand(per_tile, 2, generator=g) * 60
+        outs.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=128)], 1), "scores": torch.rand(per_tile, generator=g),
+                     "labels": torch.randint(1, 81, (per_tile,), generator=g),
+                     "masks": torch.rand(per_tile, 1, 28, 28, generator=g)})
+    return windows, outs
+figures = {}
+for fmt, side in (("rle", 1024), ("uint8", 512)):
+    windows, outs = tiles(side, 30, 0)
+    before = rss()
+    out = merge_tiles(outs, windows, side, side, mask_format=fmt)
+    figures[fmt] = {"detections": len(out["boxes"]), "pixels": side * side, "growth": growth(before),
+                    "pasted": sum(m != empty(side) for m in out["masks"]) if fmt == "rle"
+                    else int(out["masks"].flatten(1).any(1).sum())}
+print(json.dumps(figures))
+"""
+
+
+def _peak_child(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tools")]),
+                               "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_merged_masks_take_memory_by_box_not_by_image():
+    """Merging 2500+ detections of 100 tiles on a 1024x1024 image into RLE needs no image-sized
+    buffer per detection (a float one would be 12 GB; the whole merge stays under 200 MB above its
+    start); into uint8 (512x512) it needs the result's own byte per pixel and detection, not 4."""
+    figures = _peak_child(_MERGE_CHILD)
+    rle, uint8 = figures["rle"], figures["uint8"]
+    assert rle["detections"] >= 2500 and rle["pasted"] >= 0.9 * rle["detections"], rle
+    assert rle["growth"] < 200 * 2 ** 20, rle
+    assert uint8["detections"] >= 600 and uint8["pasted"] >= 0.9 * uint8["detections"], uint8
+    masks_bytes = uint8["detections"] * uint8["pixels"]
+    assert uint8["growth"] < 1.5 * masks_bytes, (uint8, masks_bytes)
+
+
+_PREDICT_CHILD = _PEAK_PRELUDE + """
+import hrnetdet
+from calibrate import calibrate
+side, tile, per_tile = (int(a) for a in sys.argv[1:4])
+g = torch.Generator().manual_seed(0)
+image = torch.nn.functional.interpolate(torch.rand(1, 3, side // 8, side // 8, generator=g), size=(side, side))[0]
+torch.manual_seed(0)
+model = hrnetdet.create_model("mask_rcnn_hrnetv2p_w18", min_size=tile, max_size=tile,
+                              box_detections_per_img=per_tile, rpn_post_nms_top_n_test=100)
+model = calibrate(model, [image[:, :tile, :tile]])
+with torch.no_grad():
+    model([image[:, :tile, :tile]])
+before = rss()
+result = hrnetdet.predict(model, image, score_thresh=0.0, slice=tile, mask_format="rle")
+print(json.dumps({"detections": len(result["boxes"]), "pixels": side * side, "growth": growth(before)}))
+"""
+
+
+@pytest.mark.slow
+def test_sliced_mask_rcnn_predict_memory_is_bounded():
+    """The issue's case, scaled down: sliced Mask R-CNN ``predict`` with RLE masks on a 1024x1024
+    image (128-px tiles, 300+ detections) stays far below one float image per detection (1.3 GB,
+    what it took before whatever the mask format): under a quarter of it, and under 300 MB."""
+    figures = _peak_child(_PREDICT_CHILD, "1024", "128", "4")
+    float_masks = figures["detections"] * figures["pixels"] * 4
+    assert figures["detections"] >= 250, figures
+    assert figures["growth"] < min(float_masks / 4, 300 * 2 ** 20), (figures, float_masks)
+
+
 def _tile_result(boxes, scores, labels, masks_in_tile=None):
     out = {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
            "labels": torch.tensor(labels)}
@@ -89,7 +233,7 @@ def _tile_result(boxes, scores, labels, masks_in_tile=None):
 
 
 def _box_mask(box, height, width):
-    """A filled box as a (1, height, width) mask, drawn in the given frame's pixels."""
+    """A filled box as a (1, height, width) mask, drawn in image pixels."""
     m = torch.zeros(1, height, width)
     x0, y0, x1, y1 = box
     m[:, y0:y1, x0:x1] = 1
@@ -114,7 +258,7 @@ def test_cut_boxes_and_overlap_duplicates_collapse(merge, with_masks):
     ]
     outputs = []
     for window, view in zip(windows, views):
-        masks = torch.cat([_box_mask(bx, height, 64)[None] for bx, _, _ in view]) if with_masks else None
+        masks = torch.ones(len(view), 1, 28, 28) if with_masks else None  # per box: the box filled
         outputs.append(_tile_result([v[0] for v in view], [v[1] for v in view], [v[2] for v in view], masks))
     out = merge_tiles(outputs, windows, height, width, merge=merge)
     assert sorted(out["labels"].tolist()) == [1, 2]

@@ -8,6 +8,8 @@ from torch import nn
 
 from .categories import category_ids_for
 
+MASK_FORMATS = ("uint8", "rle")  # how predictions carry masks: (N, 1, H, W) uint8 or COCO RLE dicts
+
 
 def category_ids_of(model: nn.Module) -> Optional[List[int]]:
     """The dataset category id of each label 1..K: ``categories.category_ids_for`` of the model's
@@ -28,6 +30,31 @@ def mask_rle(mask: Any) -> Dict[str, Any]:
         mask = (mask >= 0.5 if mask.is_floating_point() else mask > 0).cpu().numpy()
     mask = np.asarray(mask).reshape(np.asarray(mask).shape[-2:])
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def region_rle(region: Any, x0: int, y0: int, height: int, width: int) -> Dict[str, Any]:
+    """The COCO compressed RLE (as ``mask_rle``) of a ``height`` x ``width`` mask that is zero
+    outside ``region`` ((h, w) bool or 0/1, placed with its top-left pixel at ``x0, y0``), built
+    from the region's columns: no full-image array, so thousands of masks fit in memory."""
+    from pycocotools import mask as mask_utils
+
+    region = np.asarray(region).astype(bool)
+    h, w = region.shape
+    band = np.zeros((w, height), dtype=bool)  # the region's columns, each one image column long
+    band[:, y0:y0 + h] = region.T
+    flat = band.ravel()  # column-major order, as COCO's RLE reads a mask
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist() if flat.size else [0]
+    if flat.size and flat[0]:  # counts start with a run of zeros
+        runs.insert(0, 0)
+    runs[0] += x0 * height  # the columns left of the region
+    after = (width - x0 - w) * height  # and right of it
+    if len(runs) % 2:
+        runs[-1] += after
+    elif after:
+        runs.append(after)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
     return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 

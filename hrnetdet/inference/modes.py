@@ -21,12 +21,15 @@ def check_mode(slice: Optional[int] = None, overlap: float = 0.2, tta: bool = Fa
 
 
 def detect(model: nn.Module, images: Sequence[Tensor], *, slice: Optional[int] = None, overlap: float = 0.2,
-           full_image: bool = True, tta: bool = False) -> List[Dict[str, Tensor]]:
+           full_image: bool = True, tta: bool = False, mask_format: str = "uint8") -> List[Dict[str, Any]]:
     """The model's results on CHW images: plain, sliced into ``slice`` x ``slice`` tiles
-    (``overlap``, plus the whole image when ``full_image``) or with TTA; the model is in eval mode."""
+    (``overlap``, plus the whole image when ``full_image``) or with TTA; the model is in eval mode.
+    Sliced inference pastes masks itself, into ``mask_format`` (``sliced_predict``); the other
+    modes return the model's float masks."""
     check_mode(slice, overlap, tta)
     if slice is not None:
-        return [sliced_predict(model, im, slice, overlap, full_image=full_image) for im in images]
+        return [sliced_predict(model, im, slice, overlap, full_image=full_image, mask_format=mask_format)
+                for im in images]
     if tta:
         return [tta_predict(model, im) for im in images]
     return model(list(images))

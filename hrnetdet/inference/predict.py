@@ -11,13 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from ..data.images import ImageRefused, check_size, to_float
-from ..data.results import mask_rle
+from ..data.results import MASK_FORMATS, mask_rle
 from .modes import check_mode, detect
 from .sources import ImageInputs, as_list, expand_inputs, is_url, is_video, video_frames
 from .thresholds import score_threshold
 
 Result = Dict[str, Any]
-MASK_FORMATS = ("uint8", "rle")
 
 
 def default_num_workers() -> int:
@@ -59,7 +58,9 @@ def _finish(out: Dict[str, Tensor], categories: Sequence[str], mask_format: str)
     """A model output on the CPU: float32 boxes and scores, uint8 (N, 1, H, W) or RLE masks, names."""
     res: Result = {"boxes": out["boxes"].float().cpu(), "labels": out["labels"].cpu(),
                    "scores": out["scores"].float().cpu()}
-    if "masks" in out:
+    if isinstance(out.get("masks"), list):  # sliced inference encodes its masks as it pastes them
+        res["masks"] = out["masks"]
+    elif "masks" in out:
         masks = (out["masks"] >= 0.5).to(torch.uint8).cpu()
         res["masks"] = masks if mask_format == "uint8" else [mask_rle(m) for m in masks]
     res["names"] = [categories[i] if i < len(categories) else str(i) for i in res["labels"].tolist()]
@@ -101,7 +102,8 @@ def iter_predictions(model: nn.Module, items: Sequence[Any], *, batch_size: int 
 
     def infer(images: List[Tensor], infos: List[Result]) -> Iterator[Result]:
         with autocast:
-            outputs = run_model(model, [to_float(im.to(device, non_blocking=True)) for im in images], mode or {})
+            outputs = run_model(model, [to_float(im.to(device, non_blocking=True)) for im in images],
+                                {**(mode or {}), "mask_format": mask_format})
         for image, info, out in zip(images, infos, outputs):
             if with_images:
                 info["image"] = image

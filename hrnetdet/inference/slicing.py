@@ -9,14 +9,21 @@ that is not cut covers it, so an object seen whole by a neighbouring tile is rep
 whole. What remains is merged by NMS or by greedy non-maximum merging (each highest-scoring box
 absorbs the same-class boxes overlapping it and grows to their union, masks OR-ed).
 benchmarks/slicing.py measures both.
+
+Memory stays bounded by the detections' boxes, not by detections x image: the model returns each
+mask as its (M, M) probabilities in the box's frame, and only the merged detections' masks are
+pasted, one at a time, into the box's own pixels, thresholded to bool; they leave as uint8 image
+masks or straight as RLE (benchmarks/slicing_memory.py measures the peak).
 """
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from ..data.results import MASK_FORMATS, region_rle
+from ..heads.masks import paste_mask, paste_windows
 from ..heads.nms import batched_nms
 
 Window = Tuple[int, int, int, int]  # x0, y0, x1, y1: pixels, end exclusive
@@ -35,6 +42,19 @@ def test_scale(model: nn.Module, min_size: float, max_size: float) -> Iterator[N
         yield
     finally:
         transform.min_size, transform.max_size = saved
+
+
+@contextlib.contextmanager
+def per_box_masks(model: nn.Module) -> Iterator[None]:
+    """Temporarily leave a mask model's masks as the heads' (N, 1, M, M) probabilities in each
+    box's frame, unpasted: an image-sized float mask per detection is what sliced inference avoids."""
+    transform = model.transform
+    saved = transform.paste
+    transform.paste = False
+    try:
+        yield
+    finally:
+        transform.paste = saved
 
 
 def tile_windows(height: int, width: int, size: int, overlap: float = 0.2) -> List[Window]:
@@ -120,75 +140,107 @@ def merge_detections(boxes: Tensor, scores: Tensor, labels: Tensor, cut: Tensor,
 @torch.no_grad()
 def sliced_predict(model: nn.Module, image: Tensor, size: int, overlap: float = 0.2, *,
                    full_image: bool = True, merge: str = "nms", iou_thresh: float = 0.5,
-                   batch_size: int = 4) -> Dict[str, Tensor]:
+                   batch_size: int = 4, mask_format: str = "uint8") -> Dict[str, Any]:
     """Detections on one CHW image from SxS tiles (``size``) at native resolution, plus the whole
     image at the model's test scale when ``full_image``; the torchvision contract's result
-    ({boxes, labels, scores[, masks (N, 1, H, W)]}) in image pixels, best first."""
+    ({boxes, labels, scores[, masks]}) in image pixels, best first. Masks are binary (at the
+    model's mask threshold, 0.5 without one): (N, 1, H, W) uint8, or with ``mask_format="rle"``
+    a list of COCO RLE dicts, encoded without an image-sized array per detection."""
     if image.dim() != 3:
         raise ValueError(f"expected one CHW image, got shape {list(image.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
     height, width = int(image.shape[-2]), int(image.shape[-1])
     windows = tile_windows(height, width, size, overlap)
     tile_outputs = predict_tiles(model, image, windows, batch_size)
-    full = model([image])[0] if full_image and len(windows) > 1 else None
-    return merge_tiles(tile_outputs, windows, height, width, full, merge=merge, iou_thresh=iou_thresh)
+    with per_box_masks(model):
+        full = model([image])[0] if full_image and len(windows) > 1 else None
+    mask_thresh = model.transform.mask_thresh
+    return merge_tiles(tile_outputs, windows, height, width, full, merge=merge, iou_thresh=iou_thresh,
+                       mask_format=mask_format, mask_thresh=0.5 if mask_thresh is None else mask_thresh)
 
 
 @torch.no_grad()
 def predict_tiles(model: nn.Module, image: Tensor, windows: Sequence[Window], batch_size: int = 4
                   ) -> List[Dict[str, Tensor]]:
     """The model's result on each window of ``image`` (all of one size), at native resolution,
-    in tile pixels."""
+    in tile pixels; masks unpasted (``per_box_masks``), as ``merge_tiles`` takes them."""
     outputs: List[Dict[str, Tensor]] = []
     tile_h, tile_w = windows[0][3] - windows[0][1], windows[0][2] - windows[0][0]
-    with test_scale(model, min(tile_h, tile_w), max(tile_h, tile_w)):  # scale 1
+    with test_scale(model, min(tile_h, tile_w), max(tile_h, tile_w)), per_box_masks(model):  # scale 1
         for i in range(0, len(windows), batch_size):
             outputs += model([image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in windows[i:i + batch_size]])
     return outputs
 
 
 def merge_tiles(tile_outputs: Sequence[Dict[str, Tensor]], windows: Sequence[Window], height: int, width: int,
-                full: Optional[Dict[str, Tensor]] = None, *, merge: str = "nms", iou_thresh: float = 0.5
-                ) -> Dict[str, Tensor]:
-    """One image's result from its tiles' results (in tile pixels, masks pasted into the tile) and
-    optionally a full-image result: shifted to image pixels, cut boxes flagged, merged per class."""
-    parts = []
-    for window, out in zip(windows, tile_outputs):
-        out = dict(out, boxes=out["boxes"] + out["boxes"].new_tensor(window[:2] * 2))
-        out["cut"] = _cut(out["boxes"], window, height, width)
-        parts.append(out)
-    sources: List[Optional[Window]] = list(windows)
-    if full is not None:
-        parts.append(dict(full, cut=torch.zeros(len(full["boxes"]), dtype=torch.bool, device=full["boxes"].device)))
-        sources.append(None)
-    boxes, scores, labels, cut = (torch.cat([p[k] for p in parts]) for k in ("boxes", "scores", "labels", "cut"))
+                full: Optional[Dict[str, Tensor]] = None, *, merge: str = "nms", iou_thresh: float = 0.5,
+                mask_format: str = "uint8", mask_thresh: float = 0.5) -> Dict[str, Any]:
+    """One image's result from its tiles' results (in tile pixels, masks as (N, 1, M, M)
+    probabilities in each box's frame) and optionally a full-image result (image pixels, masks
+    likewise): shifted to image pixels, cut boxes flagged, merged per class; masks pasted at
+    ``mask_thresh`` (see ``sliced_predict``)."""
+    frames = list(tile_outputs) + ([full] if full is not None else [])
+    origins = [window[:2] for window in windows] + ([(0, 0)] if full is not None else [])
+    sizes = [(y1 - y0, x1 - x0) for x0, y0, x1, y1 in windows] + ([(height, width)] if full is not None else [])
+    shifted = [out["boxes"] + out["boxes"].new_tensor(origin * 2) for out, origin in zip(frames, origins)]
+    cut = [_cut(b, window, height, width) for b, window in zip(shifted, windows)]  # the full image cuts nothing
+    cut += [torch.zeros(len(b), dtype=torch.bool, device=b.device) for b in shifted[len(windows):]]
+    boxes, cut = torch.cat(shifted), torch.cat(cut)
+    scores, labels = (torch.cat([out[k] for out in frames]) for k in ("scores", "labels"))
     groups = merge_detections(boxes, scores, labels, cut, merge, iou_thresh)
     best = [int(g[0]) for g in groups]
-    result = {
+    result: Dict[str, Any] = {
         "boxes": torch.stack([torch.cat([boxes[g, :2].min(0).values, boxes[g, 2:].max(0).values])
                               for g in groups]) if groups else boxes[:0],
         "labels": labels[best],
         "scores": scores[best],
     }
-    if "masks" in parts[0]:
-        result["masks"] = _paste_group_masks(parts, sources, groups, height, width)
+    if "masks" in frames[0]:
+        masks = group_masks(frames, origins, sizes, groups, mask_thresh)
+        result["masks"] = (_image_masks(masks, len(groups), height, width, boxes.device) if mask_format == "uint8"
+                           else [region_rle(m.cpu().numpy(), x0, y0, height, width) for m, (x0, y0) in masks])
     return result
 
 
-def _paste_group_masks(parts: Sequence[Dict[str, Tensor]], sources: Sequence[Optional[Window]],
-                       groups: Sequence[Tensor], height: int, width: int) -> Tensor:
-    """Each merged detection's mask in the full image: its members' masks placed at their tiles
-    and combined by maximum (OR for thresholded masks)."""
-    owner = torch.cat([torch.full((len(p["boxes"]),), i, dtype=torch.long) for i, p in enumerate(parts)])
-    offset = torch.cat([torch.arange(len(p["boxes"])) for p in parts])
-    ref = parts[0]["masks"]
-    out = ref.new_zeros((len(groups), 1, height, width))
-    for k, group in enumerate(groups):
+Placed = Tuple[Tensor, Tuple[int, int]]  # a bool (h, w) mask region and its top-left pixel (x, y) in the image
+
+
+def group_masks(frames: Sequence[Dict[str, Tensor]], origins: Sequence[Tuple[int, int]],
+                sizes: Sequence[Tuple[int, int]], groups: Sequence[Tensor], mask_thresh: float) -> Iterator[Placed]:
+    """Each merged detection's mask, one at a time, over the union of its members' paste windows: every member
+    pasted in its own frame (a tile, or the image; frame ``f`` has its top-left pixel at
+    ``origins[f]`` and is ``sizes[f]`` (h, w)), as the model would paste it there, thresholded
+    and OR-ed. Detections are numbered through the frames in order."""
+    frame_of = torch.cat([torch.full((len(out["boxes"]),), f, dtype=torch.long) for f, out in enumerate(frames)])
+    index_in = torch.cat([torch.arange(len(out["boxes"])) for out in frames])
+    paste_at = [paste_windows(out["boxes"], *size) for out, size in zip(frames, sizes)]
+    for group in groups:
+        members = []
         for j in group.tolist():
-            mask = parts[int(owner[j])]["masks"][int(offset[j])]
-            window = sources[int(owner[j])]
-            x0, y0, x1, y1 = window if window is not None else (0, 0, width, height)
-            region = out[k, :, y0:y1, x0:x1]
-            region.copy_(torch.maximum(region, mask))
+            f, i = int(frame_of[j]), int(index_in[j])
+            x0, y0, x1, y1 = paste_at[f][i]
+            if x1 > x0 and y1 > y0:
+                members.append((f, i, (x0, y0, x1, y1)))
+        image_windows = [(x0 + origins[f][0], y0 + origins[f][1], x1 + origins[f][0], y1 + origins[f][1])
+                         for f, _, (x0, y0, x1, y1) in members]
+        if not members:
+            yield torch.zeros((0, 0), dtype=torch.bool), (0, 0)
+            continue
+        left, top = min(w[0] for w in image_windows), min(w[1] for w in image_windows)
+        right, bottom = max(w[2] for w in image_windows), max(w[3] for w in image_windows)
+        region = torch.zeros((bottom - top, right - left), dtype=torch.bool, device=frames[0]["boxes"].device)
+        for (f, i, window), (x0, y0, x1, y1) in zip(members, image_windows):
+            pasted = paste_mask(frames[f]["masks"][i], frames[f]["boxes"][i], window)[0] >= mask_thresh
+            region[y0 - top:y1 - top, x0 - left:x1 - left] |= pasted
+        yield region, (left, top)
+
+
+def _image_masks(placed: Iterator[Placed], count: int, height: int, width: int, device: torch.device) -> Tensor:
+    """``count`` placed masks as the contract's (N, 1, H, W), in uint8: one byte per pixel and detection."""
+    out = torch.zeros((count, 1, height, width), dtype=torch.uint8, device=device)
+    for k, (region, (x0, y0)) in enumerate(placed):
+        out[k, 0, y0:y0 + region.shape[0], x0:x0 + region.shape[1]] = region
     return out
