@@ -96,9 +96,9 @@ def test_predict_command_writes_coco_json_and_pictures(checkpoint, folder, tmp_p
     assert sorted(p.name for p in out.glob("*.jpg")) == ["a.jpg", "b.jpg"]
 
 
-def test_predict_command_reports_missing_files(tmp_path):
+def test_predict_command_reports_missing_files(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="nothing.jpg"):
-        main(["predict", str(tmp_path / "nothing.jpg"), "--model", ARCH, "--checkpoint", "unused.safetensors"])
+        main(["predict", str(tmp_path / "nothing.jpg"), "--model", ARCH, "--checkpoint", str(checkpoint)])
 
 
 # --- one decoder, streaming, half precision ----------------------------------------------------
