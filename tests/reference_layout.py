@@ -1,10 +1,14 @@
 """Reference (mmdetection) checkpoints for tests, built from the key listing in tests/data, which was
 checked against a model built by mmdetection 3.3.0."""
+import contextlib
 import os
 import re
+import sys
+import types
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
+import numpy as np
 import torch
 
 APPENDIX = os.path.join(os.path.dirname(__file__), "data", "mmdet_hrnet_keys_appendix.txt")
@@ -52,3 +56,35 @@ def reference_checkpoint(family: str, seed: int = 0) -> Dict[str, object]:
         else:
             sd[key] = torch.randn(shape, generator=g) * 0.01
     return {"meta": {"mmdet_version": "2.0.0"}, "state_dict": sd}
+
+
+MMENGINE_MODULES = ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer", "mmengine.config",
+                    "mmengine.config.config")
+
+
+@contextlib.contextmanager
+def mmengine_classes() -> Iterator[Tuple[type, type]]:
+    """(HistoryBuffer, ConfigDict) at mmengine's module paths while the block runs (mmengine itself is
+    not needed): pickle finds them while a test saves, and they are gone again when hrnetdet loads."""
+    modules = {name: types.ModuleType(name) for name in MMENGINE_MODULES}
+
+    class HistoryBuffer:
+        def __init__(self):
+            self._log_history, self._count_history, self.max_length = np.array([0.5, 0.25]), np.array([1, 1]), 1000
+
+    class ConfigDict(dict):
+        pass
+
+    for cls, module in ((HistoryBuffer, "mmengine.logging.history_buffer"), (ConfigDict, "mmengine.config.config")):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(modules[module], cls.__name__, cls)
+    saved = {name: sys.modules.get(name) for name in MMENGINE_MODULES}
+    sys.modules.update(modules)
+    try:
+        yield HistoryBuffer, ConfigDict
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

@@ -15,13 +15,14 @@ import pickle
 import struct
 import subprocess
 import sys
-import types
 import zipfile
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
+
+from reference_layout import mmengine_classes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_BYTES = 1536 << 20
@@ -116,35 +117,17 @@ def _assert_peak(lines):
 def _mmengine_checkpoint():
     """torch.save of a state dict (float, int64 and bool tensors, a view) beside numpy scalars and
     arrays, a HistoryBuffer and a ConfigDict (classes at mmengine's paths, gone after saving)."""
-    names = ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer", "mmengine.config",
-             "mmengine.config.config")
-    modules = {name: types.ModuleType(name) for name in names}
-
-    class HistoryBuffer:
-        def __init__(self):
-            self._log_history, self._count_history, self.max_length = np.array([0.5, 0.25]), np.array([1, 1]), 1000
-
-    class ConfigDict(dict):
-        pass
-
-    for cls, module in ((HistoryBuffer, "mmengine.logging.history_buffer"), (ConfigDict, "mmengine.config.config")):
-        cls.__module__, cls.__qualname__ = module, cls.__name__
-        setattr(modules[module], cls.__name__, cls)
-    weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
-    sd = OrderedDict([("backbone.conv1.weight", weight), ("backbone.conv1.bias", weight[:, 0, 0, 0]),
-                      ("backbone.bn1.num_batches_tracked", torch.tensor(7)),
-                      ("backbone.mask", torch.tensor([True, False, True]))])
-    meta = {"epoch": np.int64(12), "lr": np.float32(0.02), "seed": np.array([[1, 2, 3]], dtype=np.int32),
-            "flags": np.array([True, False]), "cfg": ConfigDict(model=ConfigDict(type="FasterRCNN")),
-            "dataset_meta": {"classes": ("a", "b")}, "env": "torch 2"}
-    ckpt = {"meta": meta, "state_dict": sd,
-            "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {"iter": np.int64(90)}}}
-    sys.modules.update(modules)
-    try:
+    with mmengine_classes() as (HistoryBuffer, ConfigDict):
+        weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+        sd = OrderedDict([("backbone.conv1.weight", weight), ("backbone.conv1.bias", weight[:, 0, 0, 0]),
+                          ("backbone.bn1.num_batches_tracked", torch.tensor(7)),
+                          ("backbone.mask", torch.tensor([True, False, True]))])
+        meta = {"epoch": np.int64(12), "lr": np.float32(0.02), "seed": np.array([[1, 2, 3]], dtype=np.int32),
+                "flags": np.array([True, False]), "cfg": ConfigDict(model=ConfigDict(type="FasterRCNN")),
+                "dataset_meta": {"classes": ("a", "b")}, "env": "torch 2"}
+        ckpt = {"meta": meta, "state_dict": sd,
+                "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {"iter": np.int64(90)}}}
         return ckpt, _saved(ckpt, True), _saved(ckpt, False)
-    finally:
-        for name in names:
-            del sys.modules[name]
 
 
 def _saved(obj, zipped):

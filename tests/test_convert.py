@@ -2,8 +2,6 @@
 hrnetdet's safetensors round-trip; bad files get clear errors."""
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import hrnetdet
 from hrnetdet.cli import main as cli
 from hrnetdet.zoo.checkpoint import read_checkpoint
 from hrnetdet.zoo.convert import CheckpointError
-from reference_layout import reference_checkpoint
+from reference_layout import mmengine_classes, reference_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -143,50 +141,27 @@ class _Malicious:
         return os.system, (f"touch {os.path.join(self.folder, MARKER)}",)
 
 
-def _mmengine_classes(monkeypatch):
-    """Classes at mmengine's module paths (mmengine itself is not needed): pickle finds them while
-    the test saves, and they are gone again when hrnetdet loads."""
-    modules = {name: types.ModuleType(name) for name in
-               ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer", "mmengine.config",
-                "mmengine.config.config")}
-
-    class HistoryBuffer:
-        def __init__(self):
-            self._log_history, self._count_history, self.max_length = np.array([0.5, 0.25]), np.array([1, 1]), 1000
-
-    class ConfigDict(dict):
-        pass
-
-    for cls, module in ((HistoryBuffer, "mmengine.logging.history_buffer"), (ConfigDict, "mmengine.config.config")):
-        cls.__module__, cls.__qualname__ = module, cls.__name__
-        setattr(modules[module], cls.__name__, cls)
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return HistoryBuffer, ConfigDict
-
-
-def test_mmengine_era_checkpoint_loads_and_runs_no_code(tmp_path, monkeypatch):
+def test_mmengine_era_checkpoint_loads_and_runs_no_code(tmp_path):
     """An mmengine trainer's checkpoint: numpy scalars and arrays, a ConfigDict and a HistoryBuffer
     beside the weights (and a call of os.system in its meta) still yields its state dict, with the
     classes its dataset_meta names; the os.system call never runs."""
-    HistoryBuffer, ConfigDict = _mmengine_classes(monkeypatch)
     ckpt = reference_checkpoint("faster_rcnn")
-    ckpt["meta"] = {"epoch": np.int64(12), "lr": np.float64(0.02), "seed": np.array([1, 2, 3]),
-                    "cfg": ConfigDict(model=ConfigDict(type="FasterRCNN")), "hook": _Malicious(str(tmp_path)),
-                    "dataset_meta": {"classes": tuple(f"thing{i}" for i in range(80))}}
-    ckpt["message_hub"] = {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {"iter": np.int64(90000)}}
     path = tmp_path / "epoch_12.pth"
-    torch.save(ckpt, path)
-    for name in [n for n in sys.modules if n.startswith("mmengine")]:
-        monkeypatch.delitem(sys.modules, name)
+    with mmengine_classes() as (HistoryBuffer, ConfigDict):
+        ckpt["meta"] = {"epoch": np.int64(12), "lr": np.float64(0.02), "seed": np.array([1, 2, 3]),
+                        "cfg": ConfigDict(model=ConfigDict(type="FasterRCNN")), "hook": _Malicious(str(tmp_path)),
+                        "dataset_meta": {"classes": tuple(f"thing{i}" for i in range(80))}}
+        ckpt["message_hub"] = {"log_scalars": {"train/loss": HistoryBuffer()},
+                               "runtime_info": {"iter": np.int64(90000)}}
+        torch.save(ckpt, path)
     model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w32", checkpoint_path=str(path))
     torch.testing.assert_close(model.state_dict()["rpn.head.conv.0.0.weight"], ckpt["state_dict"]["rpn_head.rpn_conv.weight"])
     assert model.categories[1] == "thing0" and len(model.categories) == 81
     assert not (tmp_path / MARKER).exists()
     # class names held in an object hrnetdet does not unpickle: the default (COCO's) names
-    _, ConfigDict = _mmengine_classes(monkeypatch)
-    torch.save({"state_dict": ckpt["state_dict"],
-                "meta": {"dataset_meta": ConfigDict(classes=tuple(f"thing{i}" for i in range(80)))}}, path)
+    with mmengine_classes() as (_, ConfigDict):
+        torch.save({"state_dict": ckpt["state_dict"],
+                    "meta": {"dataset_meta": ConfigDict(classes=tuple(f"thing{i}" for i in range(80)))}}, path)
     assert read_checkpoint(str(path)).categories[1] == "person"
 
 
