@@ -1,6 +1,6 @@
 """Mask targets and pasting as the reference computes them (see docs/NUMERICS.md,
 'Mask targets' and 'Mask pasting')."""
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,20 +40,21 @@ def paste_windows(boxes: Tensor, height: int, width: int) -> List[List[int]]:
     (end exclusive): the region its pasted mask can touch. Read to the host at once (one device
     synchronisation, not 4 per box)."""
     boxes = float32_if_half(boxes)
-    return torch.stack([torch.clamp(torch.floor(boxes[:, 0]) - 1, min=0),
+    windows: List[List[int]] = torch.stack([torch.clamp(torch.floor(boxes[:, 0]) - 1, min=0),
                         torch.clamp(torch.floor(boxes[:, 1]) - 1, min=0),
                         torch.clamp(torch.ceil(boxes[:, 2]) + 1, max=width),
                         torch.clamp(torch.ceil(boxes[:, 3]) + 1, max=height)],
                        dim=1).to(torch.int64).tolist()
+    return windows
 
 
-def paste_mask(mask: Tensor, box: Tensor, window: Sequence[int]) -> Tensor:
+def paste_mask(mask: Tensor, box: Tensor, window: List[int]) -> Tensor:
     """One (1, M, M) mask's probabilities over its paste ``window`` only, (1, y1 - y0, x1 - x0):
     ``grid_sample`` (bilinear, align_corners=False) at pixel centres relative to the float box.
     The window must not be empty."""
     mask, box = float32_if_half(mask), float32_if_half(box)
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
-    x0_int, y0_int, x1_int, y1_int = window
+    x0_int, y0_int, x1_int, y1_int = window[0], window[1], window[2], window[3]
     img_y = torch.arange(y0_int, y1_int, device=mask.device, dtype=torch.float32) + 0.5
     img_x = torch.arange(x0_int, x1_int, device=mask.device, dtype=torch.float32) + 0.5
     img_y = (img_y - y0) / (y1 - y0) * 2 - 1
@@ -74,9 +75,10 @@ def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int,
     (``None`` keeps probabilities)."""
     masks = float32_if_half(masks)
     out = masks.new_zeros((masks.shape[0], 1, height, width))
-    for i, (x0, y0, x1, y1) in enumerate(paste_windows(boxes, height, width)):
+    for i, window in enumerate(paste_windows(boxes, height, width)):
+        x0, y0, x1, y1 = window[0], window[1], window[2], window[3]
         if x1 > x0 and y1 > y0:
-            out[i, :, y0:y1, x0:x1] = paste_mask(masks[i], boxes[i], (x0, y0, x1, y1))
+            out[i, :, y0:y1, x0:x1] = paste_mask(masks[i], boxes[i], window)
     if threshold is not None:
         out = (out >= threshold).to(out.dtype)
     return out
