@@ -5,7 +5,10 @@ missing packages, the command)."""
 import copy
 import json
 import os
+import subprocess
 import sys
+import textwrap
+import weakref
 
 import pytest
 import torch
@@ -47,8 +50,19 @@ def assert_same_detections(ref, out):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("exports"))
+def home(tmp_path_factory):
+    """An HRNETDET_HOME whose exports folder is ``cache_dir``, for ``predict(backend=...)``."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(home):
+    return str(home / "exports")
+
+
+@pytest.fixture(scope="module")
+def faster_rcnn(rocket):
+    return small_model("faster_rcnn", rocket)
 
 
 # The default run: onnxruntime for every family but the two heaviest exports (Cascade Mask R-CNN's
@@ -60,14 +74,102 @@ BACKEND_CASES = [(f, b) if (f, b) in DEFAULT_CASES else pytest.param(f, b, marks
 
 
 @pytest.mark.parametrize("family,backend", BACKEND_CASES)
-def test_backend_matches_eager_at_two_new_sizes(family, backend, rocket, portrait, cache_dir):
+def test_backend_matches_eager_at_two_new_sizes(family, backend, rocket, portrait, cache_dir, faster_rcnn):
     """Exported on a generated 480x640 image; compared on two others of other padded sizes."""
     pytest.importorskip(backend)
-    model = small_model(family, rocket)
+    model = faster_rcnn if family == "faster_rcnn" else small_model(family, rocket)
     fast = optimize_for_inference(copy.deepcopy(model), backend=backend, cache_dir=cache_dir)
     with torch.no_grad():
         for x in (rocket, portrait):
             assert_same_detections(model([x])[0], fast([x])[0])
+
+
+def test_closing_releases_the_sessions_and_a_closed_model_refuses_to_run(faster_rcnn, rocket, cache_dir):
+    pytest.importorskip("onnxruntime")
+    fast = optimize_for_inference(copy.deepcopy(faster_rcnn), backend="onnxruntime", cache_dir=cache_dir)
+    sessions = [weakref.ref(g.session) for g in fast.runtime.graphs.values()]
+    assert len(sessions) == len(runtime.dense_parts(faster_rcnn)) == 4
+    twin = copy.deepcopy(fast)  # sessions of its own
+    fast.runtime.close()
+    assert fast.runtime.closed and [s() for s in sessions] == [None] * 4  # released now, not at a later GC
+    with pytest.raises(RuntimeError, match="^backbone: this model's onnxruntime sessions are closed; make it again"):
+        fast([rocket])
+    with torch.no_grad():
+        assert_same_detections(faster_rcnn([rocket])[0], twin([rocket])[0])
+    assert copy.deepcopy(fast).runtime.closed  # a closed model's copy is closed too
+
+
+def test_a_with_block_closes_the_sessions(faster_rcnn, rocket, cache_dir):
+    pytest.importorskip("openvino")
+    fast = optimize_for_inference(copy.deepcopy(faster_rcnn), backend="openvino", cache_dir=cache_dir)
+    with fast.runtime as session, torch.no_grad():
+        assert session is fast.runtime and not session.closed
+        assert_same_detections(faster_rcnn([rocket])[0], fast([rocket])[0])
+    assert fast.runtime.closed
+    with pytest.raises(RuntimeError, match="openvino sessions are closed"):
+        fast([rocket])
+
+
+def test_predict_reuses_one_session_per_model(faster_rcnn, rocket, home, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("HRNETDET_HOME", str(home))
+    opened = []
+
+    class Counted(runtime.RuntimeSession):
+        def __init__(self, *args):
+            super().__init__(*args)
+            opened.append(self)
+
+    monkeypatch.setattr(runtime, "RuntimeSession", Counted)
+    first = hrnetdet.predict(faster_rcnn, rocket, 0.0, backend="onnxruntime")
+    second = hrnetdet.predict(faster_rcnn, rocket, 0.0, backend="onnxruntime")
+    assert len(opened) == 1 and not opened[0].closed
+    torch.testing.assert_close(first["boxes"], second["boxes"])
+    assert not hasattr(faster_rcnn, "runtime")  # the model itself stays eager
+    runtime.close_runtime(faster_rcnn)
+    assert opened[0].closed
+    hrnetdet.predict(faster_rcnn, rocket, backend="onnxruntime")
+    assert len(opened) == 2  # closed sessions are not reused
+    runtime.close_runtime(faster_rcnn)
+
+
+def test_openvino_sessions_leave_the_signal_stack_usable(faster_rcnn, rocket, cache_dir, tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack. With one plugin per graph,
+    freed first-made first, the thread was left on an unmapped stack, and the next signal that
+    Python handles (a DataLoader worker's SIGCHLD) killed the process: the crash that once split
+    the test suite into two processes. Run in a child, so that a crash fails only this test."""
+    pytest.importorskip("openvino")
+    folder = runtime.cached_export(faster_rcnn, cache_dir)
+    torch.save(rocket, tmp_path / "rocket.pt")
+    script = textwrap.dedent(f"""
+        import copy, ctypes, gc, os, signal, torch, hrnetdet
+        from hrnetdet.inference import runtime
+
+        class Stack(ctypes.Structure):
+            _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+        def signal_stack():
+            stack = Stack()
+            ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack))
+            return stack.sp
+
+        before = signal_stack()
+        model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", min_size=128, max_size=192)
+        fast = [runtime.attach(copy.deepcopy(model), {folder!r}, "openvino") for _ in range(2)]
+        runtime.attach(fast[1], {folder!r}, "openvino")  # its sessions replaced
+        image = torch.load({str(tmp_path / "rocket.pt")!r})
+        with torch.no_grad():
+            [m([image]) for m in fast]  # no loop variable keeps a model alive
+        during = signal_stack()
+        while fast:
+            fast.pop(0)  # freed first-made first
+        gc.collect()
+        print(signal_stack() in (before, during))  # not a stack that was freed
+        signal.signal(signal.SIGUSR1, lambda *args: print("handled"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout.split()) == (0, ["True", "handled"]), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

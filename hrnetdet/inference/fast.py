@@ -24,7 +24,9 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn:
     ``backend="onnxruntime"`` or ``"openvino"`` (``"auto"``: the faster one installed) instead runs
     the dense parts in that runtime (``runtime.py``), exported once per weights into ``cache_dir``
     (default ``$HRNETDET_HOME/exports``); its graphs compute HRFPN in ``FastHRFPN``'s order and
-    the other options do not apply.
+    the other options do not apply. The returned model's ``runtime`` owns the sessions:
+    ``model.runtime.close()`` (or ``with model.runtime:``) releases them, after which the model
+    refuses to run.
     ``compile`` needs a C++ compiler on the CPU (inductor) and takes about 40 s for W18 at
     800x1216 on one core, once per input size; it pays for long runs over same-sized inputs."""
     if backend != "torch":

@@ -2,7 +2,6 @@
 decoding in DataLoader workers, batches on the model's device, results streamed as they are ready
 with category names, masks as uint8 (or RLE) at the original size."""
 import contextlib
-import copy
 import glob
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -183,7 +182,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
     unreadable file raises ValueError naming it. The model is put in eval mode.
     ``slice``: sliced inference in SxS tiles overlapping by ``overlap`` (plus the whole image when
     ``full_image``); ``tta``: test-time augmentation (see ``hrnetdet.inference.modes``).
-    ``backend``: see ``optimize_for_inference`` (a runtime backend works on a copy of the model).
+    ``backend``: see ``optimize_for_inference`` (a runtime backend works on a copy of the model, on
+    sessions kept with ``model`` for the next call; ``runtime.close_runtime(model)`` releases them).
     """
     check_mode(slice, overlap, tta)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -191,8 +191,8 @@ def predict(model: nn.Module, inputs: Any, score_thresh: Optional[float] = None,
     items = _flatten(inputs)
     model.eval()
     if backend != "torch":
-        from .fast import optimize_for_inference
-        model = optimize_for_inference(copy.deepcopy(model), backend=backend)
+        from .runtime import runtime_copy
+        model = runtime_copy(model, backend)
     model.to(device)
     results = _stream(model, items, score_thresh, batch_size=batch_size, device=device, progress=progress,
                       num_workers=num_workers, half=half, mask_format=mask_format,

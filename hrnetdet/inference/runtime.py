@@ -8,12 +8,14 @@ pasting) stay the model's own PyTorch code, so the model keeps torchvision's con
 arithmetic there. Each part's ``forward`` is swapped for a call into its compiled graph.
 """
 import copy
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+import weakref
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,9 +35,6 @@ ROI_PARTS = ("box_head", "box_predictor", "mask_head", "mask_predictor")
 MANIFEST = "export.json"
 EXAMPLE_SIZE = (480, 640)  # the generated image the graphs are traced on (H, W)
 EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # module -> the pip extra that installs it
-
-Runner = Callable[[List[np.ndarray]], List[np.ndarray]]
-
 
 def require(module: str):
     """Import an optional dependency, or say which extra installs it."""
@@ -148,37 +147,113 @@ def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool
     return manifest
 
 
-def onnxruntime_runner(path: str, threads: int) -> Runner:
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return lambda arrays: session.run(None, dict(zip(names, arrays)))
+class OnnxRuntimeGraph:
+    """One graph in an onnxruntime session."""
+
+    def __init__(self, path: str, threads: int):
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, arrays: List[np.ndarray]) -> List[np.ndarray]:
+        return self.session.run(None, dict(zip(self.names, arrays)))
+
+    def close(self) -> None:
+        self.session = None
 
 
-def openvino_runner(path: str, threads: int) -> Runner:
-    ov = require("openvino")
-    # f32: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, outside parity.
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                     "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """The process's one OpenVINO core, kept until the interpreter exits.
 
-    def run(arrays: List[np.ndarray]) -> List[np.ndarray]:
-        result = request.infer(arrays)
-        return [result[o] for o in compiled.outputs]
-    return run
+    Its CPU plugin installs an alternate signal stack on the thread that creates it and puts the
+    previous one back when it is destroyed. Plugins destroyed in any order but the reverse of their
+    creation (one core per graph, freed first-made first), or on another thread, leave the thread
+    pointing at a stack already unmapped, and the next signal handled there (Python runs its
+    handlers on that stack: a DataLoader worker's SIGCHLD) kills the process or writes over what
+    was mapped there since. One core per process: one plugin, installed once, undone at exit."""
+    return require("openvino").Core()
 
 
-RUNNERS: Dict[str, Callable[[str, int], Runner]] = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+class OpenVINOGraph:
+    """One graph compiled by the process's OpenVINO core, with its infer request."""
+
+    def __init__(self, path: str, threads: int):
+        # f32: on CPUs with bf16 units OpenVINO would otherwise compute in bf16, outside parity.
+        self.compiled = openvino_core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                    "INFERENCE_NUM_THREADS": threads})
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, arrays: List[np.ndarray]) -> List[np.ndarray]:
+        result = self.request.infer(arrays)
+        return [result[o] for o in self.compiled.outputs]
+
+    def close(self) -> None:
+        self.request = None  # the request before the compiled model it belongs to
+        self.compiled = None
+
+
+GRAPHS = {"onnxruntime": OnnxRuntimeGraph, "openvino": OpenVINOGraph}
+
+
+class RuntimeSession:
+    """The backend sessions of one model's dense parts, owned in one place so that they are
+    released at a known moment (``close``, the end of a ``with`` block) rather than whenever the
+    garbage collector reaches the model. A deep copy opens sessions of its own (a closed one's
+    copy is closed too)."""
+
+    def __init__(self, export_dir: str, backend: str, names: Sequence[str], threads: int):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.export_dir, self.backend, self.threads = export_dir, backend, threads
+        with open(os.path.join(export_dir, MANIFEST)) as f:
+            self.parts: Dict[str, Any] = json.load(f)["parts"]
+        missing = [n for n in names if n not in self.parts]
+        if missing:
+            raise ValueError(f"{export_dir}: no graph for part {missing[0]!r}; export this model again")
+        self.graphs: Dict[str, Any] = {}
+        try:
+            for name in names:
+                self.graphs[name] = GRAPHS[backend](os.path.join(export_dir, self.parts[name]["file"]), threads)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return not self.graphs
+
+    def run(self, name: str, arrays: List[np.ndarray]) -> List[np.ndarray]:
+        if self.closed:
+            raise RuntimeError(f"{name}: this model's {self.backend} sessions are closed; "
+                               "make it again with optimize_for_inference(model, backend=...)")
+        return self.graphs[name].run(arrays)
+
+    def close(self) -> None:
+        """Release every session now; the model refuses to run afterwards. Idempotent."""
+        for graph in self.graphs.values():
+            graph.close()
+        self.graphs = {}
+
+    def __enter__(self) -> "RuntimeSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "RuntimeSession":
+        return RuntimeSession(self.export_dir, self.backend, list(self.graphs), self.threads)
 
 
 class PartForward:
-    """Stands in for a part's ``forward``: flattens the call, runs the graph, rebuilds the output."""
+    """Stands in for a part's ``forward``: flattens the call, runs the part's graph in the
+    model's ``RuntimeSession``, rebuilds the output."""
 
-    def __init__(self, name: str, run: Runner, in_spec, none_at: List[int], out_spec):
-        self.name, self.run, self.in_spec, self.none_at, self.out_spec = name, run, in_spec, none_at, out_spec
+    def __init__(self, name: str, session: RuntimeSession, in_spec, none_at: List[int], out_spec):
+        self.name, self.session, self.in_spec, self.none_at, self.out_spec = name, session, in_spec, none_at, out_spec
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         leaves, spec = tree_flatten((args, kwargs))
@@ -186,25 +261,29 @@ class PartForward:
             raise ValueError(f"{self.name}: called with {spec}, exported for {self.in_spec}")
         flat = _tensor_leaves(leaves)
         device = flat[0].device
-        outs = self.run([t.detach().float().cpu().contiguous().numpy() for t in flat])
+        outs = self.session.run(self.name, [t.detach().float().cpu().contiguous().numpy() for t in flat])
         return tree_unflatten([torch.from_numpy(np.asarray(o)).to(device) for o in outs], self.out_spec)
 
 
 def attach(model: nn.Module, export_dir: str, backend: str) -> nn.Module:
     """Swap every dense part's ``forward`` of ``model`` (in place) for the graph in ``export_dir``
-    run by ``backend`` with torch's intra-op thread count; returns the model, in eval mode."""
-    if backend not in RUNNERS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    with open(os.path.join(export_dir, MANIFEST)) as f:
-        manifest = json.load(f)
-    threads = torch.get_num_threads()
+    run by ``backend`` with torch's intra-op thread count; returns the model, in eval mode.
+
+    The sessions belong to ``model.runtime`` (a ``RuntimeSession``): ``model.runtime.close()`` or
+    ``with model.runtime: ...`` releases them; sessions attached before are closed first."""
+    if isinstance(getattr(model, "runtime", None), RuntimeSession):
+        model.runtime.close()
+    return use_session(model, RuntimeSession(export_dir, backend, list(dense_parts(model)), torch.get_num_threads()))
+
+
+def use_session(model: nn.Module, session: RuntimeSession) -> nn.Module:
+    """``model`` (changed in place, in eval mode) with its dense parts run in ``session``, which
+    becomes ``model.runtime``."""
     for name, part in dense_parts(model).items():
-        if name not in manifest["parts"]:
-            raise ValueError(f"{export_dir}: no graph for part {name!r}; export this model again")
-        entry = manifest["parts"][name]
-        run = RUNNERS[backend](os.path.join(export_dir, entry["file"]), threads)
-        part.forward = PartForward(name, run, treespec_loads(entry["in_spec"]), entry["none_at"],
+        entry = session.parts[name]
+        part.forward = PartForward(name, session, treespec_loads(entry["in_spec"]), entry["none_at"],
                                    treespec_loads(entry["out_spec"]))
+    model.runtime = session
     return model.eval()
 
 
@@ -276,13 +355,53 @@ def default_backend() -> str:
     raise ImportError("backend 'auto' needs onnxruntime or openvino: pip install 'hrnetdet[onnx]'")
 
 
-def runtime_model(model: nn.Module, backend: str = "auto", cache_dir: str = "") -> nn.Module:
-    """``model`` (changed in place) with its dense parts run by ``backend``, exported once into
-    ``cache_dir`` (default ``$HRNETDET_HOME/exports``)."""
+def resolve_backend(backend: str) -> str:
+    """``backend`` with ``auto`` resolved, checked and importable."""
     if backend == "auto":
         backend = default_backend()
-    if backend not in RUNNERS:
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     require(backend)
-    folder = cached_export(model.eval(), cache_dir or os.path.join(hrnetdet_home(), "exports"))
-    return attach(model, folder, backend)
+    return backend
+
+
+def default_cache_dir() -> str:
+    return os.path.join(hrnetdet_home(), "exports")
+
+
+def runtime_model(model: nn.Module, backend: str = "auto", cache_dir: str = "") -> nn.Module:
+    """``model`` (changed in place) with its dense parts run by ``backend``, exported once into
+    ``cache_dir`` (default ``$HRNETDET_HOME/exports``); ``model.runtime`` owns the sessions."""
+    backend = resolve_backend(backend)
+    return attach(model, cached_export(model.eval(), cache_dir or default_cache_dir()), backend)
+
+
+# The sessions ``runtime_copy`` opened for each eager model, by backend: they live as long as the
+# model (or until ``close_runtime``), so repeated ``predict(model, backend=...)`` calls reuse them.
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, Dict[str, RuntimeSession]]" = weakref.WeakKeyDictionary()
+
+
+def runtime_copy(model: nn.Module, backend: str = "auto", cache_dir: str = "") -> nn.Module:
+    """A copy of ``model`` with its dense parts run by ``backend``, on sessions kept with ``model``
+    and reused while its weights and torch's thread count stay the same. ``model`` is unchanged;
+    the copy takes its current settings (thresholds, sizes) on every call."""
+    backend = resolve_backend(backend)
+    folder = cached_export(model.eval(), cache_dir or default_cache_dir())
+    kept = _KEPT.setdefault(model, {})
+    session = kept.get(backend)
+    threads = torch.get_num_threads()
+    if session is None or session.closed or (session.export_dir, session.threads) != (folder, threads):
+        if session is not None:
+            session.close()
+        session = kept[backend] = RuntimeSession(folder, backend, list(dense_parts(model)), threads)
+    return use_session(copy.deepcopy(model), session)
+
+
+def close_runtime(model: nn.Module) -> None:
+    """Close the runtime sessions of ``model``: its own (``model.runtime``) and those that
+    ``predict(model, backend=...)`` keeps for it."""
+    own = getattr(model, "runtime", None)
+    if isinstance(own, RuntimeSession):
+        own.close()
+    for session in _KEPT.pop(model, {}).values():
+        session.close()
