@@ -227,12 +227,17 @@ def _read_lines(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     with f:
         offset = 0
         for line in f:
-            if line.endswith(b"\n"):
-                try:
-                    yield offset, json.loads(line)
-                except json.JSONDecodeError:
-                    pass
+            rec = _parsed(line) if line.endswith(b"\n") else None
+            if isinstance(rec, dict):
+                yield offset, rec
             offset += len(line)
+
+
+def _parsed(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _part_files(out: str) -> List[str]:
