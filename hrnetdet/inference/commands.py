@@ -11,7 +11,8 @@ from .options import OptionError, PredictOptions
 
 def predict_options(args: argparse.Namespace) -> PredictOptions:
     """The ``PredictOptions`` record of the parsed flags (each flag is a field), checked before the
-    model is built or any input is read; a bad value is one line naming its flag."""
+    model is built or any input is read; a bad value is one line naming its flag (exit 2, as
+    argparse refuses a flag)."""
     import torch
 
     fields = dict(score_thresh=args.score_thresh, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -23,7 +24,7 @@ def predict_options(args: argparse.Namespace) -> PredictOptions:
     try:
         return PredictOptions(**fields)
     except OptionError as e:
-        raise SystemExit(f"hrnetdet predict: error: {e.cli_message()}") from None
+        args.command_parser.error(e.cli_message())
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except predict_run.PredictRunError as e:
         raise SystemExit(f"hrnetdet predict: error: {e}") from None
     except OptionError as e:  # a class the model does not know
-        raise SystemExit(f"hrnetdet predict: error: {e.cli_message()}") from None
+        args.command_parser.error(e.cli_message())
     print(summary(counts, args.out, options))
     return 0
 
