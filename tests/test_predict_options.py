@@ -121,6 +121,21 @@ def test_cli_filters_and_records_the_filter_in_run_json(model, image_file, check
         _predict([image_file], out, checkpoint, "--score-thresh", "0", "--classes", name, "--max-det", "3")
 
 
+def test_a_folder_of_an_earlier_version_resumes(model, image_file, checkpoint, tmp_path, monkeypatch, capsys):
+    """run.json written under the old flag spelling (--score-thr) is read as today's: nothing redone."""
+    monkeypatch.setattr("hrnetdet.zoo.factory.create_model", lambda *a, **k: model)
+    out = tmp_path / "out"
+    assert _predict([image_file], out, checkpoint, "--score-thresh", "0.5", "--no-draw") == 0
+    run = json.loads((out / "run.json").read_text())
+    run["settings"] = {("--score-thr" if k == "--score-thresh" else k): v for k, v in run["settings"].items()
+                       if k not in ("--classes", "--max-det")}  # keys earlier versions did not write
+    (out / "run.json").write_text(json.dumps(run))
+    monkeypatch.setattr(predict_module, "run_model", lambda *a: pytest.fail("inference ran"))
+    capsys.readouterr()
+    assert _predict([image_file], out, checkpoint, "--score-thr", "0.5", "--no-draw") == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
 def _band_above(picture, x, y):
     """Height of the drawn label band: contiguous changed rows right above the point (x, y)."""
     changed = (picture[:, :y, x:x + 4] > 0).any(0).any(1)

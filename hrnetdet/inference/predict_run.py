@@ -96,14 +96,18 @@ def run_settings(model: nn.Module, options: PredictOptions, extra: Optional[Dict
     return json.loads(json.dumps(settings))  # as run.json gives it back (tuples as lists)
 
 
+# run.json keys that earlier versions wrote under a flag's old spelling: their folders still resume
+OLD_SETTING_NAMES = {"--score-thr": "--score-thresh"}
+
+
 def _recorded_settings(path: str) -> Optional[Dict[str, Any]]:
-    """The settings in a ``run.json``; None when there is none."""
+    """The settings in a ``run.json`` (old flag spellings read as today's); None when there is none."""
     try:
         with open_no_follow(path, "rb") as f:
-            return json.load(f)["settings"]
+            return {OLD_SETTING_NAMES.get(k, k): v for k, v in json.load(f)["settings"].items()}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise PredictRunError(f"{path} cannot be read ({e}): choose another --out, or delete "
                               f"{os.path.dirname(path)} to start afresh") from None
 
