@@ -165,15 +165,25 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
+    """The flags are ``PredictOptions``' fields (``--score-thresh`` is ``score_thresh``), which
+    checks their values; ``--score-thr`` and ``--workers`` are the old spellings, kept hidden."""
     p.add_argument("inputs", nargs="+", help="image or video files, folders, glob patterns or http(s) URLs "
                    "(before a bare --pretrained)")
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
-    p.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring above this (0.3)")
+    # the hidden old spellings come first: the listed flag is the one messages name
+    p.add_argument("--score-thr", dest="score_thresh", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring above this (0.3)")
+    p.add_argument("--classes", nargs="+", metavar="CLASS",
+                   help="keep only these classes: category names or label ids (e.g. --classes person car)")
+    p.add_argument("--max-det", type=int, metavar="N", help="keep the N best detections per image")
     p.add_argument("--out", type=output_folder, default="predictions",
                    help="output folder (./predictions); a rerun into it skips the inputs already done")
     _device_arg(p)
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
-    p.add_argument("--workers", type=int, help="image decoding processes (default: half the cores, at most 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--workers", dest="num_workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--num-workers", type=int, help="image decoding processes (default: half the cores, at most 4)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse (skip) images over N pixels (default 64 million; 0: no limit)")
     p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable input instead of skipping it")
     p.add_argument("--save-video", action="store_true", help="write an annotated video for each video input")
@@ -184,6 +194,10 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="run the dense parts in this runtime, exported once and cached (auto: the fastest "
                         "installed; default: torch)")
     p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
+    p.add_argument("--line-width", type=int, metavar="PX", help="box line width in pictures (default: follows "
+                                                                "each box, within limits)")
+    p.add_argument("--label-size", type=int, metavar="PX", help="label text size in pictures (default: follows "
+                                                                "each box's height, within limits)")
     _mode_args(p)
 
 

@@ -28,7 +28,7 @@ def inference_calls(monkeypatch):
     calls = []
     real = predict_module.run_model
     monkeypatch.setattr(predict_module, "run_model",
-                        lambda m, images, mode: calls.append(len(images)) or real(m, images, mode))
+                        lambda m, images, options: calls.append(len(images)) or real(m, images, options))
     return calls
 
 
@@ -83,7 +83,7 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed(rgb, checkpoint, tmp_p
     out = tmp_path / "out"
     assert _run([tmp_path / "in"], out, checkpoint) == 0
     before = (out / "results.json").read_text()
-    with pytest.raises(SystemExit, match=r"made with --score-thr 0\.0; this run has --score-thr 0\.5: "
+    with pytest.raises(SystemExit, match=r"made with --score-thresh 0\.0; this run has --score-thresh 0\.5: "
                                          r"choose another --out, or delete .* to start afresh"):
         _run([tmp_path / "in"], out, checkpoint, "--score-thr", "0.5")
     with pytest.raises(SystemExit, match="--min-size"):

@@ -329,7 +329,7 @@ def test_predict_and_its_modes_share_one_path(models):
     out = predict(model, image, slice=64, overlap=0.0, full_image=False, score_thresh=0.0)
     direct = sliced_predict(model, image, 64, overlap=0.0, full_image=False)
     assert match_detections(direct, out, iou_thresh=0.999, score_tol=1e-6)["matched_frac"] == 1.0
-    with pytest.raises(ValueError, match="slice and tta"):
+    with pytest.raises(ValueError, match="tta does not combine with slice"):
         predict(model, image, slice=64, tta=True)
 
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from ..data.coco import CocoDetection, collate
 from ..data.results import coco_records
 from ..detectors import has_masks
-from ..inference.modes import check_mode, detect
+from ..inference.modes import detect
+from ..inference.options import PredictOptions
 from ..io import atomic_write_text
 from .analysis import confusion_matrix, pr_curves, write_confusion_matrix, write_pr_curves
 
@@ -103,7 +104,7 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     "num_images", "num_detections"}``. ``slice``, ``overlap``, ``full_image`` and ``tta`` select
     sliced inference or test-time augmentation, as in ``predict``.
     """
-    check_mode(slice, overlap, tta)
+    options = PredictOptions(slice=slice, overlap=overlap, full_image=full_image, tta=tta)
     ds = CocoDetection(ann_file, image_dir, with_masks=False)
     num_classes = len(getattr(model, "categories", []) or [])
     if num_classes and num_classes != len(ds.categories):
@@ -120,8 +121,7 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     results: List[dict] = []
     for images, targets in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
-        preds = detect(model, [im.to(device) for im in images], slice=slice, overlap=overlap,
-                       full_image=full_image, tta=tta)
+        preds = detect(model, [im.to(device) for im in images], options)
         for pred, tgt in zip(preds, targets):
             results += coco_records(pred, int(tgt["image_id"]), ds.cat_ids)
     model.train(was_training)

@@ -3,18 +3,37 @@ results.jsonl, COCO-results JSON and pictures (see ``predict_run``;
 its arguments are in ``hrnetdet/cli.py``)."""
 import argparse
 import os
+from typing import Dict, Optional
 
 from .modes import mode_kwargs
+from .options import OptionError, PredictOptions
+
+
+def predict_options(args: argparse.Namespace) -> PredictOptions:
+    """The ``PredictOptions`` record of the parsed flags (each flag is a field), checked before the
+    model is built or any input is read; a bad value is one line naming its flag (exit 2, as
+    argparse refuses a flag)."""
+    import torch
+
+    fields = dict(score_thresh=args.score_thresh, batch_size=args.batch_size, num_workers=args.num_workers,
+                  half=args.half, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                  classes=args.classes, max_det=args.max_det, line_width=args.line_width,
+                  label_size=args.label_size, **mode_kwargs(args))
+    if args.max_pixels is not None:
+        fields["max_pixels"] = args.max_pixels
+    try:
+        return PredictOptions(**fields)
+    except OptionError as e:
+        args.command_parser.error(e.cli_message())
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import torch
-
     from ..zoo.factory import create_model
     from . import predict_run
     from .fast import optimize_for_inference
     from .sources import expand_inputs
 
+    options = predict_options(args)
     paths = expand_inputs(args.inputs)
     try:  # before the model is built: a refusal costs nothing
         predict_run.check_out_holds_no_input(paths, args.out)
@@ -31,14 +50,19 @@ def run_predict(args: argparse.Namespace) -> int:
     weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast, "--backend": args.backend,
                "--checkpoint": predict_run.input_identity(args.checkpoint) if args.checkpoint else None}
     try:
-        counts = predict_run.run_predict(
-            model, paths, args.out, score_thresh=args.score_thr, batch_size=args.batch_size,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), num_workers=args.workers,
-            half=args.half, strict=args.strict, draw=not args.no_draw, save_video=args.save_video,
-            mode=mode_kwargs(args), settings=weights)
+        counts = predict_run.run_predict(model, paths, args.out, options, strict=args.strict, draw=not args.no_draw,
+                                         save_video=args.save_video, settings=weights)
     except predict_run.PredictRunError as e:
         raise SystemExit(f"hrnetdet predict: error: {e}") from None
-    failed = os.path.join(args.out, predict_run.FAILED_TXT)
+    except OptionError as e:  # a class the model does not know
+        args.command_parser.error(e.cli_message())
+    print(summary(counts, args.out, options))
+    return 0
+
+
+def summary(counts: Dict[str, Optional[int]], out: str, options: PredictOptions) -> str:
+    """The run's closing line; a run where no input could be read is an error."""
+    failed = os.path.join(out, "failed.txt")
     if counts["failed"] and counts["succeeded"] == 0:
         raise SystemExit(f"hrnetdet predict: error: no input could be read ({counts['failed']} failed, listed "
                          f"in {failed})")
@@ -46,10 +70,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if counts["dropped"]:
         duplicates += f", {counts['dropped']} earlier results of inputs not in this run (or changed since) dropped"
     unreadable = f" (listed in {failed})" if counts["failed"] else ""
-    print(f"{counts['done']} images or frames, {counts['detections']} detections scoring above "
-          f"{args.score_thr}; {counts['skipped']} already done in {args.out}{duplicates}, "
-          f"{counts['failed']} unreadable{unreadable}: {os.path.join(args.out, 'results.json')}")
-    return 0
+    return (f"{counts['done']} images or frames, {counts['detections']} detections scoring above "
+            f"{options.score_thresh}; {counts['skipped']} already done in {out}{duplicates}, "
+            f"{counts['failed']} unreadable{unreadable}: {os.path.join(out, 'results.json')}")
 
 
 def run_export(args: argparse.Namespace) -> int:

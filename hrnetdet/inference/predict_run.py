@@ -29,6 +29,7 @@ from torch import nn
 from ..data.images import to_float
 from ..data.results import category_ids_of, coco_records
 from ..io import atomic_write, open_no_follow
+from .options import PredictOptions, options_of
 from .predict import iter_predictions
 from .sources import is_url, is_video, video_rate
 from .thresholds import score_threshold
@@ -84,28 +85,29 @@ def _key(record: Dict[str, Any]) -> Key:
     return _identity(record), int(record.get("frame_index", -1))
 
 
-def run_settings(model: nn.Module, score_thresh: Optional[float], half: bool, mode: Optional[Dict[str, Any]],
-                 extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The settings that shape a run's results, named by their ``hrnetdet predict`` options;
-    ``extra``: what the caller knows beyond the model object (the CLI: model name, weights
-    identity, backend)."""
+def run_settings(model: nn.Module, options: PredictOptions, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The settings that shape a run's results, named by their ``hrnetdet predict`` flags: the
+    model's test scale and the options' ``fingerprint``; ``extra``: what the caller knows beyond
+    the model object (the CLI: model name, weights identity, backend)."""
     transform = getattr(model, "transform", None)
-    modes = {"slice": None, "overlap": 0.2, "full_image": True, "tta": False, **(mode or {})}
     settings = {"model class": type(model).__name__,
                 "--min-size": getattr(transform, "min_size", None), "--max-size": getattr(transform, "max_size", None),
-                "--score-thr": score_thresh, "--half": half,
-                **{f"--{k.replace('_', '-')}": v for k, v in modes.items()}, **(extra or {})}
+                **options.fingerprint(), **(extra or {})}
     return json.loads(json.dumps(settings))  # as run.json gives it back (tuples as lists)
 
 
+# run.json keys that earlier versions wrote under a flag's old spelling: their folders still resume
+OLD_SETTING_NAMES = {"--score-thr": "--score-thresh"}
+
+
 def _recorded_settings(path: str) -> Optional[Dict[str, Any]]:
-    """The settings in a ``run.json``; None when there is none."""
+    """The settings in a ``run.json`` (old flag spellings read as today's); None when there is none."""
     try:
         with open_no_follow(path, "rb") as f:
-            return json.load(f)["settings"]
+            return {OLD_SETTING_NAMES.get(k, k): v for k, v in json.load(f)["settings"].items()}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise PredictRunError(f"{path} cannot be read ({e}): choose another --out, or delete "
                               f"{os.path.dirname(path)} to start afresh") from None
 
@@ -229,12 +231,17 @@ def _read_lines(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
     with f:
         offset = 0
         for line in f:
-            if line.endswith(b"\n"):
-                try:
-                    yield offset, json.loads(line)
-                except json.JSONDecodeError:
-                    pass
+            rec = _parsed(line) if line.endswith(b"\n") else None
+            if isinstance(rec, dict):
+                yield offset, rec
             offset += len(line)
+
+
+def _parsed(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _part_files(out: str) -> List[str]:
@@ -285,6 +292,40 @@ def _line(line: Line) -> bytes:
         return f.readline()
 
 
+def _ordered_keys(index: Dict[Key, Line], identities: Sequence[Dict[str, Any]]) -> List[Key]:
+    """The keys of this run's inputs (``identities``, in order): each input's frames, then its
+    closing record (-1) after them."""
+    position: Dict[Identity, int] = {}
+    for i, identity in enumerate(identities):
+        position.setdefault(_identity(identity), i)
+    return sorted((key for key in index if key[0] in position),
+                  key=lambda key: (position[key[0]], key[1] if key[1] >= 0 else float("inf")))
+
+
+def _write_coco(f: Any, records: Iterator[Dict[str, Any]], counts: Dict[str, int], failed: List[str]) -> None:
+    """COCO results of ``records`` into ``f`` (``image_id``: the image's or frame's position);
+    errors go to ``failed``, and ``counts`` counts records, detections and succeeded inputs."""
+    f.write("[")
+    first, image_id = True, 0
+    for rec in records:
+        if "error" in rec:
+            failed.append(f"{printable(rec['file_name'])}\t{printable(rec['error'])}")
+            continue
+        counts["succeeded"] += "frame_index" not in rec  # an image's record, or a video's closing one
+        if "detections" not in rec:
+            continue  # a video's closing record
+        counts["records"] += 1
+        for det in rec["detections"]:
+            det = {"image_id": image_id, "file_name": rec["file_name"], **det}
+            if "frame_index" in rec:
+                det["frame_index"] = rec["frame_index"]
+            f.write(("" if first else ",") + json.dumps(det))
+            first = False
+            counts["detections"] += 1
+        image_id += 1
+    f.write("]")
+
+
 def finish(out: str, identities: Sequence[Dict[str, Any]]) -> Dict[str, int]:
     """Merge every jsonl file of ``out`` into ``results.jsonl``: the records of this run's inputs
     (``identities``, in order; records of other inputs, or of an input's earlier content, are
@@ -292,47 +333,16 @@ def finish(out: str, identities: Sequence[Dict[str, Any]]) -> Dict[str, int]:
     position) and ``failed.txt``, each atomically. Returns counts: records (images and frames done),
     detections, failed and succeeded inputs, and dropped (inputs whose records were dropped)."""
     index = _index(out)
-    position: Dict[Identity, int] = {}
-    for i, identity in enumerate(identities):
-        position.setdefault(_identity(identity), i)
-    # An input's records in order: its frames, then its closing record (-1) after them.
-    order = sorted((key for key in index if key[0] in position),
-                   key=lambda key: (position[key[0]], key[1] if key[1] >= 0 else float("inf")))
-    parts = _part_files(out)
+    order = _ordered_keys(index, identities)
+    kept = {identity for identity, _ in order}
     counts = {"records": 0, "detections": 0, "failed": 0, "succeeded": 0,
-              "dropped": len({identity for identity, _ in index if identity not in position})}
+              "dropped": len({identity for identity, _ in index if identity not in kept})}
     failed: List[str] = []
-
-    def write_jsonl(f: Any) -> None:
-        for key in order:
-            f.write(_line(index[key]))
-
-    def write_json(f: Any) -> None:
-        f.write("[")
-        first = True
-        image_id = 0
-        for key in order:
-            rec = json.loads(_line(index[key]))
-            if "error" in rec:
-                failed.append(f"{printable(rec['file_name'])}\t{printable(rec['error'])}")
-                continue
-            if key[1] == -1:
-                counts["succeeded"] += 1
-            if "detections" not in rec:
-                continue  # a video's closing record
-            counts["records"] += 1
-            for det in rec["detections"]:
-                det = {"image_id": image_id, "file_name": rec["file_name"], **det}
-                if "frame_index" in rec:
-                    det["frame_index"] = rec["frame_index"]
-                f.write(("" if first else ",") + json.dumps(det))
-                first = False
-                counts["detections"] += 1
-            image_id += 1
-        f.write("]")
-
-    write_file(os.path.join(out, RESULTS_JSON), write_json)
-    write_file(os.path.join(out, RESULTS_JSONL), write_jsonl, mode="wb")  # in order, one line per key
+    parts = _part_files(out)
+    records = (json.loads(_line(index[key])) for key in order)
+    write_file(os.path.join(out, RESULTS_JSON), lambda f: _write_coco(f, records, counts, failed))
+    write_file(os.path.join(out, RESULTS_JSONL), lambda f: f.writelines(_line(index[key]) for key in order),
+               mode="wb")  # in order, one line per key
     for path in parts:
         if os.path.basename(path) != RESULTS_JSONL:
             os.remove(path)
@@ -406,69 +416,76 @@ def _groups(indices: Sequence[int], paths: Sequence[str]) -> Iterator[List[int]]
         yield run
 
 
+class _Job(NamedTuple):
+    """What one rank's share of a run works with, fixed for the run."""
+    model: nn.Module
+    paths: Sequence[str]
+    identities: Sequence[Dict[str, Any]]
+    out: str
+    options: PredictOptions
+    strict: bool
+    draw: bool
+    save_video: bool
+
+
 class _Run:
     """One rank's share of a run: predicts inputs and appends their records (images, frames,
     videos' closing records) to the open ``jsonl``, drawing pictures and annotated videos."""
 
-    def __init__(self, model: nn.Module, paths: Sequence[str], identities: Sequence[Dict[str, Any]], out: str,
-                 jsonl: Any, counts: Dict[str, Any], bar: Any, *, device: torch.device, strict: bool, draw: bool,
-                 save_video: bool, predict_kwargs: Dict[str, Any]):
-        self.model, self.paths, self.out, self.jsonl, self.counts, self.bar = model, paths, out, jsonl, counts, bar
-        self.device, self.strict, self.draw, self.save_video = device, strict, draw, save_video
-        self.predict_kwargs = predict_kwargs
-        self.names = picture_names(paths)
-        self.identities = identities
-        self.category_ids = category_ids_of(model)
+    def __init__(self, job: _Job, jsonl: Any, counts: Dict[str, Any], bar: Any):
+        self.job, self.jsonl, self.counts, self.bar = job, jsonl, counts, bar
+        self.names = picture_names(job.paths)
+        self.category_ids = category_ids_of(job.model)
 
     def append(self, rec: Dict[str, Any]) -> None:
         self.jsonl.write((json.dumps(rec) + "\n").encode())
         self.jsonl.flush()
 
-    def record(self, res: Dict[str, Any], video: Optional[_VideoWriter] = None) -> bool:
-        """Append one result (or error) to the jsonl, drawing its picture; False for an error."""
+    def failed(self, rec: Dict[str, Any], error: str) -> None:
+        """Append an input's error record, said on the console; stop the run under ``strict``."""
         from tqdm import tqdm
 
+        self.counts["failed"] += 1
+        tqdm.write(f"hrnetdet predict: skipped {printable(rec['file_name'])}: {printable(error)}")
+        self.append({**rec, "error": error})
+        if self.job.strict:
+            raise PredictRunError(f"{printable(error)} (--strict)")
+
+    def record(self, res: Dict[str, Any], video: Optional[_VideoWriter] = None) -> bool:
+        """Append one result (or error) to the jsonl, drawing its picture; False for an error."""
         index = res["input_index"]
         image = res.pop("image", None)
-        rec: Dict[str, Any] = {**self.identities[index], "file_name": self.paths[index]}
+        rec: Dict[str, Any] = {**self.job.identities[index], "file_name": self.job.paths[index]}
         if "error" in res:
-            rec["error"] = res["error"]
-            self.counts["failed"] += 1
-            tqdm.write(f"hrnetdet predict: skipped {printable(self.paths[index])}: {printable(res['error'])}")
-            self.append(rec)
-            if self.strict:
-                raise PredictRunError(f"{printable(res['error'])} (--strict)")
+            self.failed(rec, res["error"])
             return False
         if "frame_index" in res:
             rec.update(frame_index=res["frame_index"], timestamp=res["timestamp"])
         rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
-        detections = coco_records(res, 0, self.category_ids)
-        for det in detections:
-            del det["image_id"]
-        rec["detections"] = detections
-        if (self.draw and "frame_index" not in res) or video is not None:
-            picture = self.picture(image, res)
-            if video is not None:
-                video.write(picture)
-            else:
-                rec["picture"] = f"{self.names[index]}.jpg"
-                write_jpeg(picture, os.path.join(self.out, rec["picture"]))
+        rec["detections"] = [{k: v for k, v in det.items() if k != "image_id"}
+                             for det in coco_records(res, 0, self.category_ids)]
+        if video is not None:
+            video.write(self.picture(image, res))
+        elif self.job.draw and "frame_index" not in res:
+            rec["picture"] = f"{self.names[index]}.jpg"
+            write_jpeg(self.picture(image, res), os.path.join(self.job.out, rec["picture"]))
         self.append(rec)
         self.counts["done"] += 1
-        self.counts["detections"] += len(detections)
+        self.counts["detections"] += len(rec["detections"])
         return True
 
-    @staticmethod
-    def picture(image: torch.Tensor, res: Dict[str, Any]) -> torch.Tensor:
+    def picture(self, image: torch.Tensor, res: Dict[str, Any]) -> torch.Tensor:
         from ..visualize import draw
-        return draw(image if image.dtype == torch.uint8 else to_float(image), res)
+        return draw(image if image.dtype == torch.uint8 else to_float(image), res,
+                    line_width=self.job.options.line_width, label_size=self.job.options.label_size)
 
     def predict(self, group: List[int], video: Optional[_VideoWriter] = None) -> int:
         """Record the results of the inputs ``group``; the number of records (frames)."""
         n = 0
-        for res in iter_predictions(self.model, [self.paths[i] for i in group], indices=group, device=self.device,
-                                    with_images=True, **self.predict_kwargs):
-            if not self.record(res, video) and is_video(self.paths[res["input_index"]]):
+        paths = self.job.paths
+        for res in iter_predictions(self.job.model, [paths[i] for i in group], self.job.options, indices=group,
+                                    with_images=True):
+            if not self.record(res, video) and is_video(paths[res["input_index"]]):
                 raise _VideoFailed()  # no closing record: the video is redone whole by a rerun
             n += 1
             if "frame_index" not in res:
@@ -482,27 +499,27 @@ class _Run:
 
         def encode(tmp: str) -> None:
             nonlocal frames
-            writer = _VideoWriter(tmp, self.paths[i])
+            writer = _VideoWriter(tmp, self.job.paths[i])
             try:
                 frames = self.predict([i], writer)
             finally:
                 writer.close()
         video = f"{self.names[i]}.mp4"
         try:
-            if self.save_video:
-                atomic_write(os.path.join(self.out, video), encode)
+            if self.job.save_video:
+                atomic_write(os.path.join(self.job.out, video), encode)
             else:
                 frames = self.predict([i])
         except _VideoFailed:
             return
         finally:
             self.bar.update(1)
-        self.append({**self.identities[i], "file_name": self.paths[i], "frames": frames,
-                     **({"video": video} if self.save_video else {})})
+        self.append({**self.job.identities[i], "file_name": self.job.paths[i], "frames": frames,
+                     **({"video": video} if self.job.save_video else {})})
 
     def predict_all(self, indices: Sequence[int]) -> None:
-        for group in _groups(indices, self.paths):
-            if is_video(self.paths[group[0]]):
+        for group in _groups(indices, self.job.paths):
+            if is_video(self.job.paths[group[0]]):
                 self.predict_video(group[0])
             else:
                 self.predict(group)
@@ -528,22 +545,8 @@ def _unique_unfinished(identities: Sequence[Dict[str, Any]], shard: Sequence[int
     return mine, len(shard) - len(unique), len(unique) - len(mine)
 
 
-def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thresh: Optional[float] = None,
-                batch_size: int = 1, device: Optional[str] = None, num_workers: Optional[int] = None,
-                half: bool = False, strict: bool = False, draw: bool = True, save_video: bool = False,
-                progress: bool = True, mode: Optional[Dict[str, Any]] = None,
-                settings: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[int]]:
-    """Predict every input of ``paths`` (expanded files, URLs, videos) into the folder ``out``
-    (see the module's docstring); ``mode``: sliced inference or TTA settings (``modes.detect``);
-    ``settings``: what else identifies the results (``run_settings``'s ``extra``).
-    Returns counts: done (images and frames), skipped (already done), duplicates (inputs listed
-    twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder) and
-    dropped (inputs of earlier runs not in this one, or changed since: their results are dropped)."""
-    from tqdm import tqdm
-
-    import torch.distributed as dist
-
-    rank, world, created_group = distributed_rank()
+def _writable_out(paths: Sequence[str], out: str) -> None:
+    """Refuse an ``out`` that holds an input or cannot be written, before anything is predicted."""
     check_out_holds_no_input(paths, out)
     try:
         os.makedirs(out, exist_ok=True)
@@ -551,43 +554,81 @@ def run_predict(model: nn.Module, paths: Sequence[str], out: str, *, score_thres
         probe.close()
     except OSError as e:
         raise PredictRunError(f"--out {out} is not writable: {e.strerror or e}") from None
-    if device is not None and torch.device(device).type == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval().to(dev)
-    own = os.path.join(out, RESULTS_JSONL if world == 1 else f"results.rank{rank}.jsonl")
+
+
+def _rank_device(model: nn.Module, device: Optional[str], rank: int, world: int) -> str:
+    """The device this rank runs on: ``device`` (default: the model's), one GPU per rank under torchrun."""
+    if device is None:
+        return str(next(model.parameters()).device)
+    if torch.device(device).type == "cuda" and world > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    return device
+
+
+def _open_append(path: str) -> Any:
+    try:
+        return open_no_follow(path, "ab")
+    except OSError as e:
+        raise PredictRunError(f"cannot append to {path}: {e}") from None
+
+
+def _predict_share(job: _Job, counts: Dict[str, Any], rank: int, world: int, progress: bool) -> None:
+    """This rank's inputs (every ``world``-th, those not done yet) predicted into its jsonl file."""
+    from tqdm import tqdm
+
+    mine, counts["duplicates"], counts["skipped"] = _unique_unfinished(
+        job.identities, range(rank, len(job.paths), world), _done_inputs(_index(job.out), job.out, job.save_video))
+    own = os.path.join(job.out, RESULTS_JSONL if world == 1 else f"results.rank{rank}.jsonl")
+    jsonl = _open_append(own)
+    bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        _repair(jsonl, own)
+        with score_threshold(job.model, job.options.score_thresh), torch.no_grad():
+            _Run(job, jsonl, counts, bar).predict_all(mine)
+    finally:
+        jsonl.close()
+        bar.close()
+
+
+def _merge(job: _Job, counts: Dict[str, Any], rank: int, world: int) -> None:
+    """Once every rank is done, rank 0 merges the folder (``finish``) and counts what it holds."""
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        merged = finish(job.out, job.identities)
+        counts["succeeded"], counts["dropped"] = merged["succeeded"], merged["dropped"]
+        if merged["failed"]:
+            warnings.warn(f"{merged['failed']} input(s) could not be read and were skipped: listed in "
+                          f"{os.path.join(job.out, FAILED_TXT)}", UnreadableInputWarning, stacklevel=4)
+    if world > 1:
+        dist.barrier()
+
+
+def run_predict(model: nn.Module, paths: Sequence[str], out: str, options: Optional[PredictOptions] = None, *,
+                strict: bool = False, draw: bool = True, save_video: bool = False, progress: bool = True,
+                settings: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[int]]:
+    """Predict every input of ``paths`` (expanded files, URLs, videos) into the folder ``out``
+    (see the module's docstring) with ``options`` (``PredictOptions``; its fingerprint goes into
+    run.json); ``settings``: what else identifies the results (``run_settings``'s ``extra``).
+    Returns counts: done (images and frames), skipped (already done), duplicates (inputs listed
+    twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder) and
+    dropped (inputs of earlier runs not in this one, or changed since: their results are dropped)."""
+    options = options_of(options)
+    options.label_ids(list(getattr(model, "categories", [])))  # an unknown class: refused before any file
+    rank, world, created_group = distributed_rank()
+    _writable_out(paths, out)
+    options = options.replace(device=_rank_device(model, options.device, rank, world))
+    model.eval().to(torch.device(options.device))
     counts: Dict[str, Optional[int]] = {"done": 0, "skipped": 0, "duplicates": 0, "failed": 0, "detections": 0,
                                         "succeeded": None, "dropped": None}
     with RunLock(out, rank):
-        check_settings(out, run_settings(model, score_thresh, half, mode, settings))
-        identities = [input_identity(p) for p in paths]
-        mine, counts["duplicates"], counts["skipped"] = _unique_unfinished(
-            identities, range(rank, len(paths), world), _done_inputs(_index(out), out, save_video))
-        try:
-            jsonl = open_no_follow(own, "ab")
-        except OSError as e:
-            raise PredictRunError(f"cannot append to {own}: {e}") from None
-        bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
-        try:
-            _repair(jsonl, own)
-            run = _Run(model, paths, identities, out, jsonl, counts, bar, device=dev, strict=strict, draw=draw,
-                       save_video=save_video, predict_kwargs=dict(batch_size=batch_size, num_workers=num_workers,
-                                                                  half=half, mode=mode))
-            with score_threshold(model, score_thresh), torch.no_grad():
-                run.predict_all(mine)
-        finally:
-            jsonl.close()
-            bar.close()
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            merged = finish(out, identities)
-            counts["succeeded"], counts["dropped"] = merged["succeeded"], merged["dropped"]
-            if merged["failed"]:
-                warnings.warn(f"{merged['failed']} input(s) could not be read and were skipped: listed in "
-                              f"{os.path.join(out, FAILED_TXT)}", UnreadableInputWarning, stacklevel=2)
-        if world > 1:
-            dist.barrier()
+        check_settings(out, run_settings(model, options, settings))
+        job = _Job(model, paths, [input_identity(p) for p in paths], out, options, strict, draw, save_video)
+        _predict_share(job, counts, rank, world, progress)
+        _merge(job, counts, rank, world)
     if created_group:
+        import torch.distributed as dist
         dist.destroy_process_group()
     return counts

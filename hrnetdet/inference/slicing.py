@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from ..data.results import MASK_FORMATS, region_rle
+from ..data.results import region_rle
 from ..heads.masks import paste_mask, paste_windows
 from ..heads.nms import batched_nms
+from .options import PredictOptions
 
 Window = Tuple[int, int, int, int]  # x0, y0, x1, y1: pixels, end exclusive
 MERGES = ("nms", "greedy")
@@ -61,10 +62,7 @@ def tile_windows(height: int, width: int, size: int, overlap: float = 0.2) -> Li
     """SxS windows covering the image, consecutive ones sharing ``overlap`` of S; the last
     window of a row or column is moved back to end at the image edge, so every window is SxS
     (or the whole side when the image is smaller than S)."""
-    if size < 1:
-        raise ValueError(f"slice size must be a positive number of pixels, got {size}")
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    PredictOptions(slice=size, overlap=overlap)  # predict's rules, for direct callers
     step = max(1, round(size * (1 - overlap)))
 
     def starts(side: int) -> List[int]:
@@ -150,8 +148,7 @@ def sliced_predict(model: nn.Module, image: Tensor, size: int, overlap: float = 
         raise ValueError(f"expected one CHW image, got shape {list(image.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if mask_format not in MASK_FORMATS:
-        raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {mask_format!r}")
+    PredictOptions(slice=size, overlap=overlap, full_image=full_image, mask_format=mask_format)
     height, width = int(image.shape[-2]), int(image.shape[-1])
     windows = tile_windows(height, width, size, overlap)
     tile_outputs = predict_tiles(model, image, windows, batch_size)
