@@ -13,6 +13,7 @@ import sys
 import warnings
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
+from .names import names_weights
 from .threads import THREADS_HELP, set_num_threads
 from .version import __version__
 
@@ -58,10 +59,22 @@ class Command(NamedTuple):
     run: str  # "module:function", imported when the command runs
 
 
-def _weights_args(p: argparse.ArgumentParser, model_help: str) -> None:
+MODEL_HELP = ("NAME[.tag], a folder save_pretrained wrote (a training run, its best/ or last/, an export) "
+              "or hf-hub:org/name")
+
+
+def alias(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    """An earlier spelling of the flag ``new``, still accepted, no longer shown."""
+    action = next(a for a in p._actions if new in a.option_strings)
+    p.add_argument(old, dest=action.dest, type=action.type, nargs=action.nargs, const=action.const,
+                   help=argparse.SUPPRESS)
+
+
+def _weights_args(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--checkpoint", type=existing_file,
+    p.add_argument("--checkpoint-path", type=existing_file,
                    help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
+    alias(p, "--checkpoint", "--checkpoint-path")
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
                    help="the published COCO weights of --model (or of this tag)")
 
@@ -72,6 +85,11 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 def _max_size_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=positive_int, help="longer side cap (the model's default: 1333)")
+
+
+def _num_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, default=2, help="data loader processes (default 2)")
+    alias(p, "--workers", "--num-workers")
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +121,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    _weights_args(p, "architecture, e.g. faster_rcnn_hrnetv2p_w18")
+    _weights_args(p, "architecture, e.g. faster_rcnn_hrnetv2p_w18, or a model to fine-tune (" + MODEL_HELP + ")")
     p.add_argument("--train-ann", type=existing_file, required=True, help="COCO instances json of the training set")
     p.add_argument("--train-images", type=existing_folder, required=True, help="image folder of the training set")
     p.add_argument("--val-ann", type=existing_file, help="COCO instances json of the validation set")
@@ -123,7 +141,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="initialise the HRNet from timm's ImageNet weights (without detector weights)")
     p.add_argument("--min-size", type=positive_int, nargs="+", help="shorter side(s); several = multi-scale training")
     _max_size_arg(p)
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    _num_workers_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the run")
     p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
     p.add_argument("--aug", choices=("none", "flip", "photometric", "scale-jitter"), default="flip",
@@ -151,7 +169,7 @@ def _mode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
+    _weights_args(p)
     p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
     p.add_argument("--images", type=existing_folder, required=True, help="image folder")
     p.add_argument("--out", type=output_folder, help="folder for predictions.json (COCO results), metrics.json, "
@@ -160,7 +178,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=positive_int, help="shorter side (the model's default: 800)")
     _max_size_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    _num_workers_arg(p)
     _mode_args(p)
 
 
@@ -188,8 +206,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="architecture, optionally with a weight tag (NAME[.tag])")
-    p.add_argument("--checkpoint", type=existing_file, help="a reference .pth or hrnetdet .safetensors file")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--checkpoint-path", type=existing_file, help="a reference .pth or hrnetdet .safetensors file")
+    alias(p, "--checkpoint", "--checkpoint-path")
     p.add_argument("--format", required=True, choices=["torchscript", "onnx", "openvino"])
     p.add_argument("--out", type=output_folder, required=True, help="output folder")
     p.add_argument("--dynamic", action="store_true",
@@ -223,40 +242,33 @@ COMMANDS: Dict[str, Command] = {
 # a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, FloatingPointError)
 
-# Python argument names that the library's messages use, spelt as the CLI flags that pass them.
-PYTHON_NAMES = {"checkpoint_path": "--checkpoint", "num_workers": "--workers", "score_thresh": "--score-thr",
-                "multiscale": "--min-size"}
 LIBRARY_PHRASES = (("hrnetdet.list_models(pretrained=True)", "`hrnetdet models --pretrained`"),
                    ("hrnetdet.list_models()", "`hrnetdet models`"))
 
 
 def _flags(parser: argparse.ArgumentParser) -> Dict[str, str]:
-    """dest -> its long flag, for the options of ``parser``."""
-    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    """dest -> its flag (the first spelling: the current one), for the options of ``parser``."""
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS}
 
 
 def user_message(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """A library error's message in the CLI's terms: Python arguments (``checkpoint_path=``,
-    ``val_ann``) become the flags that passed them, and a message about a value the user gave a flag
-    is prefixed ``argument --flag:`` as argparse does."""
+    """A library error's message in the CLI's terms. A flag is its Python keyword spelt with dashes,
+    so a keyword the message names (``checkpoint_path=``, or the setting it starts with) is written
+    as its flag; a message about a value the user gave a flag is prefixed ``argument --flag:`` as
+    argparse does."""
     for python, cli in LIBRARY_PHRASES:
         message = message.replace(python, cli)
     flags = _flags(parser)
-    names = {**{dest: flag for dest, flag in flags.items() if "_" in dest},
-             **{name: flag for name, flag in PYTHON_NAMES.items() if flag in flags.values()}}
-    for name, flag in {**flags, **names}.items():  # keyword form, or an unmistakable identifier
-        pattern = rf"(?<![\w.-]){name}=\s?" + (rf"|(?<![\w./-]){name}(?![\w/-]|\.\w)" if name in names else "")
-        message = re.sub(pattern, lambda m: flag + (" " if "=" in m.group() else ""), message)
-    if re.search(r"(?<![\w-])--[a-z]", message):
+    for dest, flag in flags.items():
+        message = message.replace(f"{dest}=", f"{flag} ")
+        if message.startswith(f"{dest} "):
+            message = flag + message[len(dest):]
+    if " --" in f" {message}":
         return message
     defaults = {a.dest: a.default for a in parser._actions}
-    named = []  # (where the message names the value, its flag): the first named is the subject
-    for dest, flag in flags.items():
-        value = getattr(args, dest, None)
-        if isinstance(value, str) and value != defaults.get(dest) and len(value) > 1:
-            found = re.search(rf"(?<![\w./-]){re.escape(value)}(?![\w/-])", message)
-            if found:
-                named.append((found.start(), flag))
+    named = [(message.find(value), flag) for dest, flag in flags.items()
+             for value in [getattr(args, dest, None)]
+             if isinstance(value, str) and value != defaults.get(dest) and len(value) > 1 and value in message]
     return f"argument {min(named)[1]}: {message}" if named else message
 
 
@@ -306,8 +318,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     subparser = args.command_parser
     if unknown:  # refused by the command's parser, whose usage names the command
         subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("eval", "predict") and not (args.checkpoint or args.pretrained or "." in args.model):
-        subparser.error("give --checkpoint PATH, --pretrained [TAG] or a --model NAME.tag with published weights")
+    if args.command in ("eval", "predict") and not (args.checkpoint_path or args.pretrained
+                                                    or names_weights(args.model)):
+        subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
+                        "(NAME.tag, a saved or run folder, hf-hub:org/name)")
     set_num_threads(args.threads)
     args.debug = args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0")
     with cli_output(args.debug):

@@ -213,7 +213,7 @@ def _training_data(model: nn.Module, has_masks: bool, config: TrainConfig, train
     model.categories = list(ds.categories)
     model.category_ids = [None, *ds.cat_ids]
     if config.multiscale is not None:
-        model.transform.min_size = tuple(int(s) for s in config.multiscale)
+        set_settings(model, min_size=tuple(config.multiscale))
     sampler = GroupedBatchSampler(ds.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank,
                                   world_size=world)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,

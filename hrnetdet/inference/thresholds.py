@@ -1,10 +1,13 @@
 """Overriding a detector's detection score threshold for a while (prediction at another threshold,
-export at 0) and putting it back."""
+export at 0) and putting it back: through its settings record (``temporary_settings``) for
+hrnetdet's detectors, module by module for others (torchvision's)."""
 import contextlib
 from typing import Iterator, List, Optional
 
 from torch import nn
 from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from ..detectors.settings import DetectorSettings, temporary_settings
 
 
 def score_heads(model: nn.Module) -> List[nn.Module]:
@@ -18,6 +21,10 @@ def score_heads(model: nn.Module) -> List[nn.Module]:
 def score_threshold(model: nn.Module, score_thresh: Optional[float]) -> Iterator[None]:
     """Within the block every head of ``model`` keeps detections scoring above ``score_thresh``
     (``None``: unchanged); the thresholds are restored afterwards, also on errors."""
+    if isinstance(getattr(model, "settings", None), DetectorSettings):
+        with temporary_settings(model, score_thresh=score_thresh):
+            yield
+        return
     heads = score_heads(model)
     if score_thresh is not None and not heads:
         raise ValueError(f"{type(model).__name__} has no module with a score_thresh to set")

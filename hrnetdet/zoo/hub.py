@@ -32,7 +32,7 @@ from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, save_pretrained
 from .convert import CheckpointError
 from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
-from .registry import get_family
+from .registry import HF_HUB_PREFIX, get_family
 
 logger = logging.getLogger("hrnetdet")
 
@@ -205,7 +205,6 @@ def _reference_file(cfg: PretrainedCfg, home: str, offline: bool) -> str:
                      retry=not offline)
 
 
-HF_HUB_PREFIX = "hf-hub:"
 
 
 def hub_model_files(repo_id: str, revision: Optional[str], *, weights: bool = True,

@@ -1,8 +1,6 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
 . The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
-from ..detectors.cascade import build_cascade_rcnn, build_htc
-from ..detectors.fcos import build_fcos
-from ..detectors.rcnn import build_rcnn
+from ..detectors.settings import CascadeSettings, FCOSSettings, HTCSettings, RCNNSettings
 from .convert import (BACKBONE_RULES, BOX_HEAD_RULES, CASCADE_BOX_RULES, FCOS_RULES, HTC_RULES, MASK_HEAD_RULES,
                       RPN_RULES, cascade_mask_rules)
 from .recipe import FCOS_RECIPE
@@ -15,24 +13,24 @@ CASCADE_CLASSIFIER = "roi_head.bbox_head.0.fc_cls.weight"
 # Each family with the reference's checkpoint layout: the rules, a key only its checkpoints have
 # (with none of the excluded ones) and the classifier whose rows count the classes.
 FAMILIES = (
-    Family("faster_rcnn", "Faster R-CNN", build_rcnn, ReferenceLayout(
+    Family("faster_rcnn", "Faster R-CNN", "hrnetdet.detectors.rcnn:build_rcnn", RCNNSettings, ReferenceLayout(
         (*BACKBONE_RULES, *RPN_RULES, *BOX_HEAD_RULES), RCNN_CLASSIFIER,
         ("roi_head.mask_head.conv_logits.weight",), RCNN_CLASSIFIER)),
-    Family("mask_rcnn", "Mask R-CNN", build_rcnn, ReferenceLayout(
+    Family("mask_rcnn", "Mask R-CNN", "hrnetdet.detectors.rcnn:build_rcnn", RCNNSettings, ReferenceLayout(
         (*BACKBONE_RULES, *RPN_RULES, *BOX_HEAD_RULES, *MASK_HEAD_RULES), "roi_head.mask_head.conv_logits.weight",
         (), RCNN_CLASSIFIER), has_masks=True),
-    Family("cascade_rcnn", "Cascade R-CNN", build_cascade_rcnn, ReferenceLayout(
+    Family("cascade_rcnn", "Cascade R-CNN", "hrnetdet.detectors.cascade:build_cascade_rcnn", CascadeSettings, ReferenceLayout(
         (*BACKBONE_RULES, *RPN_RULES, *CASCADE_BOX_RULES), CASCADE_CLASSIFIER,
         ("roi_head.mask_head.0.conv_logits.weight",), CASCADE_CLASSIFIER)),
-    Family("cascade_mask_rcnn", "Cascade Mask R-CNN", build_cascade_rcnn, ReferenceLayout(
+    Family("cascade_mask_rcnn", "Cascade Mask R-CNN", "hrnetdet.detectors.cascade:build_cascade_rcnn", CascadeSettings, ReferenceLayout(
         (*BACKBONE_RULES, *RPN_RULES, *CASCADE_BOX_RULES, *cascade_mask_rules("")),
         "roi_head.mask_head.0.conv_logits.weight", ("roi_head.mask_head.1.conv_res.conv.weight",),
         CASCADE_CLASSIFIER), has_masks=True),
-    Family("htc", "Hybrid Task Cascade", build_htc, ReferenceLayout(
+    Family("htc", "Hybrid Task Cascade", "hrnetdet.detectors.cascade:build_htc", HTCSettings, ReferenceLayout(
         (*BACKBONE_RULES, *RPN_RULES, *CASCADE_BOX_RULES, *HTC_RULES), "roi_head.mask_head.1.conv_res.conv.weight",
         (), CASCADE_CLASSIFIER), has_masks=True),
     # The reference's FCOS was trained on BGR input and has sigmoid classifiers (no background row).
-    Family("fcos", "FCOS", build_fcos, ReferenceLayout(
+    Family("fcos", "FCOS", "hrnetdet.detectors.fcos:build_fcos", FCOSSettings, ReferenceLayout(
         tuple(FCOS_RULES), "bbox_head.conv_centerness.weight", (), "bbox_head.conv_cls.weight",
         background_row=False, bgr_input=True), recipe=FCOS_RECIPE),
 )
