@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
+from ..detectors.settings import set_settings
 from ..io import atomic_write_text, open_no_follow
 from ..zoo.registry import get_family
 from .builtin_callbacks import builtin_callbacks
