@@ -57,6 +57,7 @@ class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: str  # "module:function", imported when the command runs
+    uses_torch: bool = True  # False: the command reads tables only, and torch (its threads) is not loaded
 
 
 MODEL_HELP = ("NAME[.tag], a folder save_pretrained wrote (a training run, its best/ or last/, an export) "
@@ -226,7 +227,8 @@ COMMANDS: Dict[str, Command] = {
                     _eval_args, "hrnetdet.engine.commands:run_eval"),
     "predict": Command("detect objects in images; writes COCO-results JSON and pictures",
                        _predict_args, "hrnetdet.inference.commands:run_predict"),
-    "models": Command("list the architectures and weight tags", _models_args, "hrnetdet.zoo.commands:run_models"),
+    "models": Command("list the architectures and weight tags", _models_args, "hrnetdet.zoo.commands:run_models",
+                      uses_torch=False),
     "download": Command("fetch models' weights into the caches or a folder for offline use",
                         _download_args, "hrnetdet.zoo.commands:run_download"),
     "convert": Command("convert a reference (mmdetection) checkpoint to hrnetdet safetensors",
@@ -322,7 +324,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     or names_weights(args.model)):
         subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
                         "(NAME.tag, a saved or run folder, hf-hub:org/name)")
-    set_num_threads(args.threads)
+    if COMMANDS[args.command].uses_torch:
+        set_num_threads(args.threads)
     args.debug = args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0")
     with cli_output(args.debug):
         return _run(args, subparser)

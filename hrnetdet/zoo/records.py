@@ -17,12 +17,17 @@ Rule = Tuple[str, str, Optional[Transform]]  # (reference key regex, hrnetdet ke
 @dataclass(frozen=True)
 class ReferenceLayout:
     """How the reference (mmdetection) lays out a family's checkpoints."""
-    rules: Tuple[Rule, ...]        # every key maps by exactly one rule
+    rule_source: Callable[[], Tuple[Rule, ...]]  # makes the rules (every key maps by exactly one)
     signature: str                 # a key only this family's checkpoints have...
     excluded: Tuple[str, ...]      # ...together with none of these
     classifier: str                # the classification layer: its rows count the classes
     background_row: bool = True    # the classifier has a background row (softmax), else sigmoid
     bgr_input: bool = False        # trained on BGR input: conversion flips the first conv's channels
+
+    @property
+    def rules(self) -> Tuple[Rule, ...]:
+        """The rules, made when a checkpoint is converted: they import torch, the zoo's tables do not."""
+        return self.rule_source()
 
     def num_classes(self, state_dict: Dict[str, Any]) -> int:
         """Classes including the background, as torchvision counts them."""
