@@ -165,3 +165,24 @@ def test_models_command_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr
     assert "faster_rcnn_hrnetv2p_w18" in proc.stdout and "coco_2x" in proc.stdout
     assert proc.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_train_min_sizes_reach_the_record_in_one_step(tmp_path, monkeypatch):
+    """``--min-size 48 64`` is the record's min_size (multi-scale training, test size 64), given to
+    create_model: no size is written into the model afterwards."""
+    from hrnetdet.engine import commands
+    built, fitted = {}, {}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+
+    def create_model(name, *args, **kwargs):
+        built.update(kwargs)
+        return hrnetdet.create_model(name, num_classes=2, **{k: kwargs[k] for k in ("min_size", "max_size")})
+
+    monkeypatch.setattr(commands, "create_model", create_model)
+    monkeypatch.setattr(commands, "fit", lambda model, *args, **kwargs: fitted.update(kwargs, model=model) or {})
+    assert main(["train", "--model", ARCH, "--train-ann", str(ann), "--train-images", str(tmp_path),
+                 "--out", str(tmp_path / "o"), "--iters", "1", "--min-size", "48", "64", "--max-size", "80"]) == 0
+    assert built["min_size"] == [48, 64] and built["max_size"] == 80 and "multiscale" not in fitted
+    model = fitted["model"]
+    assert model.settings.min_size == (48, 64) and model.transform.min_size == (48, 64)
