@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
-from .names import names_weights
+from .names import names_weights, saved_model_folder
 from .threads import THREADS_HELP, set_num_threads
 from .version import __version__
 
@@ -333,6 +333,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
     try:
+        model = getattr(args, "model", None)
+        if model and os.path.isdir(model):
+            args.model = saved_model_folder(model)
+            if args.model != model:
+                print(f"hrnetdet {args.command}: {model} is a training run: using {args.model}", file=sys.stderr)
         module, function = COMMANDS[args.command].run.split(":")
         run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)

@@ -143,14 +143,20 @@ def run_folder(model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["best", "run"])
-def test_predict_takes_a_run_folder_as_its_model(run_folder, which, tmp_path, caplog):
+def test_predict_takes_a_run_folder_as_its_model(run_folder, which, tmp_path, capsys):
     run, image = run_folder
     name = str(run / "best") if which == "best" else str(run)
-    with caplog.at_level(logging.INFO, logger="hrnetdet"):
-        assert main(["predict", str(image), "--model", name, "--out", str(tmp_path / "out"), "--no-draw"]) == 0
+    assert main(["predict", str(image), "--model", name, "--out", str(tmp_path / "out"), "--no-draw"]) == 0
     assert (tmp_path / "out" / "results.json").is_file()
-    said = [r.getMessage() for r in caplog.records if "training run" in r.getMessage()]
-    assert said == ([f"{run} is a training run: using its best/"] if which == "run" else [])
+    said = [line for line in capsys.readouterr().err.splitlines() if "training run" in line]
+    assert said == ([f"hrnetdet predict: {run} is a training run: using {run / 'best'}"] if which == "run" else [])
+
+
+def test_create_model_takes_a_run_folder_and_says_so(run_folder, model, caplog):
+    run, _ = run_folder
+    with caplog.at_level(logging.INFO, logger="hrnetdet"):
+        assert hrnetdet.create_model(str(run)).settings == model.settings
+    assert f"{run} is a training run: using its best/" in caplog.text
 
 
 def test_a_folder_without_a_saved_model_is_refused(tmp_path):

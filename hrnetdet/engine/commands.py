@@ -7,8 +7,8 @@ import os
 from ..data.coco import categories_of, read_annotations
 from ..detectors.settings import given_settings
 from ..inference.modes import mode_kwargs
+from ..names import names_weights
 from ..zoo.factory import create_model
-from ..zoo.registry import names_weights
 from .evaluate import evaluate, format_table
 from .train import fit, seed_everything
 

@@ -12,7 +12,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..detectors.settings import given_settings
     from ..zoo.factory import create_model
-    from ..zoo.registry import names_weights
+    from ..names import names_weights
     from . import predict_run
     from .fast import optimize_for_inference
     from .sources import expand_inputs
@@ -56,7 +56,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ..detectors.settings import given_settings
     from ..zoo.factory import create_model
-    from ..zoo.registry import names_weights
+    from ..names import names_weights
     from .export import export
 
     model = create_model(args.model, pretrained=names_weights(args.model), checkpoint_path=args.checkpoint_path,

@@ -16,13 +16,13 @@ from .. import safe_pickle
 from ..data.categories import category_ids_for
 from ..detectors.settings import SCHEMA_VERSION, model_settings
 from ..io import atomic_write, atomic_write_text
+from ..names import CONFIG_FILE
 from ..safe_pickle import Unpickled
 from ..version import __version__
 from .convert import (CheckpointError, convert_reference, identify_reference,
                       reference_categories)
 from .registry import get_family, list_families
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 

@@ -6,13 +6,14 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 from torch import nn
 
 from ..data.categories import BACKGROUND, COCO_CATEGORIES, categories_for, category_ids_for
+from ..names import HF_HUB_PREFIX, saved_model_folder
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint
 from .config import read_saved_config, validate_config
 from .convert import CheckpointError
 from .hub import (hub_model_files, load_backbone_weights, load_except_class_layers,
                   load_pretrained_checkpoint)
 from .records import PretrainedCfg, arch_name
-from .registry import (HF_HUB_PREFIX, RUN_FOLDERS, get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models,
+from .registry import (get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models,
                        split_name)
 
 logger = logging.getLogger("hrnetdet")
@@ -55,7 +56,9 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         (config, name), pretrained = read_saved_config(config_path), False
         checkpoint_path = checkpoint_path or weights_path
     elif os.path.isdir(name):
-        folder = saved_folder(name)
+        folder = saved_model_folder(name)
+        if folder != name:
+            logger.info("%s is a training run: using its %s/", name, os.path.basename(folder))
         config_path = os.path.join(folder, CONFIG_FILE)
         checkpoint_path = checkpoint_path or os.path.join(folder, WEIGHTS_FILE)
         name, pretrained = read_saved_config(config_path)[1], False
@@ -110,19 +113,6 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
     model.pretrained_cfg = cfg
     model.arch = arch
     return model
-
-
-def saved_folder(folder: str) -> str:
-    """The folder save_pretrained wrote that ``folder`` names: itself, or a training run's best/
-    (else last/), said so in the log."""
-    if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-        return folder
-    for sub in RUN_FOLDERS:
-        if os.path.isfile(os.path.join(folder, sub, CONFIG_FILE)):
-            logger.info("%s is a training run: using its %s/", folder, sub)
-            return os.path.join(folder, sub)
-    raise FileNotFoundError(f"{folder} is a folder without {CONFIG_FILE} (nor a training run's best/ or last/ "
-                            f"with one): not one save_pretrained wrote")
 
 
 def _config_source(checkpoint_path: str) -> str:

@@ -28,11 +28,12 @@ from torch import Tensor, nn
 
 from ..backbone import HRNet
 from ..io import atomic_write_text, hrnetdet_home
+from ..names import HF_HUB_PREFIX
 from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, save_pretrained
 from .convert import CheckpointError
 from .records import REFERENCE_URL_ROOT, PretrainedCfg, arch_name
-from .registry import HF_HUB_PREFIX, get_family
+from .registry import get_family
 
 logger = logging.getLogger("hrnetdet")
 

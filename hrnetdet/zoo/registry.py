@@ -7,7 +7,7 @@ import fnmatch
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..names import HF_HUB_PREFIX, RUN_FOLDERS, names_weights, split_name  # noqa: F401 (the zoo's names)
+from ..names import split_name
 from .records import Family, PretrainedCfg, arch_name
 
 _families: Dict[str, Family] = {}
