@@ -18,6 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_SIDE = 10000
 MAX_COUNT = 100000
 SIDES = ("min_size", "max_size")
+NULLABLE = ("mask_thresh",)  # None: the masks are left as probabilities
 # config.json version: 1 (no "schema_version") held the build arguments that differed from the
 # defaults, under the builders' names; 2 holds the whole record.
 SCHEMA_VERSION = 2
@@ -110,6 +111,7 @@ class DetectorSettings:
     detections_per_img: int = 100
 
     def __post_init__(self):
+        """Every field normalised (JSON lists to tuples...) and checked: a bad one raises SettingsError naming it."""
         for f in dataclasses.fields(self):
             value = _normal(f.name, getattr(self, f.name), f.default)
             object.__setattr__(self, f.name, value)
@@ -146,9 +148,6 @@ class DetectorSettings:
     def to_dict(self) -> Dict[str, Any]:
         """The record as JSON values (tuples as lists), as config.json holds it."""
         return {f.name: _json(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-NULLABLE = ("mask_thresh",)  # None: the masks are left as probabilities
 
 
 def _json(value: Any) -> Any:
@@ -207,10 +206,8 @@ def make_settings(cls: type, settings: Optional[DetectorSettings], values: Dict[
     return base.replace(**values) if values else base
 
 
-# What changes on a built model, and how: setting -> a function (model, value) that writes it into
-# the modules. Settings missing here (the backbone's frozen stages, the semantic branch) shape the
-# modules and are fixed when the model is built.
 def _score_heads(model: Any) -> list:
+    """The modules with the detection test rule: the RoI heads (each cascade stage) or FCOS's head."""
     heads = getattr(model, "roi_heads", None)
     if heads is None:
         return [model.head]
@@ -235,6 +232,9 @@ def _sampler(model: Any, value: int) -> None:
         head.fg_bg_sampler.batch_size_per_image = value
 
 
+# What changes on a built model, and how: setting -> a function (model, value) that writes it into
+# the modules. Settings missing here (the backbone's frozen stages, the semantic branch) shape the
+# modules and are fixed when the model is built.
 WRITERS: Dict[str, Callable[[Any, Any], None]] = {
     "norm_eval": lambda m, v: setattr(m.backbone.body, "norm_eval", v),
     "min_size": lambda m, v: setattr(m.transform, "min_size", tuple(v)),
