@@ -12,7 +12,8 @@ _EXPORTS = {"CheckpointError": "hrnetdet.zoo", "create_model": "hrnetdet.zoo",
             "Callback": "hrnetdet.engine.callbacks", "evaluate": "hrnetdet.engine.evaluate",
             "fit": "hrnetdet.engine.train",
             "optimize_for_inference": "hrnetdet.inference", "predict": "hrnetdet.inference",
-            "draw": "hrnetdet.visualize"}
+            "draw": "hrnetdet.visualize", "set_settings": "hrnetdet.detectors.settings",
+            "temporary_settings": "hrnetdet.detectors.settings", "model_settings": "hrnetdet.detectors.settings"}
 
 
 def _factories() -> dict:

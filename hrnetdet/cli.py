@@ -13,6 +13,7 @@ import sys
 import warnings
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
+from .names import names_weights, saved_model_folder
 from .threads import THREADS_HELP, set_num_threads
 from .version import __version__
 
@@ -56,12 +57,25 @@ class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: str  # "module:function", imported when the command runs
+    uses_torch: bool = True  # False: the command reads tables only, and torch (its threads) is not loaded
 
 
-def _weights_args(p: argparse.ArgumentParser, model_help: str) -> None:
+MODEL_HELP = ("NAME[.tag], a folder save_pretrained wrote (a training run, its best/ or last/, an export) "
+              "or hf-hub:org/name")
+
+
+def alias(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    """An earlier spelling of the flag ``new``, still accepted, no longer shown."""
+    action = next(a for a in p._actions if new in a.option_strings)
+    p.add_argument(old, dest=action.dest, type=action.type, nargs=action.nargs, const=action.const,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _weights_args(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--checkpoint", type=existing_file,
+    p.add_argument("--checkpoint-path", type=existing_file,
                    help="a .safetensors (e.g. RUN_DIR/best/model.safetensors) or reference .pth file")
+    alias(p, "--checkpoint", "--checkpoint-path")
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
                    help="the published COCO weights of --model (or of this tag)")
 
@@ -72,6 +86,11 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
 
 def _max_size_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=positive_int, help="longer side cap (the model's default: 1333)")
+
+
+def _num_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, default=2, help="data loader processes (default 2)")
+    alias(p, "--workers", "--num-workers")
 
 
 def _models_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +122,7 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    _weights_args(p, "architecture, e.g. faster_rcnn_hrnetv2p_w18")
+    _weights_args(p, "architecture, e.g. faster_rcnn_hrnetv2p_w18, or a model to fine-tune (" + MODEL_HELP + ")")
     p.add_argument("--train-ann", type=existing_file, required=True, help="COCO instances json of the training set")
     p.add_argument("--train-images", type=existing_folder, required=True, help="image folder of the training set")
     p.add_argument("--val-ann", type=existing_file, help="COCO instances json of the validation set")
@@ -123,7 +142,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="initialise the HRNet from timm's ImageNet weights (without detector weights)")
     p.add_argument("--min-size", type=positive_int, nargs="+", help="shorter side(s); several = multi-scale training")
     _max_size_arg(p)
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    _num_workers_arg(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and the run")
     p.add_argument("--keep-empty", action="store_true", help="keep training images without annotations")
     p.add_argument("--aug", choices=("none", "flip", "photometric", "scale-jitter"), default="flip",
@@ -151,7 +170,7 @@ def _mode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
+    _weights_args(p)
     p.add_argument("--ann", type=existing_file, required=True, help="COCO instances json")
     p.add_argument("--images", type=existing_folder, required=True, help="image folder")
     p.add_argument("--out", type=output_folder, help="folder for predictions.json (COCO results), metrics.json, "
@@ -160,7 +179,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=positive_int, help="shorter side (the model's default: 800)")
     _max_size_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    _num_workers_arg(p)
     _mode_args(p)
 
 
@@ -170,9 +189,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image or video files, folders, glob patterns or http(s) URLs "
                    "(before a bare --pretrained)")
     _weights_args(p, "architecture, optionally with a weight tag (NAME[.tag])")
-    # the hidden old spellings come first: the listed flag is the one messages name
-    p.add_argument("--score-thr", dest="score_thresh", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--score-thresh", type=float, default=0.3, help="keep detections scoring above this (0.3)")
+    alias(p, "--score-thr", "--score-thresh")
     p.add_argument("--classes", nargs="+", metavar="CLASS",
                    help="keep only these classes: category names or label ids (e.g. --classes person car)")
     p.add_argument("--max-det", type=int, metavar="N", help="keep the N best detections per image")
@@ -180,8 +198,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="output folder (./predictions); a rerun into it skips the inputs already done")
     _device_arg(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per batch (default 1)")
-    p.add_argument("--workers", dest="num_workers", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, help="image decoding processes (default: half the cores, at most 4)")
+    alias(p, "--workers", "--num-workers")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="refuse (skip) images over N pixels (default 64 million; 0: no limit)")
     p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
@@ -202,8 +220,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="architecture, optionally with a weight tag (NAME[.tag])")
-    p.add_argument("--checkpoint", type=existing_file, help="a reference .pth or hrnetdet .safetensors file")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--checkpoint-path", type=existing_file, help="a reference .pth or hrnetdet .safetensors file")
+    alias(p, "--checkpoint", "--checkpoint-path")
     p.add_argument("--format", required=True, choices=["torchscript", "onnx", "openvino"])
     p.add_argument("--out", type=output_folder, required=True, help="output folder")
     p.add_argument("--dynamic", action="store_true",
@@ -221,7 +240,8 @@ COMMANDS: Dict[str, Command] = {
                     _eval_args, "hrnetdet.engine.commands:run_eval"),
     "predict": Command("detect objects in images; writes COCO-results JSON and pictures",
                        _predict_args, "hrnetdet.inference.commands:run_predict"),
-    "models": Command("list the architectures and weight tags", _models_args, "hrnetdet.zoo.commands:run_models"),
+    "models": Command("list the architectures and weight tags", _models_args, "hrnetdet.zoo.commands:run_models",
+                      uses_torch=False),
     "download": Command("fetch models' weights into the caches or a folder for offline use",
                         _download_args, "hrnetdet.zoo.commands:run_download"),
     "convert": Command("convert a reference (mmdetection) checkpoint to hrnetdet safetensors",
@@ -237,40 +257,33 @@ COMMANDS: Dict[str, Command] = {
 # a bug and keeps its traceback.
 USER_ERRORS = (OSError, ValueError, FloatingPointError)
 
-# Python argument names that the library's messages use, spelt as the CLI flags that pass them.
-PYTHON_NAMES = {"checkpoint_path": "--checkpoint", "num_workers": "--workers", "score_thresh": "--score-thr",
-                "multiscale": "--min-size"}
 LIBRARY_PHRASES = (("hrnetdet.list_models(pretrained=True)", "`hrnetdet models --pretrained`"),
                    ("hrnetdet.list_models()", "`hrnetdet models`"))
 
 
 def _flags(parser: argparse.ArgumentParser) -> Dict[str, str]:
-    """dest -> its long flag, for the options of ``parser``."""
-    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    """dest -> its flag (the first spelling: the current one), for the options of ``parser``."""
+    return {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS}
 
 
 def user_message(message: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """A library error's message in the CLI's terms: Python arguments (``checkpoint_path=``,
-    ``val_ann``) become the flags that passed them, and a message about a value the user gave a flag
-    is prefixed ``argument --flag:`` as argparse does."""
+    """A library error's message in the CLI's terms. A flag is its Python keyword spelt with dashes,
+    so a keyword the message names (``checkpoint_path=``, or the setting it starts with) is written
+    as its flag; a message about a value the user gave a flag is prefixed ``argument --flag:`` as
+    argparse does."""
     for python, cli in LIBRARY_PHRASES:
         message = message.replace(python, cli)
     flags = _flags(parser)
-    names = {**{dest: flag for dest, flag in flags.items() if "_" in dest},
-             **{name: flag for name, flag in PYTHON_NAMES.items() if flag in flags.values()}}
-    for name, flag in {**flags, **names}.items():  # keyword form, or an unmistakable identifier
-        pattern = rf"(?<![\w.-]){name}=\s?" + (rf"|(?<![\w./-]){name}(?![\w/-]|\.\w)" if name in names else "")
-        message = re.sub(pattern, lambda m: flag + (" " if "=" in m.group() else ""), message)
-    if re.search(r"(?<![\w-])--[a-z]", message):
+    for dest, flag in flags.items():
+        message = message.replace(f"{dest}=", f"{flag} ")
+        if message.startswith(f"{dest} "):
+            message = flag + message[len(dest):]
+    if " --" in f" {message}":
         return message
     defaults = {a.dest: a.default for a in parser._actions}
-    named = []  # (where the message names the value, its flag): the first named is the subject
-    for dest, flag in flags.items():
-        value = getattr(args, dest, None)
-        if isinstance(value, str) and value != defaults.get(dest) and len(value) > 1:
-            found = re.search(rf"(?<![\w./-]){re.escape(value)}(?![\w/-])", message)
-            if found:
-                named.append((found.start(), flag))
+    named = [(message.find(value), flag) for dest, flag in flags.items()
+             for value in [getattr(args, dest, None)]
+             if isinstance(value, str) and value != defaults.get(dest) and len(value) > 1 and value in message]
     return f"argument {min(named)[1]}: {message}" if named else message
 
 
@@ -320,9 +333,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     subparser = args.command_parser
     if unknown:  # refused by the command's parser, whose usage names the command
         subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("eval", "predict") and not (args.checkpoint or args.pretrained or "." in args.model):
-        subparser.error("give --checkpoint PATH, --pretrained [TAG] or a --model NAME.tag with published weights")
-    set_num_threads(args.threads)
+    if args.command in ("eval", "predict") and not (args.checkpoint_path or args.pretrained
+                                                    or names_weights(args.model)):
+        subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
+                        "(NAME.tag, a saved or run folder, hf-hub:org/name)")
+    if COMMANDS[args.command].uses_torch:
+        set_num_threads(args.threads)
     args.debug = args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0")
     with cli_output(args.debug):
         return _run(args, subparser)
@@ -330,6 +346,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
     try:
+        model = getattr(args, "model", None)
+        if model and os.path.isdir(model):
+            args.model = saved_model_folder(model)
+            if args.model != model:
+                print(f"hrnetdet {args.command}: {model} is a training run: using {args.model}", file=sys.stderr)
         module, function = COMMANDS[args.command].run.split(":")
         run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)

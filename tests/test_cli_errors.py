@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from hrnetdet.zoo import records
-from hrnetdet.zoo.checkpoint import changed_build_args
+from hrnetdet.zoo.checkpoint import save_pretrained
 from hrnetdet.zoo.convert import CheckpointError
-from hrnetdet.zoo.config import build_settings, validate_config
+from hrnetdet.zoo.config import validate_config
 from hrnetdet.zoo.factory import create_model
 from hrnetdet.zoo.registry import list_families
 from hrnetdet.zoo.records import arch_name
@@ -166,7 +166,6 @@ def test_missing_file_is_reported_before_torch_is_imported(tmp_path):
 def test_bad_config_is_refused_before_a_model_is_built(name, files, monkeypatch):
     def build(*args, **kwargs):
         raise AssertionError("a model was built from a bad config.json")
-    build_settings(ARCH)  # the accepted settings come from a default model built on the meta device
     monkeypatch.setattr(records.Family, "build", build)
     field = BAD_CONFIGS[name][1]
     with pytest.raises(CheckpointError) as error:
@@ -175,29 +174,28 @@ def test_bad_config_is_refused_before_a_model_is_built(name, files, monkeypatch)
     assert message.startswith(f"{files / name / 'config.json'}: {field} ") and "\n" not in message
 
 
-def test_what_save_pretrained_writes_passes(monkeypatch):
-    """The check derives every setting from the builders: the changed settings of a model of each
-    family (what save_pretrained writes) are accepted, and rebuild the same settings."""
+def test_what_save_pretrained_writes_passes(tmp_path):
+    """The record of a model of each family, written whole by save_pretrained (schema 2), passes the
+    check and rebuilds the same record."""
     changes = {"min_size": (640, 672), "max_size": 1000, "norm_eval": False, "frozen_stages": 1,
                "image_mean": (0.5, 0.5, 0.5)}
     for family in list_families():
         arch = arch_name(family.name, 18)
         with torch.device("meta"):
-            args = changed_build_args(_with_arch(family.build(18, **changes), arch))
-        assert {"min_size", "max_size", "norm_eval", "frozen_stages", "image_mean"} <= set(args)
-        validate_config({"architecture": arch, "num_classes": 81, "build_args": args}, "config.json", arch)
-
-
-def _with_arch(model, arch):
-    model.arch = arch
-    return model
+            model = family.build(18, **changes)
+        config = {"schema_version": 2, "architecture": arch, "num_classes": 81,
+                  "build_args": model.settings.to_dict()}
+        assert validate_config(config, "config.json", arch) == model.settings
+        assert config["build_args"]["min_size"] == [640, 672] and config["build_args"]["frozen_stages"] == 1
 
 
 def test_builder_keywords_get_the_same_checks():
-    with pytest.raises(ValueError, match=r"^min_size=0: must be a whole number from 1 to 10000"):
+    with pytest.raises(ValueError, match=r"^min_size must be a number of pixels from 1 to 10000, got 0$"):
         create_model(ARCH, min_size=0)
-    with pytest.raises(ValueError, match=r"^max_size=20000: "):
+    with pytest.raises(ValueError, match=r"^max_size must be .* got 20000$"):
         create_model(ARCH, max_size=20000)
+    with pytest.raises(ValueError, match=r"^box_score_thresh must be from 0 to 1, got 5"):
+        create_model(ARCH, box_score_thresh=5)  # an earlier name is named as given
 
 
 def test_export_whose_check_fails_leaves_nothing_in_out(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import torch
 
 from hrnetdet.detectors.fcos import FCOSDetector, build_fcos
 from hrnetdet.detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform, hrnetv2p_backbone
+from hrnetdet.detectors.settings import FCOSSettings
 from hrnetdet.heads.fcos import FCOSHead, fcos_points
 from hrnetdet.zoo import create_model
 from hrnetdet.zoo.checkpoint import load_into
@@ -61,7 +62,7 @@ def test_losses_are_finite_and_reach_every_part():
     # Regress ranges scaled by 1/16 so that a 96x96 image has positives on all five levels.
     small_ranges = ((-1, 4), (4, 8), (8, 16), (16, 32), (32, 1e8))
     model = FCOSDetector(hrnetv2p_backbone(18, fpn_stride=2), FCOSHead(256, 80, regress_ranges=small_ranges),
-                         build_transform(**TINY)).train()
+                         build_transform(FCOSSettings(**TINY), None)).train()
     # one box per level: L0 point (20, 76), L1 (72, 88), L2 (80, 48), L3 (32, 32), L4 (64, 64)
     boxes = torch.tensor([[17., 73., 23., 79.], [67., 83., 77., 93.], [70., 40., 92., 62.],
                           [10., 10., 50., 50.], [2., 2., 94., 94.]])

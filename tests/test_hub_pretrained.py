@@ -2,7 +2,7 @@
 beside a checkpoint), and a training run goes to the Hub (`hrnetdet push`) and back
 (`create_model("hf-hub:org/name")`), against the loopback Hub of tests/fake_hub.py."""
 import copy
-import inspect
+import dataclasses
 import json
 import os
 import shutil
@@ -16,9 +16,7 @@ from safetensors.torch import save_file
 import hrnetdet
 from fake_hub import env, hub  # noqa: F401  (fixtures)
 from hrnetdet.cli import main as cli_main
-from hrnetdet.detectors.rcnn import build_detector, build_rpn
-from hrnetdet.detectors.settings import READERS, build_args
-from hrnetdet.zoo.checkpoint import changed_build_args
+from hrnetdet.zoo.config import validate_config
 from hrnetdet.zoo.registry import list_families
 
 ARCH = "faster_rcnn_hrnetv2p_w18"
@@ -42,28 +40,66 @@ def _other(value):
     return [round(v + 0.1, 3) for v in value]
 
 
-def test_every_build_argument_is_read_back_and_rebuilds():
-    """Every keyword a family's builder takes (but the class count and names) is read back from the
-    model, and a model built from the changed ones has exactly those settings again."""
-    chain = {"rcnn": (build_detector, build_rpn), "cascade": (build_detector, build_rpn), "fcos": ()}
+# What each setting is in the modules (the test's own reading: the library never reads them back).
+MODULE_VALUES = {
+    "norm_eval": lambda m: m.backbone.body.norm_eval,
+    "frozen_stages": lambda m: m.backbone.body.frozen_stages,
+    "min_size": lambda m: tuple(m.transform.min_size),
+    "max_size": lambda m: m.transform.max_size,
+    "image_mean": lambda m: tuple(m.transform.image_mean),
+    "image_std": lambda m: tuple(m.transform.image_std),
+    "mask_thresh": lambda m: m.transform.mask_thresh,
+    "rpn_pre_nms_top_n_train": lambda m: m.rpn._pre_nms_top_n["training"],
+    "rpn_pre_nms_top_n_test": lambda m: m.rpn._pre_nms_top_n["testing"],
+    "rpn_post_nms_top_n_train": lambda m: m.rpn._post_nms_top_n["training"],
+    "rpn_post_nms_top_n_test": lambda m: m.rpn._post_nms_top_n["testing"],
+    "rpn_nms_thresh": lambda m: m.rpn.nms_thresh,
+    "rpn_batch_size_per_image": lambda m: m.rpn.fg_bg_sampler.batch_size_per_image,
+    "score_thresh": lambda m: {h.score_thresh for h in _heads(m)},
+    "nms_thresh": lambda m: {h.nms_thresh for h in _heads(m)},
+    "detections_per_img": lambda m: {h.detections_per_img for h in _heads(m)},
+    "box_batch_size_per_image": lambda m: {h.fg_bg_sampler.batch_size_per_image for h in _heads(m)},
+    "mask_ensemble": lambda m: m.roi_heads.mask_ensemble,
+    "semantic": lambda m: m.roi_heads.semantic_head is not None,
+    "semantic_num_classes": lambda m: m.roi_heads.semantic_head.conv_logits.out_channels,
+    "topk_candidates": lambda m: m.head.topk_candidates,
+    "postprocess": lambda m: m.head.postprocess,
+}
+
+
+def _heads(model):
+    heads = getattr(model, "roi_heads", None)
+    return [model.head] if heads is None else list(getattr(heads, "stages", [heads]))
+
+
+def _module_values(model):
+    return {f.name: MODULE_VALUES[f.name](model) for f in dataclasses.fields(model.settings)}
+
+
+def test_every_setting_reaches_the_modules_and_config_json():
+    """Every field of each family's record (changed from its default) reaches the modules at the
+    build, is written to config.json and rebuilds the same record and modules; those that may change
+    after the build reach the same module values through set_settings."""
     for family in list_families():
-        accepted = set(inspect.signature(family.builder).parameters)
-        for fn in chain[family.builder.__module__.rpartition(".")[2]]:
-            accepted |= set(inspect.signature(fn).parameters)
-        accepted -= {"width", "num_classes", "categories", "with_mask", "kwargs", "rpn_kwargs", "roi_heads", "cascade"}
-        assert accepted <= set(READERS), (family.name, sorted(accepted - set(READERS)))
+        arch = f"{family.name}_hrnetv2p_w18"
+        defaults = family.make_settings()
+        changed = {k: _other(v) for k, v in defaults.to_dict().items() if v is not None and k != "semantic"}
         with torch.device("meta"):
-            default = build_args(family.build(18))
-            changed = {k: _other(v) for k, v in default.items() if k in accepted and k != "semantic"
-                       and v is not None}
             model = family.build(18, **changed)
-            model.arch = f"{family.name}_hrnetv2p_w18"
-            assert changed_build_args(model) == changed, family.name
-            again = family.build(18, **changed_build_args(model))
-        assert build_args(again) == build_args(model), family.name
+            assert {k: model.settings.to_dict()[k] for k in changed} == changed, family.name
+            config = json.loads(json.dumps({"schema_version": 2, "build_args": model.settings.to_dict()}))
+            record = validate_config(config, "config.json", arch)
+            assert record == model.settings, family.name
+            again = family.build(18, settings=record)
+            assert _module_values(again) == _module_values(model), family.name
+            later = family.build(18, **{k: v for k, v in changed.items()
+                                        if k in ("frozen_stages", "semantic", "semantic_num_classes")})
+            later.arch = arch
+            hrnetdet.set_settings(later, **changed)
+            assert later.settings == model.settings and _module_values(later) == _module_values(model), family.name
     with torch.device("meta"):
         htc = hrnetdet.create_model("htc_hrnetv2p_w18", semantic=False)
-    assert changed_build_args(htc) == {"semantic": False}
+    assert htc.settings.semantic is False and htc.roi_heads.semantic_head is None
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +109,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     model = hrnetdet.create_model(ARCH, num_classes=4, categories=CATEGORIES, category_ids=DATASET_IDS, **TRAINED)
     torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.5)
-    model.transform.min_size = (80, 96)
+    hrnetdet.set_settings(model, min_size=(80, 96))  # as multi-scale training does
     directory = tmp_path_factory.mktemp("run") / "best"
     hrnetdet.save_pretrained(model, str(directory), {"trained_on": "train.json", "iteration": 10,
                                                      "val_metrics": {"bbox_AP": 0.25, "bbox_AP50": 0.5}})
@@ -83,7 +119,7 @@ def trained(tmp_path_factory):
 def _same_model(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert build_args(a) == build_args(b)
+    assert a.settings == b.settings
     assert a.categories == b.categories and a.category_ids == b.category_ids
     image = torch.rand(3, 90, 110)
     with torch.no_grad():
@@ -97,8 +133,11 @@ def test_save_pretrained_config_and_rebuild(trained):
     assert config["architecture"] == ARCH and config["num_classes"] == 4
     assert config["categories"] == ["__background__", *CATEGORIES]
     assert config["category_ids"] == [None, *DATASET_IDS]
-    assert config["build_args"] == {"min_size": [80, 96], "max_size": 120, "box_score_thresh": 0.2,
-                                    "rpn_post_nms_top_n_test": 50, "box_detections_per_img": 7}
+    assert config["schema_version"] == 2 and config["build_args"] == model.settings.to_dict()
+    assert {k: config["build_args"][k] for k in ("min_size", "max_size", "score_thresh", "rpn_post_nms_top_n_test",
+                                                 "detections_per_img", "rpn_pre_nms_top_n_test")} == {
+        "min_size": [80, 96], "max_size": 120, "score_thresh": 0.2, "rpn_post_nms_top_n_test": 50,
+        "detections_per_img": 7, "rpn_pre_nms_top_n_test": 1000}
     assert config["trained_on"] == "train.json" and config["hrnetdet_version"] == hrnetdet.__version__
     again = hrnetdet.create_model(str(directory))
     _same_model(model, again)
@@ -166,7 +205,7 @@ def test_push_then_load_by_hub_name(trained, hub, tmp_path, monkeypatch, capsys)
     assert "| 17 | dog | 0.125 |" in card and "![loss](loss.png)" in card and "`min_size=[80, 96]`" in card
     _same_model(model, hrnetdet.create_model("hf-hub:me/pets-detector", pretrained=True))
     without_weights = hrnetdet.create_model("hf-hub:me/pets-detector")
-    assert build_args(without_weights) == build_args(model) and without_weights.categories == model.categories
+    assert without_weights.settings == model.settings and without_weights.categories == model.categories
 
     # a second push moves main on; @revision pins the first
     retrained = copy.deepcopy(model)

@@ -14,7 +14,7 @@ ZOO_LAYERS = ["recipe", "records", "registry", "convert", "models", "parity", "c
 # hrnetdet's packages and top-level modules, lowest first: each imports only from layers below it
 # (modules of one layer do not import each other).
 PACKAGE_LAYERS = [
-    {"version", "io", "threads", "safe_pickle"},  # leaves: no hrnetdet imports
+    {"version", "io", "threads", "safe_pickle", "names"},  # leaves: no hrnetdet imports
     {"backbone", "neck", "heads"},  # the network's parts
     {"detectors"},  # parts composed into torchvision-contract detectors
     {"data"},  # images, COCO data, categories, results records

@@ -8,6 +8,7 @@ import torch
 import hrnetdet
 from calibrate import calibrate
 from hrnetdet.detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from hrnetdet.detectors.settings import RCNNSettings
 from hrnetdet.detectors.transform import cv2_linear_resize
 
 CV2 = torch.load(Path(__file__).parent / "data" / "cv2_inter_linear_uint8.pt", weights_only=True)
@@ -22,7 +23,7 @@ def test_resize_is_bit_exact_with_cv2(case):
 
 def test_transform_normalises_after_resizing():
     src, expected = CV2["up"]["input"], CV2["up"]["cv2"]         # 9x13 -> 24x35 is the reference size
-    transform = build_transform(24, 35).eval()
+    transform = build_transform(RCNNSettings(min_size=24, max_size=35), 0.5).eval()
     images, _ = transform([src.float() / 255])
     assert images.image_sizes == [(24, 35)]
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]

@@ -12,7 +12,7 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
-from hrnetdet.inference.thresholds import score_heads
+from hrnetdet.inference.thresholds import set_score_threshold
 
 
 @torch.no_grad()
@@ -39,6 +39,5 @@ def calibrate(model: nn.Module, images: List[Tensor], score_thresh: float = 0.0)
         std = level.std().clamp(min=1e-6)
         conv.weight /= std
         conv.bias /= std
-    for head in score_heads(model):
-        head.score_thresh = float(score_thresh)
+    set_score_threshold(model, score_thresh)
     return model

@@ -6,13 +6,14 @@ labels (1..K), scores} in original-image coordinates.
 The reference's FCOS checkpoints were trained on BGR input; conversion flips
 the first conv's input channels once, so the model takes RGB in [0, 1] with ImageNet mean/std like
 every other hrnetdet model (docs/NUMERICS.md, 'FCOS BGR first conv')."""
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..heads.fcos import FCOSHead, fcos_points
-from .rcnn import IMAGENET_MEAN, IMAGENET_STD, build_transform, hrnetv2p_backbone
+from .rcnn import build_transform, hrnetv2p_backbone
+from .settings import FCOSSettings, make_settings
 from .targets import check_targets
 from .transform import ReferenceTransform
 
@@ -55,16 +56,18 @@ class FCOSDetector(nn.Module):
 
 
 def build_fcos(width: int, num_classes: int = 81, *, categories: Optional[Sequence[str]] = None,
-               norm_eval: bool = True, frozen_stages: int = -1, min_size=800, max_size: int = 1333,
-               image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-               score_thresh: float = 0.05, nms_thresh: float = 0.5, topk_candidates: int = 1000,
-               detections_per_img: int = 100, postprocess: str = "v2") -> FCOSDetector:
+               settings: Optional[FCOSSettings] = None, **changes: Any) -> FCOSDetector:
     """FCOS on HRNetV2p-W``width``. ``num_classes`` counts the background (COCO: 81); the head has
     ``num_classes - 1`` sigmoid outputs. ``postprocess`` selects the reference's v2.7 test rule
-    (the published numbers, default) or mmdet 3.3's (``"v3"``, for parity against it)."""
-    backbone = hrnetv2p_backbone(width, fpn_stride=2, norm_eval=norm_eval, frozen_stages=frozen_stages)
+    (the published numbers, default) or mmdet 3.3's (``"v3"``, for parity against it): settings
+    of the ``FCOSSettings`` record (``settings``, or its defaults, with the keyword ``changes`` over it)."""
+    settings = make_settings(FCOSSettings, settings, changes)
+    backbone = hrnetv2p_backbone(width, fpn_stride=2, norm_eval=settings.norm_eval,
+                                 frozen_stages=settings.frozen_stages)
     head = FCOSHead(backbone.out_channels, num_classes - 1, strides=backbone.strides,
-                    score_thresh=score_thresh, nms_thresh=nms_thresh, topk_candidates=topk_candidates,
-                    detections_per_img=detections_per_img, postprocess=postprocess)
-    return FCOSDetector(backbone, head, build_transform(min_size, max_size, image_mean, image_std, None),
-                        categories)
+                    score_thresh=settings.score_thresh, nms_thresh=settings.nms_thresh,
+                    topk_candidates=settings.topk_candidates, detections_per_img=settings.detections_per_img,
+                    postprocess=settings.postprocess)
+    model = FCOSDetector(backbone, head, build_transform(settings, None), categories)
+    model.settings = settings
+    return model

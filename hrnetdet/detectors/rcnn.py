@@ -14,12 +14,11 @@ from ..heads.roi_align import ReferenceRoIAlign
 from ..heads.roi_heads import StandardRoIHeads, box_head, mask_head
 from ..heads.rpn import Float32RPNHead, ReferenceRPN
 from ..neck import HRFPN, HRNetV2p
-from .settings import box_roi_heads
+from .settings import (IMAGENET_MEAN, IMAGENET_STD, CascadeSettings, DetectorSettings, RCNNSettings,  # noqa: F401
+                       make_settings)
 from .targets import check_targets
 from .transform import ReferenceTransform, scriptable_alias
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ROI_FEATMAPS = ("0", "1", "2", "3")
 
 
@@ -48,7 +47,9 @@ class HRNetDetector(GeneralizedRCNN):
 
     @torch.jit.unused
     def check_training_targets(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]) -> None:
-        check_targets(images, targets, box_roi_heads(self).box_predictor.cls_score.out_features)
+        heads = self.roi_heads
+        box_heads = heads.stages[0] if hasattr(heads, "stages") else heads
+        check_targets(images, targets, box_heads.box_predictor.cls_score.out_features)
 
     generalized_rcnn_forward = scriptable_alias(GeneralizedRCNN.forward, "generalized_rcnn_forward")
 
@@ -59,39 +60,34 @@ def hrnetv2p_backbone(width: int, *, fpn_stride: int = 1, norm_eval: bool = True
     return HRNetV2p(body, HRFPN(body.out_channels, 256, num_outs=5, stride=fpn_stride))
 
 
-def build_transform(min_size=800, max_size: int = 1333, image_mean: Sequence[float] = IMAGENET_MEAN,
-                    image_std: Sequence[float] = IMAGENET_STD, mask_thresh: Optional[float] = 0.5
-                    ) -> ReferenceTransform:
-    return ReferenceTransform(min_size, max_size, list(image_mean), list(image_std), mask_thresh=mask_thresh)
+def build_transform(settings: DetectorSettings, mask_thresh: Optional[float]) -> ReferenceTransform:
+    return ReferenceTransform(settings.min_size, settings.max_size, list(settings.image_mean),
+                              list(settings.image_std), mask_thresh=mask_thresh)
 
 
-def build_rpn(*, cascade: bool = False, rpn_pre_nms_top_n_train: int = 2000,
-              rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_train: Optional[int] = None,
-              rpn_post_nms_top_n_test: int = 1000, rpn_nms_thresh: float = 0.7,
-              rpn_batch_size_per_image: int = 256) -> ReferenceRPN:
-    """The reference's RPN; ``cascade`` selects the Cascade/HTC training settings."""
-    if rpn_post_nms_top_n_train is None:
-        rpn_post_nms_top_n_train = 2000 if cascade else 1000
+def build_rpn(settings: Optional[RCNNSettings] = None, *, cascade: bool = False) -> ReferenceRPN:
+    """The reference's RPN; ``cascade`` selects the Cascade/HTC training losses and border rule
+    (and, without ``settings``, the cascades' default proposal counts)."""
+    if settings is None:
+        settings = CascadeSettings() if cascade else RCNNSettings()
     return ReferenceRPN(
         ReferenceAnchorGenerator(), Float32RPNHead(256, 3),
-        pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
-        post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-        nms_thresh=rpn_nms_thresh, batch_size_per_image=rpn_batch_size_per_image,
+        pre_nms_top_n={"training": settings.rpn_pre_nms_top_n_train, "testing": settings.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": settings.rpn_post_nms_top_n_train, "testing": settings.rpn_post_nms_top_n_test},
+        nms_thresh=settings.rpn_nms_thresh, batch_size_per_image=settings.rpn_batch_size_per_image,
         box_loss="smooth_l1" if cascade else "l1", allowed_border=0 if cascade else -1,
     )
 
 
 def build_rcnn(width: int, num_classes: int = 81, *, with_mask: bool = False,
-               categories: Optional[Sequence[str]] = None, norm_eval: bool = True,
-               frozen_stages: int = -1, min_size=800, max_size: int = 1333,
-               image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-               box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
-               box_detections_per_img: int = 100, box_batch_size_per_image: int = 512,
-               mask_thresh: Optional[float] = 0.5, **rpn_kwargs: Any) -> HRNetDetector:
+               categories: Optional[Sequence[str]] = None, settings: Optional[RCNNSettings] = None,
+               **changes: Any) -> HRNetDetector:
     """Faster R-CNN (``with_mask=False``) or Mask R-CNN on HRNetV2p-W``width``.
 
-    ``num_classes`` counts the background; keyword names follow torchvision's FasterRCNN.
+    ``num_classes`` counts the background; ``settings`` (an ``RCNNSettings``, its defaults when
+    None) with the keyword ``changes`` over it (``min_size=640``, ``score_thresh=0.3``...).
     """
+    settings = make_settings(RCNNSettings, settings, changes)
     box_pool = ReferenceRoIAlign(ROI_FEATMAPS, 7)
     mask_kwargs: Dict[str, Any] = {}
     if with_mask:
@@ -99,24 +95,21 @@ def build_rcnn(width: int, num_classes: int = 81, *, with_mask: bool = False,
                            mask_predictor=MaskRCNNPredictor(256, 256, num_classes))
     roi_heads = StandardRoIHeads(
         box_pool, box_head(), FastRCNNPredictor(1024, num_classes),
-        min_pos_iou=0.5 if with_mask else -1.0, score_thresh=box_score_thresh,
-        nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
-        batch_size_per_image=box_batch_size_per_image, **mask_kwargs,
+        min_pos_iou=0.5 if with_mask else -1.0, score_thresh=settings.score_thresh,
+        nms_thresh=settings.nms_thresh, detections_per_img=settings.detections_per_img,
+        batch_size_per_image=settings.box_batch_size_per_image, **mask_kwargs,
     )
-    return build_detector(width, roi_heads, categories=categories, norm_eval=norm_eval,
-                          frozen_stages=frozen_stages, min_size=min_size, max_size=max_size,
-                          image_mean=image_mean, image_std=image_std, mask_thresh=mask_thresh,
-                          **rpn_kwargs)
+    return build_detector(width, roi_heads, settings, categories=categories)
 
 
-def build_detector(width: int, roi_heads: nn.Module, *, categories: Optional[Sequence[str]] = None,
-                   norm_eval: bool = True, frozen_stages: int = -1, min_size=800, max_size: int = 1333,
-                   image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-                   mask_thresh: Optional[float] = 0.5, **rpn_kwargs: Any) -> HRNetDetector:
+def build_detector(width: int, roi_heads: nn.Module, settings: RCNNSettings, *,
+                   categories: Optional[Sequence[str]] = None, cascade: bool = False) -> HRNetDetector:
     """HRNetV2p-W``width`` + RPN + the given RoI heads + the reference transform: the assembly
-    every two-stage family shares."""
-    transform = build_transform(min_size, max_size, image_mean, image_std, mask_thresh)
-    return HRNetDetector(
-        hrnetv2p_backbone(width, norm_eval=norm_eval, frozen_stages=frozen_stages),
-        build_rpn(**rpn_kwargs), roi_heads, transform, categories,
+    every two-stage family shares; the model keeps ``settings``."""
+    model = HRNetDetector(
+        hrnetv2p_backbone(width, norm_eval=settings.norm_eval, frozen_stages=settings.frozen_stages),
+        build_rpn(settings, cascade=cascade), roi_heads, build_transform(settings, settings.mask_thresh),
+        categories,
     )
+    model.settings = settings
+    return model

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import Augment, CocoDetection, GroupedBatchSampler, collate
+from ..detectors.settings import set_settings
 from ..io import atomic_write_text, open_no_follow
 from ..zoo.registry import get_family
 from .builtin_callbacks import builtin_callbacks
@@ -213,7 +214,7 @@ def _training_data(model: nn.Module, has_masks: bool, config: TrainConfig, train
     model.categories = list(ds.categories)
     model.category_ids = [None, *ds.cat_ids]
     if config.multiscale is not None:
-        model.transform.min_size = tuple(int(s) for s in config.multiscale)
+        set_settings(model, min_size=tuple(config.multiscale))
     sampler = GroupedBatchSampler(ds.aspect_ratios(), config.batch_size, seed=config.seed, rank=rank,
                                   world_size=world)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,

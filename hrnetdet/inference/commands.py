@@ -28,7 +28,9 @@ def predict_options(args: argparse.Namespace) -> PredictOptions:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from ..detectors.settings import given_settings
     from ..zoo.factory import create_model
+    from ..names import names_weights
     from . import predict_run
     from .fast import optimize_for_inference
     from .sources import expand_inputs
@@ -39,16 +41,15 @@ def run_predict(args: argparse.Namespace) -> int:
         predict_run.check_out_holds_no_input(paths, args.out)
     except predict_run.PredictRunError as e:
         raise SystemExit(f"hrnetdet predict: error: {e}") from None
-    kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
-    model = create_model(args.model, pretrained=args.pretrained or "." in args.model,
-                         checkpoint_path=args.checkpoint, **kwargs)
+    model = create_model(args.model, pretrained=args.pretrained or names_weights(args.model),
+                         checkpoint_path=args.checkpoint_path, **given_settings(args))
     if args.fast or args.backend != "torch":
         try:
             optimize_for_inference(model, backend=args.backend)
         except ImportError as e:  # the backend's package is missing: the message says which extra
             raise SystemExit(f"hrnetdet predict: error: --backend {args.backend}: {e}") from None
     weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast, "--backend": args.backend,
-               "--checkpoint": predict_run.input_identity(args.checkpoint) if args.checkpoint else None}
+               "--checkpoint": predict_run.input_identity(args.checkpoint_path) if args.checkpoint_path else None}
     try:
         counts = predict_run.run_predict(model, paths, args.out, options, strict=args.strict, draw=not args.no_draw,
                                          save_video=args.save_video, settings=weights)
@@ -76,11 +77,13 @@ def summary(counts: Dict[str, Optional[int]], out: str, options: PredictOptions)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..detectors.settings import given_settings
     from ..zoo.factory import create_model
+    from ..names import names_weights
     from .export import export
 
-    kwargs = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
-    model = create_model(args.model, pretrained="." in args.model, checkpoint_path=args.checkpoint, **kwargs)
+    model = create_model(args.model, pretrained=names_weights(args.model), checkpoint_path=args.checkpoint_path,
+                         **given_settings(args))
     export(model, args.out, args.format, dynamic=args.dynamic, half=args.half, opset=args.opset,
            log=lambda line: print(f"check against eager, {line}"))
     print(f"{args.model}: {args.format} written to {args.out}")

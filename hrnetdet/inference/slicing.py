@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from ..data.results import region_rle
+from ..detectors.settings import temporary_settings
 from ..heads.masks import paste_mask, paste_windows
 from ..heads.nms import batched_nms
 from .options import PredictOptions
@@ -36,13 +37,8 @@ COVERED_FRACTION = 0.5  # a cut box is dropped when an uncut box covers this fra
 @contextlib.contextmanager
 def test_scale(model: nn.Module, min_size: float, max_size: float) -> Iterator[None]:
     """Temporarily run ``model`` with another test scale (the transform's short and long side)."""
-    transform = model.transform
-    saved = transform.min_size, transform.max_size
-    transform.min_size, transform.max_size = (min_size,), max_size
-    try:
+    with temporary_settings(model, min_size=(min_size,), max_size=max_size):
         yield
-    finally:
-        transform.min_size, transform.max_size = saved
 
 
 @contextlib.contextmanager

@@ -1,10 +1,13 @@
 """Overriding a detector's detection score threshold for a while (prediction at another threshold,
-export at 0) and putting it back."""
+export at 0) and putting it back: through its settings record (``set_settings``) for
+hrnetdet's detectors, module by module for others (torchvision's)."""
 import contextlib
 from typing import Iterator, List, Optional
 
 from torch import nn
 from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from ..detectors.settings import DetectorSettings, set_settings
 
 
 def score_heads(model: nn.Module) -> List[nn.Module]:
@@ -14,19 +17,28 @@ def score_heads(model: nn.Module) -> List[nn.Module]:
             if hasattr(m, "score_thresh") and not isinstance(m, RegionProposalNetwork)]
 
 
+def set_score_threshold(model: nn.Module, score_thresh: float) -> float:
+    """Set the detection score threshold of every head of ``model`` for good; returns the previous one."""
+    if isinstance(getattr(model, "settings", None), DetectorSettings):
+        return set_settings(model, score_thresh=score_thresh).score_thresh
+    heads = score_heads(model)
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no module with a score_thresh to set")
+    previous = heads[0].score_thresh
+    for m in heads:
+        m.score_thresh = float(score_thresh)
+    return previous
+
+
 @contextlib.contextmanager
 def score_threshold(model: nn.Module, score_thresh: Optional[float]) -> Iterator[None]:
     """Within the block every head of ``model`` keeps detections scoring above ``score_thresh``
-    (``None``: unchanged); the thresholds are restored afterwards, also on errors."""
-    heads = score_heads(model)
-    if score_thresh is not None and not heads:
-        raise ValueError(f"{type(model).__name__} has no module with a score_thresh to set")
-    saved = [m.score_thresh for m in heads]
+    (``None``: unchanged); the threshold is restored afterwards, also on errors."""
+    if score_thresh is None:
+        yield
+        return
+    previous = set_score_threshold(model, score_thresh)
     try:
-        if score_thresh is not None:
-            for m in heads:
-                m.score_thresh = float(score_thresh)
         yield
     finally:
-        for m, t in zip(heads, saved):
-            m.score_thresh = t
+        set_score_threshold(model, previous)

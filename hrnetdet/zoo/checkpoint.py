@@ -2,7 +2,6 @@
 unpickler) and hrnetdet's ``.safetensors`` with the config.json beside it, writing a model so that
 it rebuilds exactly (``save_pretrained``), atomically and with the user's umask, and loading a state
 dict strictly."""
-import functools
 import io
 import json
 import os
@@ -15,15 +14,15 @@ from torch import Tensor, nn
 
 from .. import safe_pickle
 from ..data.categories import category_ids_for
-from ..detectors.settings import build_args
+from ..detectors.settings import SCHEMA_VERSION, model_settings
 from ..io import atomic_write, atomic_write_text
+from ..names import CONFIG_FILE
 from ..safe_pickle import Unpickled
 from ..version import __version__
 from .convert import (CheckpointError, convert_reference, identify_reference,
                       reference_categories)
 from .registry import get_family, list_families
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -276,9 +275,9 @@ def _json(text: str, where: str) -> Dict[str, Any]:
 
 def save_pretrained(model: nn.Module, directory: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write ``model.safetensors`` and ``config.json`` into ``directory``, from which
-    ``create_model(directory)`` rebuilds the same model: its architecture, every build argument that
-    differs from the family's defaults (read from the model itself, so settings changed after it was
-    built count), its categories and their dataset ids. ``extra`` (provenance, validation metrics)
+    ``create_model(directory)`` rebuilds the same model: its architecture, its whole settings record
+    (``model.settings``, with the changes ``set_settings`` made since the build) as ``build_args``,
+    its categories and their dataset ids. ``extra`` (provenance, validation metrics)
     is stored alongside. Returns the config."""
     from safetensors.torch import save_file
     arch = getattr(model, "arch", None)
@@ -287,11 +286,12 @@ def save_pretrained(model: nn.Module, directory: str, extra: Optional[Dict[str, 
     family, width = get_family(arch)
     categories = list(model.categories)
     config = {
+        "schema_version": SCHEMA_VERSION,
         "architecture": arch, "family": family.name, "width": width,
         "num_classes": len(categories),
         "categories": categories,
         "category_ids": category_ids_for(categories, getattr(model, "category_ids", None)),
-        "build_args": changed_build_args(model),
+        "build_args": model_settings(model).to_dict(),
         "hrnetdet_version": __version__,
         **(extra or {}),
     }
@@ -301,19 +301,6 @@ def save_pretrained(model: nn.Module, directory: str, extra: Optional[Dict[str, 
                  lambda tmp: save_file(sd, tmp, metadata={"hrnetdet": json.dumps(config)}))
     atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2))
     return config
-
-
-@functools.lru_cache(maxsize=None)
-def _default_build_args(arch: str) -> Dict[str, Any]:
-    family, width = get_family(arch)
-    with torch.device("meta"):
-        return build_args(family.build(width))
-
-
-def changed_build_args(model: nn.Module) -> Dict[str, Any]:
-    """The model's build arguments that differ from its architecture's defaults."""
-    defaults = _default_build_args(model.arch)
-    return {k: v for k, v in build_args(model).items() if k not in defaults or defaults[k] != v}
 
 
 def load_into(model: nn.Module, state_dict: Dict[str, Tensor], path: str, arch: str) -> None:

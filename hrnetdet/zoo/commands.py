@@ -1,11 +1,9 @@
-"""``hrnetdet models``, ``download`` and ``convert`` (their arguments are in ``hrnetdet/cli.py``)."""
+"""``hrnetdet models``, ``download`` and ``convert`` (their arguments are in ``hrnetdet/cli.py``).
+``models`` reads the registry only, without torch; the others import what they need when they run."""
 import argparse
 import os
 from typing import List
 
-from .checkpoint import WEIGHTS_FILE, read_checkpoint, save_pretrained
-from .factory import create_model
-from .hub import backbone_weights_file, fetch_pretrained
 from .records import arch_name
 from .registry import get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models
 
@@ -22,6 +20,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    from .hub import backbone_weights_file, fetch_pretrained
     cache_dir = os.path.join(args.dir, "hub") if args.dir else None
     names: List[str] = []
     for n in args.names:
@@ -42,6 +41,8 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import WEIGHTS_FILE, read_checkpoint, save_pretrained
+    from .factory import create_model
     ckpt = read_checkpoint(args.checkpoint)
     arch = args.model or arch_name(ckpt.family, ckpt.width)
     model = create_model(arch, checkpoint_path=args.checkpoint)

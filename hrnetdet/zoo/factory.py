@@ -6,13 +6,15 @@ from typing import Any, Callable, Dict, Optional, Sequence, Union
 from torch import nn
 
 from ..data.categories import BACKGROUND, COCO_CATEGORIES, categories_for, category_ids_for
+from ..names import HF_HUB_PREFIX, saved_model_folder
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint
-from .config import check_build_kwargs, read_saved_config, validate_config
+from .config import read_saved_config, validate_config
 from .convert import CheckpointError
-from .hub import (HF_HUB_PREFIX, hub_model_files, load_backbone_weights, load_except_class_layers,
+from .hub import (hub_model_files, load_backbone_weights, load_except_class_layers,
                   load_pretrained_checkpoint)
 from .records import PretrainedCfg, arch_name
-from .registry import get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models, split_name
+from .registry import (get_arch_pretrained_cfgs, get_family, get_pretrained_cfg, list_models,
+                       split_name)
 
 logger = logging.getLogger("hrnetdet")
 
@@ -41,8 +43,9 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
             weights on the Hub: ``True`` (``hrnet_w{width}.ms_in1k``) or a timm name. Never fetched
             when detector weights are loaded.
         local_files_only: use cached files only (as ``HF_HUB_OFFLINE=1`` does).
-        **kwargs: passed to the family's builder (``min_size``, ``box_score_thresh``, ...); they
-            override a saved config's.
+        **kwargs: settings of the family's record (``min_size``, ``score_thresh``, ...; see
+            ``hrnetdet.detectors.settings``), over a saved config's; the model keeps the record as
+            ``model.settings``.
     """
     config: Dict[str, Any] = {}
     config_path = None
@@ -53,11 +56,12 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
         (config, name), pretrained = read_saved_config(config_path), False
         checkpoint_path = checkpoint_path or weights_path
     elif os.path.isdir(name):
-        config_path = os.path.join(name, CONFIG_FILE)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{name} is a folder without {CONFIG_FILE}: not one save_pretrained wrote")
-        checkpoint_path = checkpoint_path or os.path.join(name, WEIGHTS_FILE)
-        name = read_saved_config(config_path)[1]
+        folder = saved_model_folder(name)
+        if folder != name:
+            logger.info("%s is a training run: using its %s/", name, os.path.basename(folder))
+        config_path = os.path.join(folder, CONFIG_FILE)
+        checkpoint_path = checkpoint_path or os.path.join(folder, WEIGHTS_FILE)
+        name, pretrained = read_saved_config(config_path)[1], False
     arch, tag = split_name(name)
     if isinstance(pretrained, str):
         if tag is not None and tag != pretrained:
@@ -79,9 +83,8 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
     elif pretrained:
         ckpt = load_pretrained_checkpoint(cfg, local_files_only=local_files_only)
 
-    if config:
-        validate_config(config, config_path, arch)
-    check_build_kwargs(kwargs, arch)
+    settings = validate_config(config, config_path, arch) if config else family.make_settings()
+    settings = settings.replace(**kwargs)
     ckpt_classes = (ckpt.num_classes or (len(ckpt.categories) if ckpt.categories else None)) if ckpt else None
     if num_classes is None:
         num_classes = ckpt_classes or config.get("num_classes") or len(COCO_CATEGORIES)
@@ -94,8 +97,7 @@ def create_model(name: str, pretrained: Union[bool, str] = False, *, num_classes
     categories = categories_for(num_classes, categories)
     if category_ids is None and config.get("categories") == categories:
         category_ids = config.get("category_ids")
-    model = family.build(width, num_classes=num_classes, categories=categories,
-                         **{**config.get("build_args", {}), **kwargs})
+    model = family.build(width, num_classes=num_classes, categories=categories, settings=settings)
     if ckpt is not None:
         source = checkpoint_path or cfg.name
         if ckpt_classes is not None and ckpt_classes != num_classes:
@@ -144,7 +146,7 @@ def _factory(arch: str) -> Callable[..., nn.Module]:
         "    checkpoint_path: a reference (mmdetection) .pth or hrnetdet .safetensors file.\n"
         "    weights_backbone: without detector weights, True or a timm name (hrnet_w32.ms_in1k) loads\n"
         "        ImageNet HRNet weights into the backbone.\n"
-        "    **kwargs: builder options (min_size, max_size, box_score_thresh, norm_eval, ...).\n"
+        "    **kwargs: settings (min_size, max_size, score_thresh, norm_eval, ...).\n"
     )
     return factory
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..backbone import HRNet
 from ..io import atomic_write_text, hrnetdet_home
+from ..names import HF_HUB_PREFIX
 from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, load_into, read_checkpoint, save_pretrained
 from .convert import CheckpointError
@@ -205,7 +206,6 @@ def _reference_file(cfg: PretrainedCfg, home: str, offline: bool) -> str:
                      retry=not offline)
 
 
-HF_HUB_PREFIX = "hf-hub:"
 
 
 def hub_model_files(repo_id: str, revision: Optional[str], *, weights: bool = True,

@@ -1,13 +1,21 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
-. The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
-from ..detectors.cascade import build_cascade_rcnn, build_htc
-from ..detectors.fcos import build_fcos
-from ..detectors.rcnn import build_rcnn
-from .convert import (BACKBONE_RULES, BOX_HEAD_RULES, CASCADE_BOX_RULES, FCOS_RULES, HTC_RULES, MASK_HEAD_RULES,
-                      RPN_RULES, cascade_mask_rules)
+. The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here; it imports no torch
+(builders and conversion rules are named, and imported on first use)."""
+from typing import Any, Callable, Iterable, Tuple
+
+from ..detectors.settings import CascadeSettings, FCOSSettings, HTCSettings, RCNNSettings
 from .recipe import FCOS_RECIPE
-from .records import Family, PretrainedCfg, ReferenceLayout
+from .records import Family, PretrainedCfg, ReferenceLayout, Rule
 from .registry import register_family, register_pretrained
+
+def _rules(compose: Callable[[Any], Iterable[Rule]]) -> Callable[[], Tuple[Rule, ...]]:
+    """A family's conversion rules, composed from zoo/convert.py's on first use (convert imports
+    torch; this table, which ``hrnetdet models`` reads, does not)."""
+    def make() -> Tuple[Rule, ...]:
+        from . import convert
+        return tuple(compose(convert))
+    return make
+
 
 RCNN_CLASSIFIER = "roi_head.bbox_head.fc_cls.weight"
 CASCADE_CLASSIFIER = "roi_head.bbox_head.0.fc_cls.weight"
@@ -15,25 +23,27 @@ CASCADE_CLASSIFIER = "roi_head.bbox_head.0.fc_cls.weight"
 # Each family with the reference's checkpoint layout: the rules, a key only its checkpoints have
 # (with none of the excluded ones) and the classifier whose rows count the classes.
 FAMILIES = (
-    Family("faster_rcnn", "Faster R-CNN", build_rcnn, ReferenceLayout(
-        (*BACKBONE_RULES, *RPN_RULES, *BOX_HEAD_RULES), RCNN_CLASSIFIER,
+    Family("faster_rcnn", "Faster R-CNN", "hrnetdet.detectors.rcnn:build_rcnn", RCNNSettings, ReferenceLayout(
+        _rules(lambda c: (*c.BACKBONE_RULES, *c.RPN_RULES, *c.BOX_HEAD_RULES)), RCNN_CLASSIFIER,
         ("roi_head.mask_head.conv_logits.weight",), RCNN_CLASSIFIER)),
-    Family("mask_rcnn", "Mask R-CNN", build_rcnn, ReferenceLayout(
-        (*BACKBONE_RULES, *RPN_RULES, *BOX_HEAD_RULES, *MASK_HEAD_RULES), "roi_head.mask_head.conv_logits.weight",
+    Family("mask_rcnn", "Mask R-CNN", "hrnetdet.detectors.rcnn:build_rcnn", RCNNSettings, ReferenceLayout(
+        _rules(lambda c: (*c.BACKBONE_RULES, *c.RPN_RULES, *c.BOX_HEAD_RULES, *c.MASK_HEAD_RULES)),
+        "roi_head.mask_head.conv_logits.weight",
         (), RCNN_CLASSIFIER), has_masks=True),
-    Family("cascade_rcnn", "Cascade R-CNN", build_cascade_rcnn, ReferenceLayout(
-        (*BACKBONE_RULES, *RPN_RULES, *CASCADE_BOX_RULES), CASCADE_CLASSIFIER,
+    Family("cascade_rcnn", "Cascade R-CNN", "hrnetdet.detectors.cascade:build_cascade_rcnn", CascadeSettings, ReferenceLayout(
+        _rules(lambda c: (*c.BACKBONE_RULES, *c.RPN_RULES, *c.CASCADE_BOX_RULES)), CASCADE_CLASSIFIER,
         ("roi_head.mask_head.0.conv_logits.weight",), CASCADE_CLASSIFIER)),
-    Family("cascade_mask_rcnn", "Cascade Mask R-CNN", build_cascade_rcnn, ReferenceLayout(
-        (*BACKBONE_RULES, *RPN_RULES, *CASCADE_BOX_RULES, *cascade_mask_rules("")),
+    Family("cascade_mask_rcnn", "Cascade Mask R-CNN", "hrnetdet.detectors.cascade:build_cascade_rcnn", CascadeSettings, ReferenceLayout(
+        _rules(lambda c: (*c.BACKBONE_RULES, *c.RPN_RULES, *c.CASCADE_BOX_RULES, *c.cascade_mask_rules(""))),
         "roi_head.mask_head.0.conv_logits.weight", ("roi_head.mask_head.1.conv_res.conv.weight",),
         CASCADE_CLASSIFIER), has_masks=True),
-    Family("htc", "Hybrid Task Cascade", build_htc, ReferenceLayout(
-        (*BACKBONE_RULES, *RPN_RULES, *CASCADE_BOX_RULES, *HTC_RULES), "roi_head.mask_head.1.conv_res.conv.weight",
+    Family("htc", "Hybrid Task Cascade", "hrnetdet.detectors.cascade:build_htc", HTCSettings, ReferenceLayout(
+        _rules(lambda c: (*c.BACKBONE_RULES, *c.RPN_RULES, *c.CASCADE_BOX_RULES, *c.HTC_RULES)),
+        "roi_head.mask_head.1.conv_res.conv.weight",
         (), CASCADE_CLASSIFIER), has_masks=True),
     # The reference's FCOS was trained on BGR input and has sigmoid classifiers (no background row).
-    Family("fcos", "FCOS", build_fcos, ReferenceLayout(
-        tuple(FCOS_RULES), "bbox_head.conv_centerness.weight", (), "bbox_head.conv_cls.weight",
+    Family("fcos", "FCOS", "hrnetdet.detectors.fcos:build_fcos", FCOSSettings, ReferenceLayout(
+        _rules(lambda c: c.FCOS_RULES), "bbox_head.conv_centerness.weight", (), "bbox_head.conv_cls.weight",
         background_row=False, bgr_input=True), recipe=FCOS_RECIPE),
 )
 

@@ -7,11 +7,11 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
+from ..names import HF_HUB_PREFIX
 from ..version import __version__
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config
 from .convert import CheckpointError
 from .config import read_saved_config
-from .hub import HF_HUB_PREFIX
 from .registry import get_family
 
 PICTURES = ("loss.png", "lr.png", "ap.png", "predictions.png")  # a run's curves and a predictions picture

@@ -1,31 +1,35 @@
 """The records the zoo is made of, and nothing else: a detector family (how to build it, how the
 reference's checkpoints of it are laid out, whether it predicts masks) and a published weight set.
 Every other zoo module reads these; this one imports no other zoo module but the COCO table."""
+import importlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from torch import Tensor, nn
-
-from ..detectors.rcnn import IMAGENET_MEAN, IMAGENET_STD
 from ..data.categories import COCO_CATEGORIES
+from ..detectors.settings import IMAGENET_MEAN, IMAGENET_STD, DetectorSettings
 from .recipe import RCNN_RECIPE, Recipe
 
-Transform = Callable[[Tensor], Tensor]
+Transform = Callable[[Any], Any]  # a tensor's conversion
 Rule = Tuple[str, str, Optional[Transform]]  # (reference key regex, hrnetdet key template, value transform)
 
 
 @dataclass(frozen=True)
 class ReferenceLayout:
     """How the reference (mmdetection) lays out a family's checkpoints."""
-    rules: Tuple[Rule, ...]        # every key maps by exactly one rule
+    rule_source: Callable[[], Tuple[Rule, ...]]  # makes the rules (every key maps by exactly one)
     signature: str                 # a key only this family's checkpoints have...
     excluded: Tuple[str, ...]      # ...together with none of these
     classifier: str                # the classification layer: its rows count the classes
     background_row: bool = True    # the classifier has a background row (softmax), else sigmoid
     bgr_input: bool = False        # trained on BGR input: conversion flips the first conv's channels
 
-    def num_classes(self, state_dict: Dict[str, Tensor]) -> int:
+    @property
+    def rules(self) -> Tuple[Rule, ...]:
+        """The rules, made when a checkpoint is converted: they import torch, the zoo's tables do not."""
+        return self.rule_source()
+
+    def num_classes(self, state_dict: Dict[str, Any]) -> int:
         """Classes including the background, as torchvision counts them."""
         rows = int(state_dict[self.classifier].shape[0])
         return rows if self.background_row else rows + 1
@@ -37,16 +41,28 @@ class ReferenceLayout:
 
 @dataclass(frozen=True)
 class Family:
-    """A detector family: how to build it, whether it predicts masks, and the reference's layout."""
+    """A detector family: how to build it (its builder is named "module:function" and imported on
+    the first build, so that the zoo's tables load without torch), its settings record, whether it
+    predicts masks, and the reference's layout."""
     name: str                      # "faster_rcnn"
     title: str                     # "Faster R-CNN"
-    builder: Callable[..., nn.Module]
+    builder_name: str              # "hrnetdet.detectors.rcnn:build_rcnn"
+    settings: type                 # its DetectorSettings record (RCNNSettings...)
     reference: ReferenceLayout
     has_masks: bool = False        # the one mask flag: the builder gets with_mask=True from it
     widths: Tuple[int, ...] = (18, 32, 40, 48)
     recipe: Recipe = RCNN_RECIPE   # how the reference trains it (the training engine reads it)
 
-    def build(self, width: int, **kwargs) -> nn.Module:
+    @property
+    def builder(self) -> Callable[..., Any]:
+        module, function = self.builder_name.split(":")
+        return getattr(importlib.import_module(module), function)
+
+    def make_settings(self, values: Optional[Dict[str, Any]] = None) -> DetectorSettings:
+        """The family's record: its defaults with ``values`` (keywords or a config.json's build_args) over them."""
+        return self.settings.from_dict(values or {})
+
+    def build(self, width: int, **kwargs) -> Any:
         if self.has_masks:
             kwargs = {"with_mask": True, **kwargs}
         return self.builder(width, **kwargs)

@@ -7,6 +7,7 @@ import fnmatch
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..names import split_name
 from .records import Family, PretrainedCfg, arch_name
 
 _families: Dict[str, Family] = {}
@@ -30,11 +31,6 @@ def register_pretrained(cfg: PretrainedCfg) -> None:
     if any(c.tag == cfg.tag for c in tags):
         raise ValueError(f"weights {cfg.name!r} are already registered")
     tags.append(cfg)
-
-
-def split_name(name: str) -> Tuple[str, Optional[str]]:
-    arch, _, tag = name.partition(".")
-    return arch, (tag or None)
 
 
 def get_family(arch: str) -> Tuple[Family, int]:
