@@ -1,5 +1,8 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
 . The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here."""
+import json
+from pathlib import Path
+
 from ..detectors.cascade import build_cascade_rcnn, build_htc
 from ..detectors.fcos import build_fcos
 from ..detectors.rcnn import build_rcnn
@@ -73,11 +76,20 @@ PUBLISHED = (
 )
 
 
+# Where tools/publish_zoo.py put each weight set on the Hub: {"arch.tag": {hf_hub_id, hf_revision, sha256}}.
+HUB_FILE = Path(__file__).with_name("published.json")
+
+
+def hub_fields(path: Path = HUB_FILE) -> dict:
+    return json.loads(path.read_text())
+
+
 def _register() -> None:
     for family in FAMILIES:
         register_family(family)
+    hub = hub_fields()
     for arch, tag, file, schedule, ms, metrics in PUBLISHED:
-        register_pretrained(PretrainedCfg(arch, tag, file, metrics, schedule, ms))
+        register_pretrained(PretrainedCfg(arch, tag, file, metrics, schedule, ms, **hub.get(f"{arch}.{tag}", {})))
 
 
 _register()
