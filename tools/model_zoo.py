@@ -39,6 +39,20 @@ def _measured(cfg: PretrainedCfg, table: Dict[str, Dict[str, float]]) -> Optiona
     return table.get(cfg.name) or cfg.parity
 
 
+def _hub_lines(cfgs: List[PretrainedCfg]) -> List[str]:
+    """A hf-hub: line for the first published weight set, when there is one."""
+    published = [c for c in cfgs if c.hf_hub_id]
+    if not published:
+        return []
+    return [f"model = hrnetdet.create_model(\"hf-hub:{published[0].hf_hub_id}\", pretrained=True)  # its Hub repository"]
+
+
+def _published_count(cfgs: List[PretrainedCfg]) -> str:
+    published = sum(c.hf_hub_id is not None for c in cfgs)
+    return (f"{published} of {len(cfgs)} weight sets are on the Hub." if published
+            else "None is on the Hub yet: every weight set below comes from the reference, converted on first use.")
+
+
 def _weights_source(cfg: PretrainedCfg) -> str:
     if cfg.hf_hub_id is None:
         return "reference, converted on first use"
@@ -104,7 +118,8 @@ def model_zoo_markdown(coco_eval: Path = COCO_EVAL) -> str:
         "Every weight set below is a checkpoint published by mmdetection 3.3's HRNet model zoo (the"
         " *reference*), converted to hrnetdet's layout. Figures marked *(reference)* are the reference's"
         " published COCO val2017 results; *(hrnetdet)* figures are COCO AP we measure on the converted"
-        " weights (*pending*: COCO cannot be downloaded where this file is made). *Parity vs reference* is"
+        " weights with `tools/eval_zoo.py --coco DIR` (*pending* until it has run: COCO cannot be downloaded where"
+        " this file is made). *Parity vs reference* is"
         " measured per architecture by the parity harness (`tools/parity/`, recorded in `hrnetdet/zoo/parity.json`):"
         " the lowest share, over its images, of the reference's top-100 detections that hrnetdet matches"
         f" (same class, box IoU >= {BOX_IOU}, score within {SCORE_TOL}, mask IoU >= {MASK_IOU}), which is what carries the"
@@ -118,11 +133,17 @@ def model_zoo_markdown(coco_eval: Path = COCO_EVAL) -> str:
         "model = hrnetdet.faster_rcnn_hrnetv2p_w32(pretrained=True)           # the default (best) weights",
         "model = hrnetdet.create_model(\"mask_rcnn_hrnetv2p_w18\", pretrained=True, num_classes=3)  # fine-tuning",
         "model = hrnetdet.create_model(\"faster_rcnn_hrnetv2p_w32\", weights_backbone=True)  # ImageNet HRNet only",
-        "model = torch.hub.load(\"<org>/hrnetdet:v0.1.0\", \"faster_rcnn_hrnetv2p_w32\", pretrained=True)",
+        *_hub_lines(cfgs),
+        "# torch.hub, from a git checkout (hubconf.py is not in the wheel):",
+        "model = torch.hub.load(\"path/to/hrnetdet\", \"faster_rcnn_hrnetv2p_w32\", source=\"local\", pretrained=True)",
         "```",
         "",
-        "- Weights published on the Hugging Face Hub are downloaded at a pinned commit and checked against"
-        " the sha256 in the registry. Until a record is published (*weights from: reference*), the"
+        "- torch.hub from GitHub: the same call with the repository's `owner/name:tag` in place of the path and"
+        " without `source=\"local\"`; `pretrained=True` loads what that tag's `hrnetdet/zoo/published.json` pins.",
+        "- Weights published on the Hugging Face Hub (`python tools/publish_zoo.py --org ORG`: one repository"
+        " `ORG/ARCH.TAG` per weight set, pinned in `hrnetdet/zoo/published.json`) are downloaded at a pinned"
+        " commit and checked against the sha256 in the registry, with the reference's checkpoint as the"
+        f" fallback. {_published_count(cfgs)} Until a record is published (*weights from: reference*), the"
         " reference's own checkpoint is downloaded once, checked against the sha256 prefix in its file name,"
         " converted and cached as safetensors in `$HRNETDET_HOME` (default `~/.cache/hrnetdet`);"
         " `HRNETDET_REFERENCE_URL` points at a mirror of the reference's download root.",
