@@ -54,7 +54,7 @@ def zoo(hub, env, monkeypatch):
     ann, _ = make_shapes_dataset(str(coco), "val2017", 4, seed=1)
     (coco / "annotations").mkdir()
     os.replace(ann, coco / "annotations" / "instances_val2017.json")
-    args = ["--coco", str(coco), "--only", NAME, "--summary", str(env / "coco_eval.json"),
+    args = ["--coco", str(coco), "--only", NAME, "--device", "cpu", "--summary", str(env / "coco_eval.json"),
             "--model-zoo", str(env / "MODEL_ZOO.md")]
     return record, coco, args
 

@@ -229,8 +229,8 @@ def torch_hub_line(arch: str, tag: str, github: Optional[str]) -> str:
 
 
 def model_card(cfg: PretrainedCfg, repo_id: str, github: Optional[str] = None) -> str:
-    """The Hub README of ``cfg``'s weights, with huggingface metadata (model-index from our parity
-    figures once measured, else the reference's, labelled as such)."""
+    """The Hub README of ``cfg``'s weights, with huggingface metadata (model-index from our COCO
+    figures once tools/eval_zoo.py has measured them, else the reference's, labelled as such)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     family, width = get_family(cfg.arch)
     ours = _measured(cfg, measured())
