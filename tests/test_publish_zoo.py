@@ -1,7 +1,8 @@
 """tools/publish_zoo.py end to end against the loopback Hub (tests/fake_hub.py): two W18 records are
 converted from fake reference checkpoints, uploaded and pinned in a copy of the registry's data
 file; pretrained=True then loads them from the Hub at the written commit, a tampered file is refused
-by its checksum, a gone repository falls back to the reference, and a second run uploads nothing."""
+by its checksum, a gone repository falls back to the reference, a second run uploads nothing, and
+one after an interrupted run adopts what that run uploaded."""
 import dataclasses
 import hashlib
 import json
@@ -102,6 +103,14 @@ def test_publish_two_records_then_load_them_pinned(hub, env, monkeypatch, refere
     assert publish_main(argv) == 0
     assert "0 published, 2 unchanged, 0 failed" in capsys.readouterr().out
     assert [m for m, _, _ in hub.requests if m != "HEAD"] == [] and data_file.read_text() == before
+
+    # a run stopped after an upload but before writing the data file: the next one converts again and
+    # adopts the repository's main (the same file), uploading nothing
+    data_file.write_text(json.dumps({RECORDS[0]: table[RECORDS[0]]}))
+    hub.requests.clear()
+    assert publish_main(argv) == 0
+    assert f"{RECORDS[1]}: already on {repo}@{commit} (adopted)" in capsys.readouterr().out
+    assert not [p for m, p, _ in hub.requests if m == "POST"] and hub_fields(data_file) == table
 
 
 def test_reference_is_the_fallback_when_the_repository_is_gone(hub, monkeypatch, reference_w18, caplog):
