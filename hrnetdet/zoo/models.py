@@ -81,6 +81,7 @@ HUB_FILE = Path(__file__).with_name("published.json")
 
 
 def hub_fields(path: Path = HUB_FILE) -> dict:
+    """The Hub fields of every published weight set, overlaid on its record below."""
     return json.loads(path.read_text())
 
 
