@@ -1,6 +1,8 @@
 """torch.hub entry points: one per hrnetdet architecture, with the factory's docstring, e.g.
 
-    torch.hub.load("<org>/hrnetdet:v0.1.0", "faster_rcnn_hrnetv2p_w32", pretrained=True, trust_repo=True)
+    torch.hub.load("path/to/hrnetdet", "faster_rcnn_hrnetv2p_w32", source="local", pretrained=True)
+
+or, from GitHub, the repository's ``owner/name:tag`` in place of the path (without ``source``).
 
 Derived from the registry (timm's hubconf: the factories are the entry points).
 """

@@ -32,10 +32,14 @@ def _sections() -> Dict[str, List[Tuple[str, List[int]]]]:
     return sections
 
 
-def reference_keys(family: str) -> List[Tuple[str, List[int]]]:
-    """Keys and shapes of a W32 reference checkpoint of ``family``."""
+def reference_keys(family: str, width: int = 32) -> List[Tuple[str, List[int]]]:
+    """Keys and shapes of a reference checkpoint of ``family`` (the listing is W32's; the heads are
+    the same at every width, the HRNet's names are ours without ``body.``, the neck is listed per width)."""
     sections = _sections()
     full = next(v for k, v in sections.items() if k.startswith("1. Full key list"))
+    if width != 32:
+        body = _hrnet_keys(width) + sections[f"Neck W{width}"]
+        full = body + [(k, s) for k, s in full if not k.startswith(("backbone.", "neck."))]
     if family == "faster_rcnn":
         return full
     body = [(k, s) for k, s in full if k.startswith(("backbone.", "neck."))]
@@ -44,11 +48,17 @@ def reference_keys(family: str) -> List[Tuple[str, List[int]]]:
     return body + head
 
 
-def reference_checkpoint(family: str, seed: int = 0) -> Dict[str, object]:
+def _hrnet_keys(width: int) -> List[Tuple[str, List[int]]]:
+    from hrnetdet.backbone import HRNet
+    with torch.device("meta"):
+        return [(f"backbone.{k}", list(v.shape)) for k, v in HRNet(width).state_dict().items()]
+
+
+def reference_checkpoint(family: str, seed: int = 0, width: int = 32) -> Dict[str, object]:
     """A checkpoint dict as the reference publishes it, with random values."""
     g = torch.Generator().manual_seed(seed)
     sd = OrderedDict()
-    for key, shape in reference_keys(family):
+    for key, shape in reference_keys(family, width):
         if key.endswith("num_batches_tracked"):
             sd[key] = torch.tensor(0)
         elif key.endswith("running_var"):

@@ -5,6 +5,7 @@ the registry, and publishing a record's converted weights.
     python tools/model_zoo.py push ARCH.TAG --repo-id ORG/NAME [--checkpoint FILE]
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from hrnetdet.zoo.registry import get_arch_pretrained_cfgs, get_family, list_fam
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_ZOO = ROOT / "MODEL_ZOO.md"
 BENCHMARKS = ROOT / "benchmarks" / "results.md"
+COCO_EVAL = ROOT / "benchmarks" / "coco_val2017.json"  # tools/eval_zoo.py: box/mask AP x 100 per weight set
 METRICS = (("box_ap", "box AP"), ("mask_ap", "mask AP"))
 PAPER = "https://arxiv.org/abs/1904.04514"
 REFERENCE_ZOO = "https://github.com/open-mmlab/mmdetection/tree/v3.3.0/configs/hrnet"
@@ -26,6 +28,29 @@ REFERENCE_ZOO = "https://github.com/open-mmlab/mmdetection/tree/v3.3.0/configs/h
 
 def _fmt(v: Optional[float]) -> str:
     return "pending" if v is None else f"{v:.1f}"
+
+
+def measured(path: Path = COCO_EVAL) -> Dict[str, Dict[str, float]]:
+    """Our COCO val2017 figures per weight set (tools/eval_zoo.py), or none yet."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _measured(cfg: PretrainedCfg, table: Dict[str, Dict[str, float]]) -> Optional[Dict[str, float]]:
+    return table.get(cfg.name) or cfg.parity
+
+
+def _hub_lines(cfgs: List[PretrainedCfg]) -> List[str]:
+    """A hf-hub: line for the first published weight set, when there is one."""
+    published = [c for c in cfgs if c.hf_hub_id]
+    if not published:
+        return []
+    return [f"model = hrnetdet.create_model(\"hf-hub:{published[0].hf_hub_id}\", pretrained=True)  # its Hub repository"]
+
+
+def _published_count(cfgs: List[PretrainedCfg]) -> str:
+    published = sum(c.hf_hub_id is not None for c in cfgs)
+    return (f"{published} of {len(cfgs)} weight sets are on the Hub." if published
+            else "None is on the Hub yet: every weight set below comes from the reference, converted on first use.")
 
 
 def _weights_source(cfg: PretrainedCfg) -> str:
@@ -51,7 +76,7 @@ def _reference_normalisation(cfg: PretrainedCfg) -> str:
     return f"{_reference_input_format(cfg)} 0-255, mean {mean}, std {std}"
 
 
-def _family_table(cfgs: List[PretrainedCfg]) -> List[str]:
+def _family_table(cfgs: List[PretrainedCfg], table: Dict[str, Dict[str, float]]) -> List[str]:
     keys = [(k, label) for k, label in METRICS if any(k in c.metrics for c in cfgs)]
     head = (["weights", "schedule"] + [f"{label} (reference)" for _, label in keys]
             + [f"{label} (hrnetdet)" for _, label in keys]
@@ -61,7 +86,7 @@ def _family_table(cfgs: List[PretrainedCfg]) -> List[str]:
     for c in cfgs:
         sched = c.schedule + (", multi-scale" if c.multiscale_train else "")
         row = ([f"`{c.name}`", sched] + [_fmt(c.metrics.get(k)) for k, _ in keys]
-               + [_fmt((c.parity or {}).get(k)) for k, _ in keys]
+               + [_fmt((_measured(c, table) or {}).get(k)) for k, _ in keys]
                + [parity_summary(c.arch), train_parity_summary(c.arch), _fmt(c.metrics.get("train_mem_gb")).replace("pending", "–"),
                   _fmt(c.metrics.get("fps")).replace("pending", "–"), _input(c), _weights_source(c),
                   f"[{c.reference_sha256_prefix}]({c.reference_url})"])
@@ -81,8 +106,9 @@ def _normalisation_lines(cfgs: Sequence[PretrainedCfg]) -> List[str]:
             for (fmt, mean, std, ref), fams in groups.items()]
 
 
-def model_zoo_markdown() -> str:
+def model_zoo_markdown(coco_eval: Path = COCO_EVAL) -> str:
     cfgs = [c for arch in list_models() for c in get_arch_pretrained_cfgs(arch)]
+    table = measured(coco_eval)
     out = [
         "# hrnetdet model zoo",
         "",
@@ -92,7 +118,8 @@ def model_zoo_markdown() -> str:
         "Every weight set below is a checkpoint published by mmdetection 3.3's HRNet model zoo (the"
         " *reference*), converted to hrnetdet's layout. Figures marked *(reference)* are the reference's"
         " published COCO val2017 results; *(hrnetdet)* figures are COCO AP we measure on the converted"
-        " weights (*pending*: COCO cannot be downloaded where this file is made). *Parity vs reference* is"
+        " weights with `tools/eval_zoo.py --coco DIR` (*pending* until it has run: COCO cannot be downloaded where"
+        " this file is made). *Parity vs reference* is"
         " measured per architecture by the parity harness (`tools/parity/`, recorded in `hrnetdet/zoo/parity.json`):"
         " the lowest share, over its images, of the reference's top-100 detections that hrnetdet matches"
         f" (same class, box IoU >= {BOX_IOU}, score within {SCORE_TOL}, mask IoU >= {MASK_IOU}), which is what carries the"
@@ -106,11 +133,17 @@ def model_zoo_markdown() -> str:
         "model = hrnetdet.faster_rcnn_hrnetv2p_w32(pretrained=True)           # the default (best) weights",
         "model = hrnetdet.create_model(\"mask_rcnn_hrnetv2p_w18\", pretrained=True, num_classes=3)  # fine-tuning",
         "model = hrnetdet.create_model(\"faster_rcnn_hrnetv2p_w32\", weights_backbone=True)  # ImageNet HRNet only",
-        "model = torch.hub.load(\"<org>/hrnetdet:v0.1.0\", \"faster_rcnn_hrnetv2p_w32\", pretrained=True)",
+        *_hub_lines(cfgs),
+        "# torch.hub, from a git checkout (hubconf.py is not in the wheel):",
+        "model = torch.hub.load(\"path/to/hrnetdet\", \"faster_rcnn_hrnetv2p_w32\", source=\"local\", pretrained=True)",
         "```",
         "",
-        "- Weights published on the Hugging Face Hub are downloaded at a pinned commit and checked against"
-        " the sha256 in the registry. Until a record is published (*weights from: reference*), the"
+        "- torch.hub from GitHub: the same call with the repository's `owner/name:tag` in place of the path and"
+        " without `source=\"local\"`; `pretrained=True` loads what that tag's `hrnetdet/zoo/published.json` pins.",
+        "- Weights published on the Hugging Face Hub (`python tools/publish_zoo.py --org ORG`: one repository"
+        " `ORG/ARCH.TAG` per weight set, pinned in `hrnetdet/zoo/published.json`) are downloaded at a pinned"
+        " commit and checked against the sha256 in the registry, with the reference's checkpoint as the"
+        f" fallback. {_published_count(cfgs)} Until a record is published (*weights from: reference*), the"
         " reference's own checkpoint is downloaded once, checked against the sha256 prefix in its file name,"
         " converted and cached as safetensors in `$HRNETDET_HOME` (default `~/.cache/hrnetdet`);"
         " `HRNETDET_REFERENCE_URL` points at a mirror of the reference's download root.",
@@ -130,9 +163,9 @@ def model_zoo_markdown() -> str:
         "",
     ]
     for family in list_families():
-        fam_cfgs = [c for c in cfgs if get_family(c.arch)[0] is family]
+        fam_cfgs = [c for c in cfgs if get_family(c.arch)[0].name == family.name]
         out += [f"## {family.title}", ""]
-        out += _family_table(fam_cfgs) + [""]
+        out += _family_table(fam_cfgs, table) + [""]
     widths = sorted({w for f in list_families() for w in f.widths}
                     - {get_family(c.arch)[1] for c in cfgs})
     if widths:
@@ -169,22 +202,48 @@ def _train_parity_lines() -> List[str]:
     return out + ([""] + notes if notes else []) + [""]
 
 
-def model_card(cfg: PretrainedCfg, repo_id: str) -> str:
-    """The Hub README of ``cfg``'s weights, with huggingface metadata (model-index from our parity
-    figures once measured, else the reference's, labelled as such)."""
+CITATION = """```bibtex
+@article{sun2019hrnetv2,
+  title   = {High-Resolution Representations for Labeling Pixels and Regions},
+  author  = {Sun, Ke and Zhao, Yang and Jiang, Borui and Cheng, Tianheng and Xiao, Bin and Liu, Dong
+             and Mu, Yadong and Wang, Xinggang and Liu, Wenyu and Wang, Jingdong},
+  journal = {arXiv preprint arXiv:1904.04514},
+  year    = {2019}
+}
+@article{chen2019mmdetection,
+  title   = {{MMDetection}: Open MMLab Detection Toolbox and Benchmark},
+  author  = {Chen, Kai and Wang, Jiaqi and Pang, Jiangmiao and others},
+  journal = {arXiv preprint arXiv:1906.07155},
+  year    = {2019}
+}
+```"""
+
+
+def torch_hub_line(arch: str, tag: str, github: Optional[str]) -> str:
+    """torch.hub's call for ``arch.tag``: from GitHub when the repository's address is known, else
+    from a local checkout (hubconf.py is not in the wheel)."""
+    if github:
+        return f'model = torch.hub.load("{github}", "{arch}", pretrained="{tag}", trust_repo=True)'
+    return (f'model = torch.hub.load("path/to/hrnetdet", "{arch}", source="local", pretrained="{tag}")'
+            "  # a git checkout")
+
+
+def model_card(cfg: PretrainedCfg, repo_id: str, github: Optional[str] = None) -> str:
+    """The Hub README of ``cfg``'s weights, with huggingface metadata (model-index from our COCO
+    figures once tools/eval_zoo.py has measured them, else the reference's, labelled as such)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     family, width = get_family(cfg.arch)
-    measured = cfg.parity is not None
-    figures = cfg.parity if measured else cfg.metrics
+    ours = _measured(cfg, measured())
+    figures = ours or cfg.metrics
     evals = [EvalResult(task_type="object-detection", dataset_type="coco", dataset_name="COCO val2017",
                         metric_type="mAP", metric_name=label, metric_value=figures[k],
-                        source_name=None if measured else "mmdetection HRNet model zoo (reference)",
-                        source_url=None if measured else REFERENCE_ZOO)
+                        source_name=None if ours else "mmdetection HRNet model zoo (reference)",
+                        source_url=None if ours else REFERENCE_ZOO)
              for k, label in METRICS if k in figures]
     data = ModelCardData(library_name="hrnetdet", pipeline_tag="object-detection", license=cfg.license.lower(),
                          datasets=["coco"], tags=["object-detection", "hrnet", family.name],
                          model_name=cfg.name, eval_results=evals or None)
-    rows = "\n".join(f"| {label} | {_fmt(cfg.metrics.get(k))} | {_fmt((cfg.parity or {}).get(k))} |"
+    rows = "\n".join(f"| {label} | {_fmt(cfg.metrics.get(k))} | {_fmt((ours or {}).get(k))} |"
                      for k, label in METRICS if k in cfg.metrics)
     names = ", ".join(cfg.categories[1:])
     body = f"""
@@ -192,23 +251,38 @@ def model_card(cfg: PretrainedCfg, repo_id: str) -> str:
 
 {family.title} on HRNetV2p-W{width} (HRNet + HRFPN) in torchvision's detection contract, converted from
 mmdetection's `{cfg.reference_file}` (schedule {cfg.schedule}{', multi-scale training' if cfg.multiscale_train else ''}).
-Paper: [Deep High-Resolution Representation Learning]({PAPER}).
+Paper: [High-Resolution Representations for Labeling Pixels and Regions]({PAPER}).
 
 ## How to load
 
 ```python
-import hrnetdet
+import hrnetdet, torch
+# by name: hrnetdet's registry pins this repository's commit and checks the file's sha256
 model = hrnetdet.create_model("{cfg.name}", pretrained=True).eval()
-# or from this repository directly:
+# from this repository directly (its config.json and model.safetensors)
 model = hrnetdet.create_model("hf-hub:{repo_id}", pretrained=True).eval()
+# with torch.hub
+{torch_hub_line(cfg.arch, cfg.tag, github)}
 detections = model([image])  # image: CHW float RGB tensor in [0, 1]
 ```
+
+`pip install hrnetdet` first. Without the Hub, `pretrained=True` falls back to the reference's own checkpoint
+([{cfg.reference_sha256_prefix}]({cfg.reference_url})), checked against its sha256 prefix and converted locally.
 
 ## Results on COCO val2017
 
 | metric | reference (mmdetection) | hrnetdet (measured) |
 |---|---|---|
 {rows}
+
+## Parity with the reference
+
+- Inference: {parity_summary(cfg.arch)}: the parity harness (`tools/parity/` in hrnetdet) runs mmdetection
+  3.3.0 and hrnetdet on the same checkpoint and images, and counts the reference's top-100 detections that
+  hrnetdet matches (same class, box IoU >= {BOX_IOU}, score within {SCORE_TOL}, mask IoU >= {MASK_IOU}). Measured
+  per architecture on seeded weights: the reference was not run on this file when it was published; the
+  conversion was checked by a strict load (every key, every shape) and a forward pass.
+- Training (one step, float64): {train_parity_summary(cfg.arch)} relative difference.
 
 ## Input
 
@@ -221,7 +295,12 @@ normalisation happen inside the model. The reference checkpoint was trained on {
 
 ## Licence
 
-{cfg.license}, as the reference's weights. Trained on {cfg.dataset} by the reference ([model zoo]({REFERENCE_ZOO})).
+{cfg.license} (hrnetdet). The weights are mmdetection's, released under its Apache-2.0 licence
+([model zoo]({REFERENCE_ZOO})), trained on {cfg.dataset} (its images are under their own terms of use).
+
+## Citation
+
+{CITATION}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
@@ -252,6 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(MODEL_ZOO), help=f"default: {MODEL_ZOO}")
     parser.add_argument("--check", action="store_true", help="exit 1 when the file is out of date")
+    parser.add_argument("--coco-eval", default=str(COCO_EVAL), help=f"our COCO figures (tools/eval_zoo.py; default: {COCO_EVAL})")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("push", help="convert a record's weights and upload them with its model card")
     p.add_argument("name", help="arch.tag with a registry record")
@@ -265,7 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pushed {args.name} to {args.repo_id}@{commit}; registry record: "
               f"hf_hub_id={args.repo_id!r}, hf_revision={commit!r}, sha256={digest!r}")
         return 0
-    text = model_zoo_markdown()
+    text = model_zoo_markdown(Path(args.coco_eval))
     current = Path(args.out).read_text() if Path(args.out).exists() else None
     if args.check:
         if current != text:

@@ -5,7 +5,7 @@ import io
 import json
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from pycocotools.coco import COCO
@@ -87,6 +87,21 @@ def format_table(metrics: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_categories(model: nn.Module, ds: CocoDetection) -> None:
+    """The model must predict the dataset's number of categories; other names only warn."""
+    num_classes = len(getattr(model, "categories", []) or [])
+    if num_classes and num_classes != len(ds.categories):
+        raise ValueError(f"the model predicts {num_classes - 1} categories but {ds.ann_file} has "
+                         f"{len(ds.categories) - 1}: build it with num_classes={len(ds.categories)}")
+    if num_classes and list(model.categories[1:]) != ds.categories[1:]:
+        warnings.warn(f"model categories {list(model.categories[1:])[:5]}... differ from {ds.ann_file}'s "
+                      f"{ds.categories[1:6]}...; labels are mapped by position (ascending category id)")
+
+
+def default_iou_types(model: nn.Module) -> Tuple[str, ...]:
+    return ("bbox", "segm") if has_masks(model) else ("bbox",)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 1, iou_types: Optional[Sequence[str]] = None,
@@ -106,42 +121,56 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
     """
     options = PredictOptions(slice=slice, overlap=overlap, full_image=full_image, tta=tta)
     ds = CocoDetection(ann_file, image_dir, with_masks=False)
-    num_classes = len(getattr(model, "categories", []) or [])
-    if num_classes and num_classes != len(ds.categories):
-        raise ValueError(f"the model predicts {num_classes - 1} categories but {ann_file} has "
-                         f"{len(ds.categories) - 1}: build it with num_classes={len(ds.categories)}")
-    if num_classes and list(model.categories[1:]) != ds.categories[1:]:
-        warnings.warn(f"model categories {list(model.categories[1:])[:5]}... differ from {ann_file}'s "
-                      f"{ds.categories[1:6]}...; labels are mapped by position (ascending category id)")
+    check_categories(model, ds)
     if iou_types is None:
-        iou_types = ("bbox", "segm") if has_masks(model) else ("bbox",)
+        iou_types = default_iou_types(model)
+    results = coco_predictions(model, ds, options, device=device, batch_size=batch_size, num_workers=num_workers,
+                               progress=progress)
+    metrics, evals = score(ds, results, iou_types)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(out_dir, "predictions.json"), json.dumps(results))
+        atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        names = ds.categories[1:]
+        write_confusion_matrix(out_dir, confusion_matrix(evals["coco"], results, ds.cat_ids), names)
+        for t in iou_types:
+            write_pr_curves(out_dir, pr_curves(evals[t], names), names, t)
+    return metrics
+
+
+@torch.no_grad()
+def coco_predictions(model: nn.Module, ds: CocoDetection, options: Optional[PredictOptions] = None, *,
+                     device: Optional[str] = None, indices: Optional[Sequence[int]] = None, batch_size: int = 1,
+                     num_workers: int = 0, progress: bool = True) -> List[dict]:
+    """The model's detections on the dataset's images (``indices``: a shard of them) as COCO
+    results records; ``options`` holds ``detect``'s slicing/TTA settings (default: plain)."""
+    options = options or PredictOptions()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval().to(device)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    subset = ds if indices is None else torch.utils.data.Subset(ds, list(indices))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     results: List[dict] = []
     for images, targets in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
         preds = detect(model, [im.to(device) for im in images], options)
         for pred, tgt in zip(preds, targets):
             results += coco_records(pred, int(tgt["image_id"]), ds.cat_ids)
     model.train(was_training)
+    return results
 
+
+def score(ds: CocoDetection, results: List[dict], iou_types: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """pycocotools' figures of ``results`` on every image of ``ds``: (metrics as ``evaluate`` returns
+    them, {"coco": the ground truth, iou type: its COCOeval or None})."""
     coco = _coco_gt(ds)
     image_ids = [int(im["id"]) for im in ds.images]
     names = ds.categories[1:]
     metrics: Dict[str, Any] = {}
-    evals: Dict[str, Optional[COCOeval]] = {}
+    evals: Dict[str, Any] = {"coco": coco}
     for t in iou_types:
         recs = results if t == "bbox" else [r for r in results if "segmentation" in r]
         evals[t] = run_cocoeval(coco, recs, t, image_ids)
         metrics[t] = coco_metrics(evals[t], names)
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(results)
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        atomic_write_text(os.path.join(out_dir, "predictions.json"), json.dumps(results))
-        atomic_write_text(os.path.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2))
-        write_confusion_matrix(out_dir, confusion_matrix(coco, results, ds.cat_ids), names)
-        for t, ev in evals.items():
-            write_pr_curves(out_dir, pr_curves(ev, names), names, t)
-    return metrics
+    return metrics, evals

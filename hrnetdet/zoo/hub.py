@@ -1,7 +1,8 @@
 """Getting weights, each file fetched at most once and checked before use.
 
 * Published weights: ``hf_hub_download`` at the record's pinned commit, then our own sha256 check
-  (huggingface_hub only checks the size).
+  (huggingface_hub only checks the size); online, an unreachable Hub or a missing repository falls
+  back to the reference's checkpoint.
 * Records without published weights (every record today): the reference's own checkpoint, checked
   against the sha256 prefix in its file name, converted once (one process at a time) and cached as
   safetensors under ``$HRNETDET_HOME`` (default ``~/.cache/hrnetdet``).
@@ -130,15 +131,23 @@ def fetch_pretrained(cfg: PretrainedCfg, *, local_files_only: bool = False, home
     """The local path of ``cfg``'s weights (hrnetdet safetensors), fetching only what is missing."""
     offline = is_offline(local_files_only)
     if cfg.hf_hub_id is not None:
+        from huggingface_hub.errors import HfHubHTTPError
         if not re.fullmatch(r"[0-9a-f]{40}", cfg.hf_revision or ""):
             raise ValueError(f"{cfg.name}: hf_revision must be a full 40-hex commit, got {cfg.hf_revision!r}")
         fetch = functools.partial(_hub_file, cfg.hf_hub_id, cfg.hf_filename, cfg.hf_revision,
                                   cache_dir=cache_dir or hub_cache_dir(), local_files_only=offline,
                                   hint=_air_gap_hint(cfg.name))
-        if cfg.sha256 is None:
-            return fetch(force=False)
-        return _verified(lambda force: fetch(force=force), cfg.sha256,
-                         f"{cfg.name} ({cfg.hf_hub_id}@{cfg.hf_revision})", retry=not offline)
+        try:
+            if cfg.sha256 is None:
+                return fetch(force=False)
+            return _verified(lambda force: fetch(force=force), cfg.sha256,
+                             f"{cfg.name} ({cfg.hf_hub_id}@{cfg.hf_revision})", retry=not offline)
+        except (FileNotFoundError, ConnectionError, HfHubHTTPError) as e:
+            if offline:
+                raise
+            # The Hub is unreachable or the repository is gone: the reference is the fallback (a
+            # checksum mismatch is not caught: a tampered file is refused, not worked around).
+            logger.warning("%s: %s; falling back to the reference checkpoint", cfg.name, str(e).splitlines()[0])
     return _converted_reference(cfg, home or hrnetdet_home(), offline)
 
 

@@ -1,12 +1,15 @@
 """The model table: every family hrnetdet builds and every checkpoint the reference publishes
 . The registry, factories, hubconf, CLI and MODEL_ZOO.md all read from here; it imports no torch
 (builders and conversion rules are named, and imported on first use)."""
+import json
+from pathlib import Path
 from typing import Any, Callable, Iterable, Tuple
 
 from ..detectors.settings import CascadeSettings, FCOSSettings, HTCSettings, RCNNSettings
 from .recipe import FCOS_RECIPE
 from .records import Family, PretrainedCfg, ReferenceLayout, Rule
 from .registry import register_family, register_pretrained
+
 
 def _rules(compose: Callable[[Any], Iterable[Rule]]) -> Callable[[], Tuple[Rule, ...]]:
     """A family's conversion rules, composed from zoo/convert.py's on first use (convert imports
@@ -83,11 +86,21 @@ PUBLISHED = (
 )
 
 
+# Where tools/publish_zoo.py put each weight set on the Hub: {"arch.tag": {hf_hub_id, hf_revision, sha256}}.
+HUB_FILE = Path(__file__).with_name("published.json")
+
+
+def hub_fields(path: Path = HUB_FILE) -> dict:
+    """The Hub fields of every published weight set, overlaid on its record below."""
+    return json.loads(path.read_text())
+
+
 def _register() -> None:
     for family in FAMILIES:
         register_family(family)
+    hub = hub_fields()
     for arch, tag, file, schedule, ms, metrics in PUBLISHED:
-        register_pretrained(PretrainedCfg(arch, tag, file, metrics, schedule, ms))
+        register_pretrained(PretrainedCfg(arch, tag, file, metrics, schedule, ms, **hub.get(f"{arch}.{tag}", {})))
 
 
 _register()
