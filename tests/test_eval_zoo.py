@@ -3,7 +3,6 @@ R-CNN at a 128-pixel test scale) served by the loopback Hub: the figures are pyc
 ``evaluate`` gives them), a rerun skips what is done, two torchrun processes give the same figures,
 and MODEL_ZOO.md's "(hrnetdet)" column is written from the results."""
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -28,12 +27,17 @@ NAME = f"{ARCH}.shapes"
 REPO, COMMIT = "hrnetdet-test/shapes", "d" * 40
 
 
+def tiny_build_rcnn(width, **kwargs):
+    """The W18 Faster R-CNN builder at a 128-pixel test scale, keeping every detection."""
+    from hrnetdet.detectors.rcnn import build_rcnn
+    return build_rcnn(width, **{"min_size": 128, "max_size": 160, "score_thresh": 0.0, **kwargs})
+
+
 def tiny_zoo(record):
     """(registry table, key, value) replacements: W18 Faster R-CNN built at a 128-pixel test scale
     keeping every detection, and one weight set ``shapes`` whose Hub fields are ``record``."""
     family, width = registry.get_family(ARCH)
-    tiny = dataclasses.replace(family, builder=functools.partial(family.builder, min_size=128, max_size=160,
-                                                                 box_score_thresh=0.0))
+    tiny = dataclasses.replace(family, builder_name="test_eval_zoo:tiny_build_rcnn")
     cfg = PretrainedCfg(ARCH, "shapes", f"{ARCH}_shapes_20260101-00000000.pth", {"box_ap": 50.0}, "1x",
                         categories=("__background__", *SHAPES), **record)
     return [(registry._archs, ARCH, (tiny, width)), (registry._pretrained, ARCH, [cfg])]
