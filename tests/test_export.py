@@ -121,8 +121,8 @@ def test_predict_reuses_one_session_per_model(faster_rcnn, rocket, home, monkeyp
             opened.append(self)
 
     monkeypatch.setattr(runtime, "RuntimeSession", Counted)
-    first = hrnetdet.predict(faster_rcnn, rocket, 0.0, backend="onnxruntime")
-    second = hrnetdet.predict(faster_rcnn, rocket, 0.0, backend="onnxruntime")
+    first = hrnetdet.predict(faster_rcnn, rocket, score_thresh=0.0, backend="onnxruntime")
+    second = hrnetdet.predict(faster_rcnn, rocket, score_thresh=0.0, backend="onnxruntime")
     assert len(opened) == 1 and not opened[0].closed
     torch.testing.assert_close(first["boxes"], second["boxes"])
     assert not hasattr(faster_rcnn, "runtime")  # the model itself stays eager
