@@ -10,7 +10,7 @@ from torch import nn
 
 import hrnetdet
 from hrnetdet.data import CocoDetection, make_shapes_dataset
-from hrnetdet.engine.evaluate import STAT_NAMES, format_table
+from hrnetdet.engine.evaluate import STAT_NAMES, coco_predictions, format_table, score
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,78 @@ def test_confusion_matrix_and_pr_curves_written_as_json_and_png(shapes, tmp_path
         assert curves["precision"][name]["0.50"] == [1.0] * 101
     square = curves["precision"]["square"]["0.50"]
     assert np.mean([p or 0.0 for p in square]) == pytest.approx(1 - moved / counts[2], abs=0.02)
+
+
+def _imperfect_predictions(ds):
+    """Ground truth with the boxes and masks of label 2 moved 4 pixels right and shuffled scores, so
+    that AP and its size ranges are neither 0 nor 1."""
+    torch.manual_seed(3)
+    preds = _ground_truth_predictions(ds, shift=(2, 4.0))
+    for p in preds:
+        moved = p["labels"] == 2
+        p["masks"][moved] = torch.roll(p["masks"][moved], 4, dims=-1)
+        p["scores"] = torch.rand(len(p["scores"]))
+    return preds
+
+
+def _evaluate_replay(ds, ann, images, tmp_path=None, **kwargs):
+    model = Replay(_imperfect_predictions(ds), ds.categories)
+    return hrnetdet.evaluate(model, ann, images, iou_types=("bbox", "segm"), progress=False,
+                             out_dir=None if tmp_path is None else str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_ap_equals_torchmetrics_where_conventions_agree(shapes, backend):
+    """Same predictions, same ground truth (COCO's annotation areas): the 12 bbox numbers agree, and
+    the segm numbers with segm_area="mask", torchmetrics' convention."""
+    detection = pytest.importorskip("torchmetrics.detection")
+    pytest.importorskip(backend)
+    ann, images = shapes
+    ds = CocoDetection(ann, images, with_masks=True)
+    ours = _evaluate_replay(ds, ann, images, segm_area="mask")
+    metric = detection.MeanAveragePrecision(iou_type=["bbox", "segm"], backend=backend)
+    areas = {}
+    for a in json.load(open(ann))["annotations"]:
+        areas.setdefault(a["image_id"], []).append(float(a["area"]))
+    for i, pred in enumerate(_imperfect_predictions(ds)):
+        _, t = ds[i]
+        metric.update([{"boxes": pred["boxes"], "labels": pred["labels"], "scores": pred["scores"],
+                        "masks": pred["masks"][:, 0].bool()}],
+                      [{"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"].bool(),
+                        "area": torch.tensor(areas[int(t["image_id"])])}])
+    theirs = metric.compute()
+    names = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "APs": "map_small", "APm": "map_medium",
+             "APl": "map_large", "AR1": "mar_1", "AR10": "mar_10", "AR100": "mar_100", "ARs": "mar_small",
+             "ARm": "mar_medium", "ARl": "mar_large"}
+    assert 0.1 < ours["segm"]["stats"]["AP"] < 0.95
+    for t in ("bbox", "segm"):
+        for ours_name, their_name in names.items():
+            assert ours[t]["stats"][ours_name] == pytest.approx(float(theirs[f"{t}_{their_name}"]), abs=1e-3), \
+                (t, ours_name)
+
+
+def test_segm_area_box_keeps_todays_numbers_and_mask_sorts_by_mask_area(tmp_path):
+    """Circles and triangles of radius 16-18: box area above 32**2 (medium), mask area below (small)."""
+    ann, images = make_shapes_dataset(str(tmp_path), "val", 4, seed=5, min_radius=16, max_radius=18)
+    ds = CocoDetection(ann, images, with_masks=True)
+    default = _evaluate_replay(ds, ann, images)
+    assert _evaluate_replay(ds, ann, images, segm_area="box") == default
+    results = coco_predictions(Replay(_imperfect_predictions(ds), ds.categories), ds, progress=False)
+    for convention, area in (("box", lambda r: r["bbox"][2] * r["bbox"][3]),
+                             ("mask", lambda r: float(mask_utils.area(r["segmentation"])))):
+        _, evals = score(ds, results, ("segm",), convention)
+        loaded = sorted(evals["segm"].cocoDt.anns.values(), key=lambda d: d["id"])
+        assert [d["area"] for d in loaded] == pytest.approx([area(r) for r in results]), convention
+    assert any(area < 32 ** 2 < r["bbox"][2] * r["bbox"][3]  # small by its mask, medium by its box
+               for r in results for area in [mask_utils.area(r["segmentation"])])
+    with pytest.raises(ValueError, match="segm_area must be one of"):
+        _evaluate_replay(ds, ann, images, segm_area="polygon")
+
+
+def test_predictions_json_holds_the_records_as_predicted(shapes, tmp_path):
+    """pycocotools' loadRes adds id, iscrowd and area to the records it is given: it gets copies."""
+    ann, images = shapes
+    ds = CocoDetection(ann, images, with_masks=True)
+    _evaluate_replay(ds, ann, images, tmp_path)
+    results = json.load(open(tmp_path / "predictions.json"))
+    assert results and all(set(r) == {"image_id", "category_id", "bbox", "score", "segmentation"} for r in results)

@@ -35,11 +35,26 @@ class FCOSDetector(nn.Module):
         check_targets(images, targets, self.head.num_classes + 1)
 
     def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
-                ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
-        if len(images) == 0 and not self.training:
-            no_detections: List[Dict[str, Tensor]] = []
-            return no_detections
-        if self.training:
+                ) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        """Losses in training, detections in eval; TorchScript returns ``(losses, detections)`` in
+        both, as torchvision's scripted detectors do."""
+        losses: Dict[str, Tensor] = {}
+        detections: List[Dict[str, Tensor]] = []
+        if len(images) > 0 or self.training:
+            losses, detections = self.losses_and_detections(images, targets)
+        if torch.jit.is_scripting():
+            return losses, detections
+        return self.eager_outputs(losses, detections)
+
+    @torch.jit.unused
+    def eager_outputs(self, losses: Dict[str, Tensor], detections: List[Dict[str, Tensor]]
+                      ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        return losses if self.training else detections
+
+    def losses_and_detections(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]]
+                              ) -> Tuple[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        """(losses, no detections) in training, (no losses, detections) in eval."""
+        if self.training and not torch.jit.is_scripting():
             self.check_targets(images, targets)
         original_sizes: List[Tuple[int, int]] = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
@@ -47,12 +62,14 @@ class FCOSDetector(nn.Module):
         cls_logits, distances, ctr_logits = self.head(features)
         points = fcos_points([(int(f.shape[-2]), int(f.shape[-1])) for f in features], self.head.strides,
                              distances[0].dtype, distances[0].device)
+        no_detections: List[Dict[str, Tensor]] = []
         if self.training:
             assert targets is not None
-            return self.head.compute_loss(targets, cls_logits, distances, ctr_logits, points)
+            return self.head.compute_loss(targets, cls_logits, distances, ctr_logits, points), no_detections
         detections = self.head.postprocess_detections(cls_logits, distances, ctr_logits, points,
                                                       image_list.image_sizes)
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        no_losses: Dict[str, Tensor] = {}
+        return no_losses, self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
 
 def build_fcos(width: int, num_classes: int = 81, *, categories: Optional[Sequence[str]] = None,

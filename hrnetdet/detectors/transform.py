@@ -2,10 +2,11 @@
 
 The resized size is ``int(side * f + 0.5)`` with ``f = min(max_size / long, min_size / short)`` in
 double precision (torchvision floors a float32 product, so 480 -> 799 instead of 800); the image is
-resized like the reference's cv2 ``INTER_LINEAR`` on 8-bit pixels, bit for bit, and normalised after
+resized like the reference's cv2 ``INTER_LINEAR`` on 8-bit pixels, bit for bit (an image that
+requires grad is interpolated in float instead, so that gradients reach it), and normalised after
 resizing; masks are pasted with the reference's ``grid_sample`` rule and thresholded at
-``mask_thresh``. See docs/NUMERICS.md, 'Resize rounding', 'cv2-style resize', 'Normalisation and
-padding' and 'Mask pasting'.
+``mask_thresh``. See docs/NUMERICS.md, 'Resize rounding', 'cv2-style resize', 'Differentiable
+resize', 'Normalisation and padding' and 'Mask pasting'.
 
 The transform also checks the input contract (a list of finite CHW RGB floats in [0, 1], at least
 ``MIN_IMAGE_SIDE`` pixels on each side), so that every family and its TorchScript form reject
@@ -159,7 +160,7 @@ class ReferenceTransform(GeneralizedRCNNTransform):
         size = float(self.torch_choice(self.min_size)) if self.training else float(self.min_size[-1])
         new_h, new_w = reference_size(h, w, size, float(self.max_size))
         if (new_h, new_w) != (h, w):
-            image = cv2_linear_resize(image, new_h, new_w)
+            image = self.resize_image(image, new_h, new_w)
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         image = ((image - mean[:, None, None]) / std[:, None, None]).to(self.dtype_like.dtype)
@@ -173,6 +174,14 @@ class ReferenceTransform(GeneralizedRCNNTransform):
             seg = target[self.semantic_key]
             target[self.semantic_key] = F.interpolate(seg[None, None].float(), size=[new_h, new_w])[0, 0].to(seg.dtype)
         return image, target
+
+    def resize_image(self, image: Tensor, height: int, width: int) -> Tensor:
+        """The reference's 8-bit resize, or, where the image requires grad (saliency, adversarial
+        inputs), float bilinear interpolation with the same sampling grid, which lets gradients
+        reach the input: docs/NUMERICS.md, 'Differentiable resize'."""
+        if torch.is_grad_enabled() and image.requires_grad:
+            return F.interpolate(image[None], size=[height, width], mode="bilinear", align_corners=False)[0]
+        return cv2_linear_resize(image, height, width)
 
     def postprocess(self, result: List[Dict[str, Tensor]], image_shapes: List[Tuple[int, int]],
                     original_image_sizes: List[Tuple[int, int]]) -> List[Dict[str, Tensor]]:

@@ -22,8 +22,10 @@ from ..io import atomic_write_text
 from .analysis import confusion_matrix, pr_curves, write_confusion_matrix, write_pr_curves
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
+# The area that sorts a segm detection into small/medium/large: its box's (pycocotools on records that
+# carry a bbox, as mmdetection and detectron2 score) or its mask's (torchmetrics, torchvision's
+# reference evaluator). docs/NUMERICS.md, 'Segm area convention'.
+SEGM_AREAS = ("box", "mask")
 
 
 def _coco_gt(ds: CocoDetection) -> COCO:
@@ -52,12 +54,23 @@ def _per_class_ap(ev: COCOeval, names: Sequence[str]) -> Dict[str, float]:
     return out
 
 
-def run_cocoeval(coco: COCO, results: List[dict], iou_type: str, image_ids: Sequence[int]) -> Optional[COCOeval]:
-    """pycocotools' evaluation, accumulated and summarised; None when nothing was detected."""
+def _loadable(record: dict, iou_type: str, segm_area: str) -> dict:
+    """A copy of a results record for ``loadRes``, which adds keys to the records it is given; for
+    segm with ``segm_area="mask"`` without its bbox, so that pycocotools takes the mask's area."""
+    record = dict(record)
+    if iou_type == "segm" and segm_area == "mask":
+        record.pop("bbox", None)
+    return record
+
+
+def run_cocoeval(coco: COCO, results: List[dict], iou_type: str, image_ids: Sequence[int],
+                 segm_area: str = "box") -> Optional[COCOeval]:
+    """pycocotools' evaluation, accumulated and summarised, of copies of ``results`` (left as they
+    are); None when nothing was detected."""
     if not results:
         return None
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco.loadRes(results)
+        dt = coco.loadRes([_loadable(r, iou_type, segm_area) for r in results])
         ev = COCOeval(coco, dt, iou_type)
         ev.params.imgIds = list(image_ids)
         ev.evaluate()
@@ -106,7 +119,8 @@ def default_iou_types(model: nn.Module) -> Tuple[str, ...]:
 def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 1, iou_types: Optional[Sequence[str]] = None,
              num_workers: int = 0, progress: bool = True, slice: Optional[int] = None,
-             overlap: float = 0.2, full_image: bool = True, tta: bool = False) -> Dict[str, Any]:
+             overlap: float = 0.2, full_image: bool = True, tta: bool = False,
+             segm_area: str = "box") -> Dict[str, Any]:
     """Run ``model`` on every image of a COCO-format dataset and score it with pycocotools.
 
     Labels map back to the dataset's category ids in ascending order (label 1 = smallest id), as
@@ -117,8 +131,12 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
 
     Returns ``{"bbox": {"stats": {AP, AP50, ...}, "per_class": {name: AP}}, ["segm": ...,]
     "num_images", "num_detections"}``. ``slice``, ``overlap``, ``full_image`` and ``tta`` select
-    sliced inference or test-time augmentation, as in ``predict``.
+    sliced inference or test-time augmentation, as in ``predict``. ``segm_area``: the area that
+    sorts segm detections into AP_small/medium/large, ``"box"`` (pycocotools on records with a
+    bbox, mmdetection, detectron2) or ``"mask"`` (torchmetrics, torchvision's reference evaluator).
     """
+    if segm_area not in SEGM_AREAS:
+        raise ValueError(f"segm_area must be one of {SEGM_AREAS}, got {segm_area!r}")
     options = PredictOptions(slice=slice, overlap=overlap, full_image=full_image, tta=tta)
     ds = CocoDetection(ann_file, image_dir, with_masks=False)
     check_categories(model, ds)
@@ -126,7 +144,7 @@ def evaluate(model: nn.Module, ann_file: str, image_dir: str, *, out_dir: Option
         iou_types = default_iou_types(model)
     results = coco_predictions(model, ds, options, device=device, batch_size=batch_size, num_workers=num_workers,
                                progress=progress)
-    metrics, evals = score(ds, results, iou_types)
+    metrics, evals = score(ds, results, iou_types, segm_area)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_text(os.path.join(out_dir, "predictions.json"), json.dumps(results))
@@ -159,9 +177,10 @@ def coco_predictions(model: nn.Module, ds: CocoDetection, options: Optional[Pred
     return results
 
 
-def score(ds: CocoDetection, results: List[dict], iou_types: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def score(ds: CocoDetection, results: List[dict], iou_types: Sequence[str], segm_area: str = "box"
+          ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """pycocotools' figures of ``results`` on every image of ``ds``: (metrics as ``evaluate`` returns
-    them, {"coco": the ground truth, iou type: its COCOeval or None})."""
+    them, {"coco": the ground truth, iou type: its COCOeval or None}); ``segm_area`` as in ``evaluate``."""
     coco = _coco_gt(ds)
     image_ids = [int(im["id"]) for im in ds.images]
     names = ds.categories[1:]
@@ -169,7 +188,7 @@ def score(ds: CocoDetection, results: List[dict], iou_types: Sequence[str]) -> T
     evals: Dict[str, Any] = {"coco": coco}
     for t in iou_types:
         recs = results if t == "bbox" else [r for r in results if "segmentation" in r]
-        evals[t] = run_cocoeval(coco, recs, t, image_ids)
+        evals[t] = run_cocoeval(coco, recs, t, image_ids, segm_area)
         metrics[t] = coco_metrics(evals[t], names)
     metrics["num_images"] = len(image_ids)
     metrics["num_detections"] = len(results)
