@@ -224,8 +224,9 @@ def test_export_function_checks_two_sizes(fmt, dynamic, tmp_path, capsys):
     assert capsys.readouterr().out.count("of eager's 100 detections matched") == 2
     files = sorted(os.listdir(tmp_path))
     assert not [f for f in files if f.startswith(".export.")]  # the temporary folder is gone
+    assert {"config.json", "model.safetensors"} <= set(files)  # the folder names the model too
     if fmt == "torchscript":
-        assert files == ["model.pt"]
+        assert files == ["config.json", "model.pt", "model.safetensors"]
     else:
         manifest = json.loads((tmp_path / "export.json").read_text())
         assert set(manifest["parts"]) == set(runtime.dense_parts(model))
@@ -251,6 +252,9 @@ def test_export_command(rocket, tmp_path, capsys):
                  "--out", str(out), "--dynamic", "--min-size", "128", "--max-size", "192"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("check against eager") == 2 and (out / "export.json").exists()
+    rebuilt = hrnetdet.create_model(str(out))  # an exported folder names its model, as --model OUT does
+    assert rebuilt.settings.min_size == (128,) and rebuilt.settings.max_size == 192
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in rebuilt.state_dict().items())
     with pytest.raises(SystemExit, match="half"):
         main(["export", "faster_rcnn_hrnetv2p_w18", "--checkpoint", str(ckpt), "--format", "onnx",
               "--out", str(out), "--half"])

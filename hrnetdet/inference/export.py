@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detectors import has_masks
+from ..zoo.checkpoint import save_pretrained
 from .thresholds import score_threshold
 from .match import match_detections
 from .runtime import EXAMPLE_SIZE, MANIFEST, attach, export_parts, generated_image, require
@@ -63,7 +64,9 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
     ``runtime.attach``; RoI parts take any number of RoIs, image parts any batch and image size
     with ``dynamic``, else only the padded size of a 480x640 image (any image of that aspect ratio).
     ``openvino``: the same graphs as OpenVINO IR; ``half`` stores their weights in float16 (the
-    CPU still computes in float32). Returns the match statistics per checked size."""
+    CPU still computes in float32). Every format also gets the model's ``model.safetensors`` and
+    ``config.json`` (``save_pretrained``), so the folder names the model wherever a model is named
+    (``create_model(out_dir)``, ``--model OUT``). Returns the match statistics per checked size."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if half and format != "openvino":
@@ -85,6 +88,7 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
                     export_parts(model, generated_image(*EXAMPLE_SIZE), onnx_dir, dynamic=dynamic, opset=opset)
                     _openvino_ir(onnx_dir, tmp, half)
         stats = _check(model, tmp, format, dynamic, log) if check else []
+        save_pretrained(model, tmp)  # the folder also names the model: create_model(out_dir), --model OUT
         for name in sorted(os.listdir(tmp), key=lambda n: n == MANIFEST):  # the manifest last
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     finally:
