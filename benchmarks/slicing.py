@@ -1,7 +1,7 @@
 """Sliced inference and test-time augmentation on generated data, scored with pycocotools.
 
     python benchmarks/slicing.py --out slicing_out train   # tiles + held-out scenes, fine-tune W18 (~25 min, 1 thread)
-    python benchmarks/slicing.py --out slicing_out eval    # plain vs sliced (NMS / greedy merge) vs TTA
+    python benchmarks/slicing.py --out slicing_out eval    # plain vs sliced (NMS / greedy merge) vs SAHI vs TTA
 
 The data is generated, nothing is downloaded. Training tiles come from the demo's generator
 (``make_shapes_dataset``: coloured circles, squares and triangles on a noisy background) at 128x128
@@ -13,7 +13,14 @@ native resolution with the demo's recipe, then each held-out scene is predicted
   as a model would run it out of the box;
 - sliced: tiles at native resolution plus the full-image pass, merged by NMS or by greedy
   non-maximum merging;
-- TTA: the plain pass with flips and scales.
+- TTA: the plain pass with flips and scales;
+- SAHI (``sahi.predict.get_sliced_prediction`` through ``hrnetdet.integrations.sahi``): the same
+  model on the same tiles (SAHI's windows are hrnetdet's), one tile per call, merged by NMS at IoU
+  0.5 or by SAHI's default greedy merge (GREEDYNMM, IOS 0.5); compared with the sliced rows without
+  the full-image pass (skipped with ``--skip-sahi``).
+
+Sliced rows also give their peak memory: the peak RSS (reset through /proc/self/clear_refs) over the
+tiles' prediction and merge, minus the RSS before it.
 
 TTA is also measured on the demo's own held-out data (``make_shapes_dataset`` with the demo's
 settings). Figures go to ``OUT/results.json`` and a markdown table to benchmarks/slicing.md.
@@ -220,6 +227,51 @@ def score(preds: Dict[int, Dict[str, torch.Tensor]], cat_ids: Sequence[int], ann
     return row
 
 
+def rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident memory (``VmHWM``: its peak since the last ``reset_peak``), in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))  # kB
+
+
+def reset_peak() -> float:
+    """Restart the peak RSS count here (Linux: clear_refs 5); returns the RSS now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb()
+
+
+def sahi_predictions(model: torch.nn.Module, images: Sequence[Tuple[int, torch.Tensor]], size: int, overlap: float,
+                     merge: str) -> Tuple[Dict[int, Dict[str, torch.Tensor]], float, float]:
+    """SAHI's sliced prediction of each image without the full-image pass, merged by ``merge``
+    ("nms": NMS at IoU 0.5; "greedy": SAHI's default GREEDYNMM at IOS 0.5), as hrnetdet results
+    (labels are the model's); the seconds per image and the peak memory (MB over the start)."""
+    from sahi.predict import get_sliced_prediction
+
+    from hrnetdet.integrations.sahi import detection_model
+
+    helper = detection_model(model, slice_size=size, confidence_threshold=model.settings.score_thresh)
+    post = {"nms": ("NMS", "IOU"), "greedy": ("GREEDYNMM", "IOS")}[merge]
+    label_of = {cid: label for label, cid in enumerate(model.category_ids) if cid is not None}
+    preds, seconds, peak = {}, 0.0, 0.0
+    for image_id, image in images:
+        pixels = image.mul(255).round().byte().permute(1, 2, 0).numpy()
+        before, start = reset_peak(), time.perf_counter()
+        with capacity(model, 200, 100):
+            found = get_sliced_prediction(pixels, helper, slice_height=size, slice_width=size,
+                                          overlap_height_ratio=overlap, overlap_width_ratio=overlap,
+                                          perform_standard_pred=False, postprocess_type=post[0],
+                                          postprocess_match_metric=post[1], postprocess_match_threshold=0.5,
+                                          force_postprocess_type=True, verbose=0).object_prediction_list
+        seconds += time.perf_counter() - start
+        peak = max(peak, rss_mb("VmHWM") - before)
+        preds[image_id] = {"boxes": torch.tensor([p.bbox.to_xyxy() for p in found]).reshape(-1, 4),
+                           "scores": torch.tensor([p.score.value for p in found]),
+                           "labels": torch.tensor([label_of[p.category.id] for p in found], dtype=torch.int64)}
+    print(f"  SAHI {merge}: {sum(len(p['scores']) for p in preds.values())} detections, "
+          f"{seconds / len(images):.1f} s/image", flush=True)
+    return preds, seconds / len(images), peak
+
+
 def _load(ann_file: str, image_dir: str) -> Tuple[List[Tuple[int, torch.Tensor]], List[int]]:
     from hrnetdet.data import CocoDetection
 
@@ -260,6 +312,8 @@ def evaluate_all(args) -> None:
 
     # The large scenes: plain at the reference's test scale, sliced at native resolution.
     images, cat_ids = _load(*data["scenes"])
+    images = images[:args.scenes]
+    summary["scenes"] = len(images)
     print(f"held-out scenes: {len(images)} images of {SCENE_SIZE[0]}x{SCENE_SIZE[1]}")
     scene_ann, max_dets = data["scenes"][0], 1000
 
@@ -273,25 +327,34 @@ def evaluate_all(args) -> None:
 
     # Tiles are predicted once per scene; the merges reuse them (their own cost is timed apart),
     # and the full-image pass is the plain one.
-    tiles, tile_seconds = {}, 0.0
+    tiles, tile_seconds, tile_peak = {}, 0.0, 0.0
     for image_id, image in images:
         windows = tile_windows(*image.shape[-2:], args.slice, args.overlap)
-        start = time.perf_counter()
+        before, start = reset_peak(), time.perf_counter()
         with capacity(model, 200, 100):
             tiles[image_id] = (windows, predict_tiles(model, image, windows, batch_size=4))
         tile_seconds += time.perf_counter() - start
+        tile_peak = max(tile_peak, rss_mb("VmHWM") - before)
     tile_seconds /= len(images)
     print(f"  tiles: {len(windows)} of {args.slice}x{args.slice} per scene, {tile_seconds:.1f} s/image")
     for merge in ("nms", "greedy"):
         for with_full in (True, False):
             name = f"scenes sliced {merge}" + (" + full image" if with_full else "")
-            preds, start = {}, time.perf_counter()
+            preds, start, peak = {}, time.perf_counter(), tile_peak
             for image_id, image in images:
                 windows, outs = tiles[image_id]
                 full = full_pass[image_id] if with_full else None
+                before = reset_peak()
                 preds[image_id] = merge_tiles(outs, windows, *image.shape[-2:], full, merge=merge)
+                peak = max(peak, rss_mb("VmHWM") - before)
             sec = tile_seconds + (time.perf_counter() - start) / len(images) + (plain_seconds if with_full else 0.0)
-            rows[name] = score(preds, cat_ids, scene_ann, max_dets, sec)
+            rows[name] = dict(score(preds, cat_ids, scene_ann, max_dets, sec), peak_mb=round(peak))
+            save()
+
+    if not args.skip_sahi:
+        for merge in ("nms", "greedy"):
+            preds, sec, peak = sahi_predictions(model, images, args.slice, args.overlap, merge)
+            rows[f"scenes SAHI {merge}"] = dict(score(preds, cat_ids, scene_ann, max_dets, sec), peak_mb=round(peak))
             save()
 
     if not args.skip_scene_tta:
@@ -311,11 +374,14 @@ def write_table(summary: dict, path: str) -> None:
              "Written by `python benchmarks/slicing.py --out slicing_out eval` (see its docstring). "
              f"Slices {summary['slice']}x{summary['slice']}, overlap {summary['overlap']}; TTA: horizontal "
              f"flip x scales {summary['tta_scales']} of the test scale. Seconds per image on this "
-             "machine's CPU, one thread, measured in one process.", "",
-             "| mode | AP | AP50 | AP75 | AP_small | AP_medium | s/image |", "|---|---|---|---|---|---|---|"]
+             "machine's CPU, one thread, measured in one process; peak MB: the sliced rows' peak RSS "
+             "over the start of the tiles' prediction (see the docstring)."
+             + (f" Scenes: the first {summary['scenes']}." if summary.get("scenes", 3) < 3 else ""), "",
+             "| mode | AP | AP50 | AP75 | AP_small | AP_medium | s/image | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | {r['APs']:.3f} | "
-                     f"{r['APm']:.3f} | {r['seconds_per_image']:.2f} |")
+                     f"{r['APm']:.3f} | {r['seconds_per_image']:.2f} | {r.get('peak_mb', '')} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -331,6 +397,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.2)
     parser.add_argument("--tta-scales", type=float, nargs="+", default=[0.8, 1.0, 1.2])
     parser.add_argument("--skip-scene-tta", action="store_true", help="TTA on the demo data only")
+    parser.add_argument("--skip-sahi", action="store_true", help="without the SAHI rows")
+    parser.add_argument("--scenes", type=int, default=3, help="score the first N held-out scenes (a shorter run)")
     parser.add_argument("--keep-demo", action="store_true", help="reuse the demo rows of OUT/results.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
