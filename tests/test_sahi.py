@@ -100,6 +100,11 @@ def test_empty_masks_are_kept_as_boxes(mask, image):
     assert len(found) > 10 and all(p.mask is None for p in found)
 
 
+def test_image_size_is_refused(faster):
+    with pytest.raises(TypeError, match="image_size is not used"):
+        detection_model(faster, slice_size=SLICE, image_size=SLICE)
+
+
 def test_missing_sahi_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sahi.models.torchvision", None)
     monkeypatch.delitem(sys.modules, "hrnetdet.integrations.sahi")

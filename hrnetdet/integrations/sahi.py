@@ -120,7 +120,10 @@ def detection_model(model: nn.Module, slice_size: int, confidence_threshold: flo
     """A SAHI DetectionModel running ``model`` (an hrnetdet detector) for
     ``get_sliced_prediction(image, it, slice_height=slice_size, slice_width=slice_size, ...)``.
     ``device``: the model's own by default (given, the model is moved there); other keywords
-    (``mask_threshold``...) are SAHI's."""
+    (``mask_threshold``...) are SAHI's, but for its ``image_size`` (see the module's docstring)."""
+    if "image_size" in kwargs:
+        raise TypeError("detection_model: image_size is not used: tiles run at native resolution and "
+                        "a larger image at the model's test scale (set it with hrnetdet.set_settings)")
     if device is None:
         device = str(next(model.parameters()).device)
     return HrnetdetDetectionModel(model, slice_size, confidence_threshold=confidence_threshold,
