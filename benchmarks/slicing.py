@@ -19,8 +19,8 @@ native resolution with the demo's recipe, then each held-out scene is predicted
   0.5 or by SAHI's default greedy merge (GREEDYNMM, IOS 0.5); compared with the sliced rows without
   the full-image pass (skipped with ``--skip-sahi``).
 
-Sliced rows also give their peak memory: the peak RSS (reset through /proc/self/clear_refs) over the
-tiles' prediction and merge, minus the RSS before it.
+Peak memory is measured apart, each tool in a fresh process (benchmarks/slicing_memory.py): within
+one process the allocator keeps what an earlier row freed, so a later row's RSS peak says little.
 
 TTA is also measured on the demo's own held-out data (``make_shapes_dataset`` with the demo's
 settings). Figures go to ``OUT/results.json`` and a markdown table to benchmarks/slicing.md.
@@ -227,24 +227,11 @@ def score(preds: Dict[int, Dict[str, torch.Tensor]], cat_ids: Sequence[int], ann
     return row
 
 
-def rss_mb(key: str = "VmRSS") -> float:
-    """This process's resident memory (``VmHWM``: its peak since the last ``reset_peak``), in MB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))  # kB
-
-
-def reset_peak() -> float:
-    """Restart the peak RSS count here (Linux: clear_refs 5); returns the RSS now."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return rss_mb()
-
-
 def sahi_predictions(model: torch.nn.Module, images: Sequence[Tuple[int, torch.Tensor]], size: int, overlap: float,
-                     merge: str) -> Tuple[Dict[int, Dict[str, torch.Tensor]], float, float]:
+                     merge: str) -> Tuple[Dict[int, Dict[str, torch.Tensor]], float]:
     """SAHI's sliced prediction of each image without the full-image pass, merged by ``merge``
     ("nms": NMS at IoU 0.5; "greedy": SAHI's default GREEDYNMM at IOS 0.5), as hrnetdet results
-    (labels are the model's); the seconds per image and the peak memory (MB over the start)."""
+    (labels are the model's) and the seconds per image."""
     from sahi.predict import get_sliced_prediction
 
     from hrnetdet.integrations.sahi import detection_model
@@ -252,10 +239,10 @@ def sahi_predictions(model: torch.nn.Module, images: Sequence[Tuple[int, torch.T
     helper = detection_model(model, slice_size=size, confidence_threshold=model.settings.score_thresh)
     post = {"nms": ("NMS", "IOU"), "greedy": ("GREEDYNMM", "IOS")}[merge]
     label_of = {cid: label for label, cid in enumerate(model.category_ids) if cid is not None}
-    preds, seconds, peak = {}, 0.0, 0.0
+    preds, seconds = {}, 0.0
     for image_id, image in images:
         pixels = image.mul(255).round().byte().permute(1, 2, 0).numpy()
-        before, start = reset_peak(), time.perf_counter()
+        start = time.perf_counter()
         with capacity(model, 200, 100):
             found = get_sliced_prediction(pixels, helper, slice_height=size, slice_width=size,
                                           overlap_height_ratio=overlap, overlap_width_ratio=overlap,
@@ -263,13 +250,12 @@ def sahi_predictions(model: torch.nn.Module, images: Sequence[Tuple[int, torch.T
                                           postprocess_match_metric=post[1], postprocess_match_threshold=0.5,
                                           force_postprocess_type=True, verbose=0).object_prediction_list
         seconds += time.perf_counter() - start
-        peak = max(peak, rss_mb("VmHWM") - before)
         preds[image_id] = {"boxes": torch.tensor([p.bbox.to_xyxy() for p in found]).reshape(-1, 4),
                            "scores": torch.tensor([p.score.value for p in found]),
                            "labels": torch.tensor([label_of[p.category.id] for p in found], dtype=torch.int64)}
     print(f"  SAHI {merge}: {sum(len(p['scores']) for p in preds.values())} detections, "
           f"{seconds / len(images):.1f} s/image", flush=True)
-    return preds, seconds / len(images), peak
+    return preds, seconds / len(images)
 
 
 def _load(ann_file: str, image_dir: str) -> Tuple[List[Tuple[int, torch.Tensor]], List[int]]:
@@ -327,34 +313,31 @@ def evaluate_all(args) -> None:
 
     # Tiles are predicted once per scene; the merges reuse them (their own cost is timed apart),
     # and the full-image pass is the plain one.
-    tiles, tile_seconds, tile_peak = {}, 0.0, 0.0
+    tiles, tile_seconds = {}, 0.0
     for image_id, image in images:
         windows = tile_windows(*image.shape[-2:], args.slice, args.overlap)
-        before, start = reset_peak(), time.perf_counter()
+        start = time.perf_counter()
         with capacity(model, 200, 100):
             tiles[image_id] = (windows, predict_tiles(model, image, windows, batch_size=4))
         tile_seconds += time.perf_counter() - start
-        tile_peak = max(tile_peak, rss_mb("VmHWM") - before)
     tile_seconds /= len(images)
     print(f"  tiles: {len(windows)} of {args.slice}x{args.slice} per scene, {tile_seconds:.1f} s/image")
     for merge in ("nms", "greedy"):
         for with_full in (True, False):
             name = f"scenes sliced {merge}" + (" + full image" if with_full else "")
-            preds, start, peak = {}, time.perf_counter(), tile_peak
+            preds, start = {}, time.perf_counter()
             for image_id, image in images:
                 windows, outs = tiles[image_id]
                 full = full_pass[image_id] if with_full else None
-                before = reset_peak()
                 preds[image_id] = merge_tiles(outs, windows, *image.shape[-2:], full, merge=merge)
-                peak = max(peak, rss_mb("VmHWM") - before)
             sec = tile_seconds + (time.perf_counter() - start) / len(images) + (plain_seconds if with_full else 0.0)
-            rows[name] = dict(score(preds, cat_ids, scene_ann, max_dets, sec), peak_mb=round(peak))
+            rows[name] = score(preds, cat_ids, scene_ann, max_dets, sec)
             save()
 
     if not args.skip_sahi:
         for merge in ("nms", "greedy"):
-            preds, sec, peak = sahi_predictions(model, images, args.slice, args.overlap, merge)
-            rows[f"scenes SAHI {merge}"] = dict(score(preds, cat_ids, scene_ann, max_dets, sec), peak_mb=round(peak))
+            preds, sec = sahi_predictions(model, images, args.slice, args.overlap, merge)
+            rows[f"scenes SAHI {merge}"] = score(preds, cat_ids, scene_ann, max_dets, sec)
             save()
 
     if not args.skip_scene_tta:
@@ -374,14 +357,12 @@ def write_table(summary: dict, path: str) -> None:
              "Written by `python benchmarks/slicing.py --out slicing_out eval` (see its docstring). "
              f"Slices {summary['slice']}x{summary['slice']}, overlap {summary['overlap']}; TTA: horizontal "
              f"flip x scales {summary['tta_scales']} of the test scale. Seconds per image on this "
-             "machine's CPU, one thread, measured in one process; peak MB: the sliced rows' peak RSS "
-             "over the start of the tiles' prediction (see the docstring)."
+             "machine's CPU, one thread, measured in one process."
              + (f" Scenes: the first {summary['scenes']}." if summary.get("scenes", 3) < 3 else ""), "",
-             "| mode | AP | AP50 | AP75 | AP_small | AP_medium | s/image | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | AP | AP50 | AP75 | AP_small | AP_medium | s/image |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | {r['APs']:.3f} | "
-                     f"{r['APm']:.3f} | {r['seconds_per_image']:.2f} | {r.get('peak_mb', '')} |")
+                     f"{r['APm']:.3f} | {r['seconds_per_image']:.2f} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
