@@ -16,7 +16,8 @@ native resolution with the demo's recipe, then each held-out scene is predicted
 - TTA: the plain pass with flips and scales;
 - SAHI (``sahi.predict.get_sliced_prediction`` through ``hrnetdet.integrations.sahi``): the same
   model on the same tiles (SAHI's windows are hrnetdet's), one tile per call, merged by NMS at IoU
-  0.5 or by SAHI's default greedy merge (GREEDYNMM, IOS 0.5); compared with the sliced rows without
+  0.5, by SAHI's default greedy merge (GREEDYNMM, IOS 0.5) or by that merge at IoU 0.5 (as
+  hrnetdet's greedy merge matches); compared with the sliced rows without
   the full-image pass (skipped with ``--skip-sahi``).
 
 Peak memory is measured apart, each tool in a fresh process (benchmarks/slicing_memory.py): within
@@ -230,14 +231,15 @@ def score(preds: Dict[int, Dict[str, torch.Tensor]], cat_ids: Sequence[int], ann
 def sahi_predictions(model: torch.nn.Module, images: Sequence[Tuple[int, torch.Tensor]], size: int, overlap: float,
                      merge: str) -> Tuple[Dict[int, Dict[str, torch.Tensor]], float]:
     """SAHI's sliced prediction of each image without the full-image pass, merged by ``merge``
-    ("nms": NMS at IoU 0.5; "greedy": SAHI's default GREEDYNMM at IOS 0.5), as hrnetdet results
+    ("nms": NMS at IoU 0.5; "greedy": SAHI's default GREEDYNMM at IOS 0.5; "greedy iou": GREEDYNMM at
+    IoU 0.5), as hrnetdet results
     (labels are the model's) and the seconds per image."""
     from sahi.predict import get_sliced_prediction
 
     from hrnetdet.integrations.sahi import detection_model
 
     helper = detection_model(model, slice_size=size, confidence_threshold=model.settings.score_thresh)
-    post = {"nms": ("NMS", "IOU"), "greedy": ("GREEDYNMM", "IOS")}[merge]
+    post = {"nms": ("NMS", "IOU"), "greedy": ("GREEDYNMM", "IOS"), "greedy iou": ("GREEDYNMM", "IOU")}[merge]
     label_of = {cid: label for label, cid in enumerate(model.category_ids) if cid is not None}
     preds, seconds = {}, 0.0
     for image_id, image in images:
@@ -335,7 +337,7 @@ def evaluate_all(args) -> None:
             save()
 
     if not args.skip_sahi:
-        for merge in ("nms", "greedy"):
+        for merge in ("nms", "greedy", "greedy iou"):
             preds, sec = sahi_predictions(model, images, args.slice, args.overlap, merge)
             rows[f"scenes SAHI {merge}"] = score(preds, cat_ids, scene_ann, max_dets, sec)
             save()
