@@ -1,7 +1,7 @@
 """Sliced inference and test-time augmentation on generated data, scored with pycocotools.
 
     python benchmarks/slicing.py --out slicing_out train   # tiles + held-out scenes, fine-tune W18 (~25 min, 1 thread)
-    python benchmarks/slicing.py --out slicing_out eval    # plain vs sliced (NMS / greedy merge) vs TTA
+    python benchmarks/slicing.py --out slicing_out eval    # plain vs sliced (NMS / greedy merge) vs SAHI vs TTA
 
 The data is generated, nothing is downloaded. Training tiles come from the demo's generator
 (``make_shapes_dataset``: coloured circles, squares and triangles on a noisy background) at 128x128
@@ -13,7 +13,15 @@ native resolution with the demo's recipe, then each held-out scene is predicted
   as a model would run it out of the box;
 - sliced: tiles at native resolution plus the full-image pass, merged by NMS or by greedy
   non-maximum merging;
-- TTA: the plain pass with flips and scales.
+- TTA: the plain pass with flips and scales;
+- SAHI (``sahi.predict.get_sliced_prediction`` through ``hrnetdet.integrations.sahi``): the same
+  model on the same tiles (SAHI's windows are hrnetdet's), one tile per call, merged by NMS at IoU
+  0.5, by SAHI's default greedy merge (GREEDYNMM, IOS 0.5) or by that merge at IoU 0.5 (as
+  hrnetdet's greedy merge matches); compared with the sliced rows without
+  the full-image pass (skipped with ``--skip-sahi``).
+
+Peak memory is measured apart, each tool in a fresh process (benchmarks/slicing_memory.py): within
+one process the allocator keeps what an earlier row freed, so a later row's RSS peak says little.
 
 TTA is also measured on the demo's own held-out data (``make_shapes_dataset`` with the demo's
 settings). Figures go to ``OUT/results.json`` and a markdown table to benchmarks/slicing.md.
@@ -220,6 +228,38 @@ def score(preds: Dict[int, Dict[str, torch.Tensor]], cat_ids: Sequence[int], ann
     return row
 
 
+def sahi_predictions(model: torch.nn.Module, images: Sequence[Tuple[int, torch.Tensor]], size: int, overlap: float,
+                     merge: str) -> Tuple[Dict[int, Dict[str, torch.Tensor]], float]:
+    """SAHI's sliced prediction of each image without the full-image pass, merged by ``merge``
+    ("nms": NMS at IoU 0.5; "greedy": SAHI's default GREEDYNMM at IOS 0.5; "greedy iou": GREEDYNMM at
+    IoU 0.5), as hrnetdet results
+    (labels are the model's) and the seconds per image."""
+    from sahi.predict import get_sliced_prediction
+
+    from hrnetdet.integrations.sahi import detection_model
+
+    helper = detection_model(model, slice_size=size, confidence_threshold=model.settings.score_thresh)
+    post = {"nms": ("NMS", "IOU"), "greedy": ("GREEDYNMM", "IOS"), "greedy iou": ("GREEDYNMM", "IOU")}[merge]
+    label_of = {cid: label for label, cid in enumerate(model.category_ids) if cid is not None}
+    preds, seconds = {}, 0.0
+    for image_id, image in images:
+        pixels = image.mul(255).round().byte().permute(1, 2, 0).numpy()
+        start = time.perf_counter()
+        with capacity(model, 200, 100):
+            found = get_sliced_prediction(pixels, helper, slice_height=size, slice_width=size,
+                                          overlap_height_ratio=overlap, overlap_width_ratio=overlap,
+                                          perform_standard_pred=False, postprocess_type=post[0],
+                                          postprocess_match_metric=post[1], postprocess_match_threshold=0.5,
+                                          force_postprocess_type=True, verbose=0).object_prediction_list
+        seconds += time.perf_counter() - start
+        preds[image_id] = {"boxes": torch.tensor([p.bbox.to_xyxy() for p in found]).reshape(-1, 4),
+                           "scores": torch.tensor([p.score.value for p in found]),
+                           "labels": torch.tensor([label_of[p.category.id] for p in found], dtype=torch.int64)}
+    print(f"  SAHI {merge}: {sum(len(p['scores']) for p in preds.values())} detections, "
+          f"{seconds / len(images):.1f} s/image", flush=True)
+    return preds, seconds / len(images)
+
+
 def _load(ann_file: str, image_dir: str) -> Tuple[List[Tuple[int, torch.Tensor]], List[int]]:
     from hrnetdet.data import CocoDetection
 
@@ -260,6 +300,8 @@ def evaluate_all(args) -> None:
 
     # The large scenes: plain at the reference's test scale, sliced at native resolution.
     images, cat_ids = _load(*data["scenes"])
+    images = images[:args.scenes]
+    summary["scenes"] = len(images)
     print(f"held-out scenes: {len(images)} images of {SCENE_SIZE[0]}x{SCENE_SIZE[1]}")
     scene_ann, max_dets = data["scenes"][0], 1000
 
@@ -294,6 +336,12 @@ def evaluate_all(args) -> None:
             rows[name] = score(preds, cat_ids, scene_ann, max_dets, sec)
             save()
 
+    if not args.skip_sahi:
+        for merge in ("nms", "greedy", "greedy iou"):
+            preds, sec = sahi_predictions(model, images, args.slice, args.overlap, merge)
+            rows[f"scenes SAHI {merge}"] = score(preds, cat_ids, scene_ann, max_dets, sec)
+            save()
+
     if not args.skip_scene_tta:
         def tta(image):
             with test_scale(model, 800, 1333), capacity(model, 1000, max_dets):
@@ -311,7 +359,8 @@ def write_table(summary: dict, path: str) -> None:
              "Written by `python benchmarks/slicing.py --out slicing_out eval` (see its docstring). "
              f"Slices {summary['slice']}x{summary['slice']}, overlap {summary['overlap']}; TTA: horizontal "
              f"flip x scales {summary['tta_scales']} of the test scale. Seconds per image on this "
-             "machine's CPU, one thread, measured in one process.", "",
+             "machine's CPU, one thread, measured in one process."
+             + (f" Scenes: the first {summary['scenes']}." if summary.get("scenes", 3) < 3 else ""), "",
              "| mode | AP | AP50 | AP75 | AP_small | AP_medium | s/image |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['AP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | {r['APs']:.3f} | "
@@ -331,6 +380,8 @@ def main(argv: Sequence[str] = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.2)
     parser.add_argument("--tta-scales", type=float, nargs="+", default=[0.8, 1.0, 1.2])
     parser.add_argument("--skip-scene-tta", action="store_true", help="TTA on the demo data only")
+    parser.add_argument("--skip-sahi", action="store_true", help="without the SAHI rows")
+    parser.add_argument("--scenes", type=int, default=3, help="score the first N held-out scenes (a shorter run)")
     parser.add_argument("--keep-demo", action="store_true", help="reuse the demo rows of OUT/results.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -1,0 +1,2 @@
+"""Adapters for tools written outside the project, each importing its tool only when used
+(``hrnetdet.integrations.sahi``: SAHI's sliced prediction on an hrnetdet model)."""
