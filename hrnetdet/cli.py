@@ -212,6 +212,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="run the dense parts in this runtime, exported once and cached (auto: the fastest "
                         "installed; default: torch)")
     p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
+    p.add_argument("--server", metavar="URL", help="detections from a `hrnetdet serve` server instead of --model "
+                                                   "(same files; its API key from HRNETDET_API_KEY)")
+    next(a for a in p._actions if a.dest == "model").required = False  # --model or --server: checked in main
     p.add_argument("--line-width", type=int, metavar="PX", help="box line width in pictures (default: follows "
                                                                 "each box, within limits)")
     p.add_argument("--label-size", type=int, metavar="PX", help="label text size in pictures (default: follows "
@@ -286,6 +289,8 @@ COMMANDS: Dict[str, Command] = {
     "serve": Command("serve a model over HTTP: POST /predict with dynamic batching, a web page at /",
                      _serve_args, "hrnetdet.serve.commands:run_serve"),
 }
+
+REMOTE_PREDICT = "hrnetdet.serve.commands:run_remote_predict"  # predict --server: a server's model
 
 # Errors a user can fix (a missing or wrong file, an unknown name, bad input; CheckpointError is a
 # ValueError; FloatingPointError is a diverged training run): one line, no traceback. Anything else is
@@ -368,8 +373,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     subparser = args.command_parser
     if unknown:  # refused by the command's parser, whose usage names the command
         subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("eval", "predict", "serve") and not (args.checkpoint_path or args.pretrained
-                                                    or names_weights(args.model)):
+    if getattr(args, "server", None):
+        if args.model or args.checkpoint_path or args.pretrained:
+            subparser.error("--server runs the server's model: leave out --model, --checkpoint-path and --pretrained")
+    elif args.command == "predict" and not args.model:
+        subparser.error("the following arguments are required: --model (or --server URL)")
+    elif args.command in ("eval", "predict", "serve") and not (args.checkpoint_path or args.pretrained
+                                                               or names_weights(args.model)):
         subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
                         "(NAME.tag, a saved or run folder, hf-hub:org/name)")
     if COMMANDS[args.command].uses_torch:
@@ -386,7 +396,8 @@ def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
             args.model = saved_model_folder(model)
             if args.model != model:
                 print(f"hrnetdet {args.command}: {model} is a training run: using {args.model}", file=sys.stderr)
-        module, function = COMMANDS[args.command].run.split(":")
+        run_path = REMOTE_PREDICT if getattr(args, "server", None) else COMMANDS[args.command].run
+        module, function = run_path.split(":")
         run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)
     except USER_ERRORS as e:

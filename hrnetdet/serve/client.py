@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from .requests import UPLOAD_NAME
+
 API_KEY_ENV = "HRNETDET_API_KEY"
 SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
               (b"BM", "image/bmp"), (b"RIFF", "image/webp"))
@@ -20,8 +22,8 @@ Result = Dict[str, Any]
 class RemoteError(RuntimeError):
     """The server refused a request or failed: ``status`` and its one-line ``message``."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{message} (HTTP {status})")
+    def __init__(self, status: int, message: str, url: str):
+        super().__init__(f"{url}: {message} (HTTP {status})")
         self.status, self.message = status, message
 
 
@@ -106,7 +108,7 @@ class Client:
                 message = json.loads(text)["error"]
             except (ValueError, KeyError, TypeError):
                 message = text.strip() or e.reason
-            raise RemoteError(e.code, f"{self.url}{path.split('?')[0]}: {message}") from None
+            raise RemoteError(e.code, message, f"{self.url}{path.split('?')[0]}") from None
         except urllib.error.URLError as e:
             raise ConnectionError(f"cannot reach {self.url}: {e.reason}") from None
 
@@ -141,3 +143,73 @@ class Client:
                 result["file_name"] = os.fspath(image)
             results.append(result)
         return results[0] if single else results
+
+
+class RemoteEngine:
+    """A predict run's engine (``inference.predict_run.LocalEngine``'s members) whose detections
+    come from a server: ``hrnetdet predict --server URL`` writes the files a local run writes.
+    The server runs the options it offers (score threshold, max detections, slicing, TTA); the
+    classes filter is applied here, as a local run applies it after the model."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        info = client.info()
+        self.categories = ["__background__", *info["categories"]]
+        self.masks = bool(info["masks"])
+
+    def category_ids(self) -> Optional[List[int]]:
+        return list(self.client.info()["category_ids"])
+
+    def describe(self) -> Dict[str, Any]:
+        info = self.client.info()
+        return {"server": self.client.url, "server model": info["model"], "server backend": info.get("backend")}
+
+    def place(self, options: Any, rank: int, world: int) -> Any:
+        if not options.full_image:
+            raise ValueError("--no-full-image is not offered by the server (its sliced inference keeps the full image)")
+        return options
+
+    def _options(self, options: Any) -> Dict[str, Any]:
+        return {"score_thresh": options.score_thresh, "slice": options.slice, "overlap": options.overlap,
+                "tta": options.tta or None, "masks": "rle" if self.masks else None}
+
+    def predictions(self, items: List[str], options: Any, indices: List[int]) -> Any:
+        """Results as ``iter_predictions`` yields them, with ``height`` and ``width`` instead of the
+        image; an input the server refuses (or a video, which is not sent) is an error record."""
+        from ..inference.predict import keep_detections
+        from ..inference.sources import download, is_url, is_video
+
+        label_ids = options.label_ids(self.categories)
+        for index, item in zip(indices, items):
+            base = {"input_index": index, "file_name": item}
+            if is_video(item):
+                yield {**base, "error": f"{item!r}: videos are not sent to a server (run them locally)"}
+                continue
+            try:
+                path = download(item) if is_url(item) else item
+            except ConnectionError as e:  # the input's URL, not the server
+                yield {**base, "error": str(e)}
+                continue
+            try:
+                answer = self.client.predict_record(path, max_det=None if label_ids else options.max_det,
+                                                    **self._options(options))
+            except RemoteError as e:
+                if e.status not in (400, 413, 415):  # the server or the key, not this input: stop
+                    raise
+                yield {**base, "error": e.message.replace(repr(UPLOAD_NAME), repr(item))}
+                continue
+            except ConnectionError:
+                raise
+            except OSError as e:
+                yield {**base, "error": f"cannot read {item!r}: {e}"}
+                continue
+            finally:
+                if path != item:
+                    os.remove(path)
+            result = as_result(answer, masks=False)
+            if self.masks:
+                result["masks"] = [d["mask"] for d in answer["detections"]]
+            if label_ids:  # as a local run: the classes first, then the best max_det of them
+                result = keep_detections(result, label_ids, options.max_det)
+                result["names"] = [self.categories[i] for i in result["labels"].tolist()]
+            yield {**result, **base, "height": answer["height"], "width": answer["width"]}

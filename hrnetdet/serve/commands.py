@@ -78,3 +78,12 @@ def ready_line(info: Dict[str, Any], args: argparse.Namespace) -> str:
     key = ", API key required" if args.api_key or os.environ.get(API_KEY_ENV) else ""
     return (f"hrnetdet serve: {info['model']} on http://{args.host}:{args.port} ({args.workers} worker(s), batches of "
             f"up to {args.max_batch_size}{key}); POST /predict, GET /health /info /metrics, the page at /")
+
+
+def run_remote_predict(args: argparse.Namespace) -> int:
+    """``hrnetdet predict --server URL``: the predict command with the server's model (the files a
+    local run writes; LitServe not needed)."""
+    from ..inference.commands import run_predict
+    from .client import Client, RemoteEngine
+
+    return run_predict(args, engine=RemoteEngine(Client(args.server)))

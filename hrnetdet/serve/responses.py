@@ -7,29 +7,34 @@ import json
 from importlib import resources
 from typing import Any, Dict, List, Optional, Sequence
 
-BOX_DECIMALS = 4  # well under the 1e-3 px the API promises against hrnetdet.predict
-SCORE_DECIMALS = 6
+import numpy as np
 
 
 def predict_response(result: Dict[str, Any], width: int, height: int, category_ids: Optional[Sequence[int]],
                      masks: bool) -> Dict[str, Any]:
     """One ``hrnetdet.predict`` result (masks as RLE dicts when ``masks``) as the API's record,
     detections by score, best first (ties in the model's order)."""
-    boxes = result["boxes"].tolist()
-    scores = result["scores"].tolist()
+    boxes = [shortest(row) for row in result["boxes"].numpy()]
+    scores = shortest(result["scores"].numpy())
     labels = result["labels"].tolist()
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     detections: List[Dict[str, Any]] = []
     for i in order:
         label = int(labels[i])
-        xmin, ymin, xmax, ymax = (round(float(v), BOX_DECIMALS) for v in boxes[i])
-        record = {"label": result["names"][i], "score": round(float(scores[i]), SCORE_DECIMALS),
+        xmin, ymin, xmax, ymax = boxes[i]
+        record = {"label": result["names"][i], "score": scores[i],
                   "box": {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax},
                   "category_id": int(category_ids[label - 1]) if category_ids else label, "label_id": label}
         if masks:
             record["mask"] = result["masks"][i]
         detections.append(record)
     return {"width": int(width), "height": int(height), "detections": detections}
+
+
+def shortest(values: np.ndarray) -> List[float]:
+    """float32 values as the shortest decimals that read back as the same float32: the client gets
+    ``predict``'s exact numbers (so a remote run's files equal a local run's) in fewer bytes."""
+    return [float(np.format_float_positional(v, unique=True, trim="-")) for v in values.astype(np.float32)]
 
 
 def response_schema() -> Dict[str, Any]:
