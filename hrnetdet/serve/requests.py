@@ -55,8 +55,8 @@ def accepted_type(content_type: Optional[str]) -> str:
     """The body's media type when the API takes it (checked before the body is read), else 415."""
     kind = media_type(content_type)
     if kind not in BODY_TYPES:
-        shown = f"content type {kind!r}" if kind else "no content type"
-        raise RequestError(415, f"{shown} is not accepted: send one of {', '.join(BODY_TYPES)}")
+        shown = f"content type {kind!r} is" if kind else "a body without a content type is"
+        raise RequestError(415, f"{shown} not accepted: send one of {', '.join(BODY_TYPES)}")
     return kind
 
 

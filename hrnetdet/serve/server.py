@@ -116,8 +116,13 @@ async def answer_predict(service: Service, request: Request) -> Response:
 
 
 def info_record(service: Service) -> Dict[str, Any]:
-    limits = service.limits
-    return {**{k: v for k, v in service.info.items() if k != "min_side"}, "version": __version__,
+    """``GET /info``: the model's description, the server's default options (its --score-thresh and
+    --max-det, else the model's) and the input contract."""
+    limits, base = service.limits, service.base_options
+    defaults = service.info.get("options", {})
+    options = {"score_thresh": defaults.get("score_thresh") if base.score_thresh is None else base.score_thresh,
+               "max_det": defaults.get("max_det") if base.max_det is None else base.max_det}
+    return {**{k: v for k, v in service.info.items() if k != "min_side"}, "options": options, "version": __version__,
             "input": {"formats": list(IMAGE_TYPES), "bodies": ["multipart/form-data (file field 'image')",
                                                               "image/*", "application/json (base64 'image')"],
                       "max_upload_mb": limits.max_upload_bytes / 2 ** 20, "max_pixels": limits.max_pixels or 0,
