@@ -1,0 +1,153 @@
+"""hrnetdet on Ray Data (``hrnetdet.integrations.ray``), on one local Ray of 2 CPUs shared by the
+file: actors load the model from a checkpoint the test writes; their results equal the local
+``predict``'s image by image, whether rows hold paths, encoded bytes or arrays; unreadable rows are
+error rows; an actor that dies mid-run leaves every image done exactly once."""
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+hrnetdet_ray = pytest.importorskip("hrnetdet.integrations.ray")
+
+from conftest import PREDICT_ARCH, PREDICT_SMALL  # noqa: E402
+
+SCORE_THRESH = 0.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray for the file (it takes seconds to start), without usage reports or dashboard;
+    its workers inherit this process's environment (PYTHONPATH: this checkout's code)."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved(rgb, tmp_path_factory):
+    """A calibrated small Mask R-CNN (5 detections per image) saved as a folder ``create_model`` and
+    ``hrnetdet predict --model`` read, so that every actor loads the same weights."""
+    import hrnetdet
+    from calibrate import calibrate
+    from hrnetdet.inference import load_image
+    from hrnetdet.zoo.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    model = calibrate(hrnetdet.create_model(PREDICT_ARCH, **PREDICT_SMALL, detections_per_img=5), [load_image(rgb)])
+    folder = tmp_path_factory.mktemp("model")
+    save_pretrained(model, str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def images(rgb, tmp_path_factory):
+    """Six images of two sizes in a folder, and a file that is not an image."""
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(6):
+        picture = np.roll(rgb, 12 * i, axis=1) if i % 2 else np.ascontiguousarray(np.roll(rgb, 9 * i, axis=0)[:, :80])
+        Image.fromarray(picture).save(folder / f"im{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+def _paths(images):
+    return sorted(str(p) for p in images.iterdir() if p.name.startswith("im"))
+
+
+@pytest.fixture(scope="module")
+def local(saved, images):
+    """The local ``predict``'s result of each image, by file name."""
+    import hrnetdet
+    model = hrnetdet.create_model(saved)
+    results = hrnetdet.predict(model, _paths(images), score_thresh=SCORE_THRESH, mask_format="rle")
+    return {os.path.basename(r["file_name"]): r for r in results}
+
+
+def _assert_same(row, res):
+    assert row["error"] is None
+    assert np.allclose(np.asarray(row["boxes"], dtype=np.float32).reshape(-1, 4), res["boxes"].numpy(), atol=1e-4)
+    assert row["labels"] == res["labels"].tolist() and row["names"] == res["names"]
+    assert np.allclose(row["scores"], res["scores"].numpy(), atol=1e-5)
+    assert row["masks"] == res["masks"]  # RLEs equal: the same pixels
+    assert len(row["boxes"]) == 5
+
+
+def test_rows_of_bytes_and_arrays_equal_the_local_predict(cluster, saved, images, local):
+    """(Rows of paths: the next test.)"""
+    paths = _paths(images)
+    by_bytes = ray.data.read_binary_files(str(images), include_paths=True)
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in paths] + [np.zeros((4, 6, 3), np.uint8)]
+    by_array = ray.data.from_items([{"id": i, "image": a} for i, a in enumerate(arrays)])
+    kwargs = dict(score_thresh=SCORE_THRESH, concurrency=1, batch_size=3)
+    byte_rows = hrnetdet_ray.predict_dataset(by_bytes, saved, **kwargs).take_all()
+    array_rows = sorted(hrnetdet_ray.predict_dataset(by_array, saved, **kwargs).take_all(), key=lambda r: r["id"])
+
+    rows = {os.path.basename(r["path"]): r for r in byte_rows}
+    assert sorted(rows) == sorted([*local, "broken.jpg"]) and "bytes" not in byte_rows[0]
+    for name, res in local.items():
+        _assert_same(rows[name], res)
+        assert (rows[name]["height"], rows[name]["width"]) == (72, 108 if name[2] in "135" else 80)
+    assert rows["broken.jpg"]["error"].startswith(f"cannot read {str(images / 'broken.jpg')!r} as an image")
+    assert rows["broken.jpg"]["boxes"] == [] and rows["broken.jpg"]["height"] is None
+    assert [r["id"] for r in array_rows] == list(range(7)) and "image" not in array_rows[0]
+    for row, name in zip(array_rows, sorted(local)):
+        _assert_same(row, local[name])
+    assert "is 6x4 pixels; images need at least 8 on each side" in array_rows[-1]["error"]
+    ids = {cid for r in byte_rows for cid in r["category_ids"]}
+    assert ids and ids <= set(range(1, 91))  # COCO's ids (the model's categories), as results.json has them
+
+
+class DyingPredictor(hrnetdet_ray.Predictor):
+    """A Predictor whose actor process dies (``os._exit``) in its second call, once in the whole
+    run (the first to create ``died`` dies), logging each start and each call into ``log``."""
+
+    def __init__(self, model, *, log, **kwargs):
+        super().__init__(model, **kwargs)
+        self.log, self.calls = log, 0
+        self._note("start")
+
+    def _note(self, what):
+        with open(os.path.join(self.log, f"{what}.{os.getpid()}.{self.calls}"), "w"):
+            pass
+
+    def __call__(self, batch):
+        self.calls += 1
+        self._note("call")
+        if self.calls == 2:
+            try:
+                os.close(os.open(os.path.join(self.log, "died"), os.O_CREAT | os.O_EXCL))
+                os._exit(1)
+            except FileExistsError:
+                pass
+        return super().__call__(batch)
+
+
+def test_an_actor_that_dies_mid_run_leaves_every_image_done_once(cluster, saved, images, local, tmp_path):
+    """Rows of paths, two of them unreadable, on two actors; one dies in its second call."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import tests/
+    paths = _paths(images) + [str(images / "broken.jpg"), str(images / "gone.png")]
+    ds = ray.data.from_items([{"id": i, "path": paths[i % len(paths)]} for i in range(12)])
+    start = time.monotonic()
+    rows = ds.map_batches(DyingPredictor, fn_constructor_args=(saved,),
+                          fn_constructor_kwargs=dict(log=str(tmp_path), score_thresh=SCORE_THRESH),
+                          batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=2)).take_all()
+    seconds = time.monotonic() - start
+    log = os.listdir(tmp_path)
+    starts, calls = [f for f in log if f.startswith("start.")], [f for f in log if f.startswith("call.")]
+    assert "died" in log and len(starts) >= 3  # two actors, and one restarted in place of the dead
+    assert len(calls) >= 13  # 12 batches of one row, and the one the dead actor held, run again
+    assert sorted(r["id"] for r in rows) == list(range(12))  # every image once, none lost, none twice
+    errors = {os.path.basename(r["path"]): r["error"] for r in rows if r["error"]}
+    assert sorted(errors) == ["broken.jpg", "gone.png"] and "no such file" in errors["gone.png"]
+    for row in rows:
+        if not row["error"]:
+            _assert_same(row, local[os.path.basename(row["path"])])
+    print(f"\n12 images (2 unreadable), 2 actors, {len(starts)} actor starts, 1 killed, {len(calls)} calls "
+          f"({len(calls) - 12} retried), {seconds:.1f} s")
