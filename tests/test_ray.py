@@ -2,6 +2,7 @@
 file: actors load the model from a checkpoint the test writes; their results equal the local
 ``predict``'s image by image, whether rows hold paths, encoded bytes or arrays; unreadable rows are
 error rows; an actor that dies mid-run leaves every image done exactly once."""
+import json
 import os
 import sys
 import time
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 
 ray = pytest.importorskip("ray")
-hrnetdet_ray = pytest.importorskip("hrnetdet.integrations.ray")
 
+import hrnetdet.integrations.ray as hrnetdet_ray  # noqa: E402
 from conftest import PREDICT_ARCH, PREDICT_SMALL  # noqa: E402
 
 SCORE_THRESH = 0.0
@@ -151,3 +152,34 @@ def test_an_actor_that_dies_mid_run_leaves_every_image_done_once(cluster, saved,
             _assert_same(row, local[os.path.basename(row["path"])])
     print(f"\n12 images (2 unreadable), 2 actors, {len(starts)} actor starts, 1 killed, {len(calls)} calls "
           f"({len(calls) - 12} retried), {seconds:.1f} s")
+
+
+def test_the_cli_engine_ray_writes_what_a_local_run_writes(cluster, saved, images, tmp_path):
+    from hrnetdet.cli import main
+    from hrnetdet.inference.predict_run import UnreadableInputWarning
+
+    inputs = [str(images / name) for name in ("im0.png", "im1.png", "broken.jpg")]
+    run = ["predict", *inputs, "--model", saved, "--score-thresh", "0", "--num-workers", "0"]
+    for out, engine in ((tmp_path / "local", []), (tmp_path / "ray", ["--engine", "ray", "--ray-actors", "1"])):
+        with pytest.warns(UnreadableInputWarning):
+            assert main(run + ["--out", str(out)] + engine) == 0
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    for name in ("results.json", "results.jsonl", "failed.txt", "run.json", "im0.jpg", "im1.jpg"):
+        assert (on_ray / name).read_bytes() == (local / name).read_bytes(), name
+    assert len((local / "failed.txt").read_text().splitlines()) == 1
+    assert len(json.loads((local / "results.json").read_text())) == 10  # 2 images x 5 detections
+
+
+def test_the_cli_says_what_engine_ray_needs(saved, images, tmp_path, monkeypatch, capsys):
+    from hrnetdet.cli import main
+
+    run = ["predict", str(images / "im0.png"), "--model", saved, "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main(run + ["--ray-actors", "2"])
+    assert e.value.code == 2 and "argument --ray-actors: needs --engine ray" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "hrnetdet.integrations.ray")
+    with pytest.raises(SystemExit, match=r"^hrnetdet predict: error: --engine ray: hrnetdet.integrations.ray needs "
+                                         r"Ray Data: pip install 'hrnetdet\[ray\]'$"):
+        main(run + ["--engine", "ray"])
+    assert not (tmp_path / "out").exists()

@@ -38,11 +38,13 @@ except ImportError as e:  # the optional extra
 
 from ..data.images import decode_image_bytes
 from ..data.results import category_ids_of
+from ..detectors.settings import given_settings
 from ..detectors.transform import MIN_IMAGE_SIDE
 from ..inference.fast import optimize_for_inference
 from ..inference.options import PredictOptions, options_of
 from ..inference.predict import iter_predictions
-from ..inference.sources import is_video
+from ..inference.predict_run import LocalEngine
+from ..inference.sources import is_url, is_video
 from ..inference.thresholds import set_score_threshold
 from ..names import names_weights
 from ..threads import default_num_threads, set_num_threads
@@ -147,7 +149,7 @@ class Predictor:
             return None, f"{name}: no {column}"
         if column == "path":
             if is_video(str(value)):
-                return None, f"{value}: a video; give its frames as rows (images)"
+                return None, f"{value!r} is a video: hrnetdet's Ray predictor takes images"
             return str(value), None
         if column == "image":
             return np.asarray(value), None
@@ -180,10 +182,85 @@ class Predictor:
 
 
 def predict_dataset(ds: "ray.data.Dataset", model: str, *, concurrency: int = 1, num_cpus: float = 1,
-                    batch_size: int = 8, **kwargs: Any) -> "ray.data.Dataset":
+                    num_gpus: float = 0, batch_size: int = 8, **kwargs: Any) -> "ray.data.Dataset":
     """``ds`` mapped through ``Predictor(model, **kwargs)`` on ``concurrency`` actors of
-    ``num_cpus`` CPUs each, ``batch_size`` rows per call (lazy, as Ray Data is: nothing runs until
-    the dataset is consumed, e.g. by ``write_parquet`` or ``iter_rows``)."""
+    ``num_cpus`` CPUs (and ``num_gpus`` GPUs) each, ``batch_size`` rows per call (lazy, as Ray Data
+    is: nothing runs until the dataset is consumed, e.g. by ``write_parquet`` or ``iter_rows``)."""
     return ds.map_batches(Predictor, fn_constructor_args=(model,), fn_constructor_kwargs=kwargs,
-                          batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                          batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus,
                           compute=ray.data.ActorPoolStrategy(size=concurrency))
+
+
+class RayEngine:
+    """The engine of ``hrnetdet predict --engine ray`` (see ``predict_run.LocalEngine`` for the
+    members): the run's images go to ``actors`` Predictor actors on the Ray cluster at ``address``
+    (default: the Ray this process is connected to, else a new local one), which build the model
+    from ``spec`` (``Predictor``'s arguments); ``model``, the same model built here, says what the
+    results are (categories, test scale), so run.json and results.json are a local run's. The
+    files are read where the actors run, at their absolute paths (URLs are downloaded there).
+    Pictures are drawn here, from the files."""
+
+    def __init__(self, model: nn.Module, spec: Dict[str, Any], *, address: Optional[str] = None,
+                 actors: Optional[int] = None):
+        self.local = LocalEngine(model)
+        self.categories = self.local.categories
+        self.spec, self.address, self.actors = spec, address, actors
+
+    @classmethod
+    def from_args(cls, model: nn.Module, args: Any) -> "RayEngine":
+        """The engine of the CLI's flags (``--model``, weights, sizes, ``--fast``/``--backend``,
+        ``--ray-address``, ``--ray-actors``), with the model the CLI built from them."""
+        spec = {"model": _absolute(args.model) if os.path.isdir(args.model) else args.model,
+                "pretrained": args.pretrained or names_weights(args.model),
+                "checkpoint_path": _absolute(args.checkpoint_path), "backend": args.backend, "fast": args.fast,
+                "settings": given_settings(args)}
+        return cls(model, spec, address=args.ray_address, actors=args.ray_actors)
+
+    def category_ids(self) -> Optional[List[int]]:
+        return self.local.category_ids()
+
+    def describe(self) -> Dict[str, Any]:
+        return self.local.describe()
+
+    def place(self, options: PredictOptions, rank: int, world: int) -> PredictOptions:
+        """Connects to Ray; ``actors`` defaults to one per CPU (per GPU with a CUDA ``device``) of the cluster."""
+        if not ray.is_initialized():
+            ray.init(address=self.address)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the run's own bar counts inputs
+        if self.actors is None:
+            resources = ray.cluster_resources()
+            self.actors = max(1, int(resources.get("GPU" if self._gpus(options) else "CPU", 1)))
+        return options
+
+    @staticmethod
+    def _gpus(options: PredictOptions) -> float:
+        return 1 if options.device is not None and options.device.startswith("cuda") else 0
+
+    def predictions(self, items: Sequence[str], options: PredictOptions, indices: Sequence[int]
+                    ) -> Iterator[Dict[str, Any]]:
+        """Results as the rows come back (in any order), each with the input's ``height`` and ``width``."""
+        given = dict(zip(indices, items))
+        sent = {i: item if is_url(item) else _absolute(item) for i, item in given.items()}
+        ds = ray.data.from_items([{"input_index": i, "path": path} for i, path in sent.items()])
+        spec = dict(self.spec)
+        rows = predict_dataset(ds, spec.pop("model"), concurrency=self.actors, num_gpus=self._gpus(options),
+                               batch_size=options.batch_size, options=options, **spec)
+        for row in rows.iter_rows():
+            i = row["input_index"]
+            res: Dict[str, Any] = {"input_index": i, "file_name": given[i]}
+            if row["error"] is not None:  # named as the local run names it
+                res["error"] = row["error"].replace(repr(sent[i]), repr(given[i]))
+                yield res
+                continue
+            res.update(boxes=torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4),
+                       labels=torch.tensor(row["labels"], dtype=torch.int64),
+                       scores=torch.tensor(row["scores"], dtype=torch.float32), names=list(row["names"]),
+                       height=row["height"], width=row["width"])
+            if "masks" in row:
+                res["masks"] = list(row["masks"])
+            yield res
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """``path`` as the actors must read it: absolute (they do not run in this folder)."""
+    return os.path.abspath(path) if path is not None else None
