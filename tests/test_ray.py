@@ -183,3 +183,13 @@ def test_the_cli_says_what_engine_ray_needs(saved, images, tmp_path, monkeypatch
                                          r"Ray Data: pip install 'hrnetdet\[ray\]'$"):
         main(run + ["--engine", "ray"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_video_is_an_error_on_engine_ray_and_starts_no_actor(saved):
+    import hrnetdet
+    from hrnetdet.inference.options import PredictOptions
+
+    engine = hrnetdet_ray.RayEngine(hrnetdet.create_model(saved), {"model": saved})
+    results = list(engine.predictions(["clip.mp4"], PredictOptions(), [3]))  # no Ray: none is started
+    assert results == [{"input_index": 3, "file_name": "clip.mp4",
+                        "error": "'clip.mp4' is a video: hrnetdet's Ray predictor takes images"}]

@@ -80,6 +80,11 @@ def actor_threads() -> int:
     return max(1, min(int(cpus), default_num_threads()))
 
 
+def video_refusal(path: str) -> str:
+    """Why a video is an error row: a row is one image (a video's frames can be rows of arrays)."""
+    return f"{path!r} is a video: hrnetdet's Ray predictor takes images"
+
+
 def image_column(batch: Dict[str, Any]) -> str:
     """The column a batch's images are read from (see the module's docstring)."""
     for name in IMAGE_COLUMNS:
@@ -148,9 +153,7 @@ class Predictor:
         if value is None:
             return None, f"{name}: no {column}"
         if column == "path":
-            if is_video(str(value)):
-                return None, f"{value!r} is a video: hrnetdet's Ray predictor takes images"
-            return str(value), None
+            return (None, video_refusal(str(value))) if is_video(str(value)) else (str(value), None)
         if column == "image":
             return np.asarray(value), None
         try:
@@ -238,8 +241,14 @@ class RayEngine:
 
     def predictions(self, items: Sequence[str], options: PredictOptions, indices: Sequence[int]
                     ) -> Iterator[Dict[str, Any]]:
-        """Results as the rows come back (in any order), each with the input's ``height`` and ``width``."""
-        given = dict(zip(indices, items))
+        """Results as the rows come back (in any order), each with the input's ``height`` and
+        ``width``; a video is an error, said here (no actor starts for it)."""
+        given = {i: item for i, item in zip(indices, items) if not is_video(item)}
+        for i, item in zip(indices, items):
+            if i not in given:
+                yield {"input_index": i, "file_name": item, "error": video_refusal(item)}
+        if not given:
+            return
         sent = {i: item if is_url(item) else _absolute(item) for i, item in given.items()}
         ds = ray.data.from_items([{"input_index": i, "path": path} for i, path in sent.items()])
         spec = dict(self.spec)
