@@ -226,7 +226,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the model here (local), or on a Ray cluster's actors (ray: pip install "
                         "'hrnetdet[ray]'; the input files must be readable at their absolute paths there)")
     p.add_argument("--ray-address", metavar="ADDR", help="with --engine ray: the cluster to join (host:6379, "
-                   "ray://host:10001, auto; default: a new local Ray)")
+                   "ray://host:10001, auto; default: $RAY_ADDRESS, a Ray started on this machine, else a new one)")
     p.add_argument("--ray-actors", type=positive_int, metavar="N",
                    help="with --engine ray: model actors (default: one per CPU of the cluster, per GPU with --device cuda)")
 

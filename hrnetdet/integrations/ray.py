@@ -197,7 +197,8 @@ def predict_dataset(ds: "ray.data.Dataset", model: str, *, concurrency: int = 1,
 class RayEngine:
     """The engine of ``hrnetdet predict --engine ray`` (see ``predict_run.LocalEngine`` for the
     members): the run's images go to ``actors`` Predictor actors on the Ray cluster at ``address``
-    (default: the Ray this process is connected to, else a new local one), which build the model
+    (default: the Ray this process is connected to, else ``ray.init``'s: $RAY_ADDRESS, a Ray
+    started on this machine, else a new one), which build the model
     from ``spec`` (``Predictor``'s arguments); ``model``, the same model built here, says what the
     results are (categories, test scale), so run.json and results.json are a local run's. The
     files are read where the actors run, at their absolute paths (URLs are downloaded there).
