@@ -198,11 +198,11 @@ class RayEngine:
     """The engine of ``hrnetdet predict --engine ray`` (see ``predict_run.LocalEngine`` for the
     members): the run's images go to ``actors`` Predictor actors on the Ray cluster at ``address``
     (default: the Ray this process is connected to, else ``ray.init``'s: $RAY_ADDRESS, a Ray
-    started on this machine, else a new one), which build the model
-    from ``spec`` (``Predictor``'s arguments); ``model``, the same model built here, says what the
-    results are (categories, test scale), so run.json and results.json are a local run's. The
-    files are read where the actors run, at their absolute paths (URLs are downloaded there).
-    Pictures are drawn here, from the files."""
+    started on this machine, else a new one), which build the model from ``spec``
+    (``Predictor``'s arguments); ``model``, the same model built here, says what the results are
+    (categories, test scale), so run.json and results.json are a local run's. The files are read
+    where the actors run, at their absolute paths (URLs are downloaded there); pictures are drawn
+    here, from the files."""
 
     def __init__(self, model: nn.Module, spec: Dict[str, Any], *, address: Optional[str] = None,
                  actors: Optional[int] = None):
