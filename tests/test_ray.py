@@ -2,7 +2,7 @@
 file: actors load the model from a folder the test writes; their results equal the local
 ``predict``'s image by image, whether rows hold arrays, encoded bytes or paths (``hrnetdet predict
 --engine ray`` writes a local run's files); unreadable rows are error rows; an actor that dies
-mid-run leaves every image done exactly once. 86 s on a 2-core machine at load average 10: Ray's
+mid-run leaves every image done exactly once. 86-112 s on a 2-core machine at load average 10-13: Ray's
 start and each actor's (a Python process building the model) dominate."""
 import json
 import os
