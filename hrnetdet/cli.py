@@ -404,12 +404,8 @@ def cli_output(debug: bool) -> Iterator[None]:
             del os.environ["HF_HUB_VERBOSITY"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    subparser = args.command_parser
-    if unknown:  # refused by the command's parser, whose usage names the command
-        subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+def _check_weights(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> None:
+    """A command that runs a model is told where its weights are, or (predict) a server to ask."""
     if getattr(args, "server", None):
         if args.model or args.checkpoint_path or args.pretrained:
             subparser.error("--server runs the server's model: leave out --model, --checkpoint-path and --pretrained")
@@ -421,6 +417,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                or names_weights(args.model)):
         subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
                         "(NAME.tag, a saved or run folder, hf-hub:org/name)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    subparser = args.command_parser
+    if unknown:  # refused by the command's parser, whose usage names the command
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _check_weights(args, subparser)
     if args.command == "predict":
         _ray_engine(args)
     if COMMANDS[args.command].uses_torch:

@@ -450,6 +450,21 @@ def test_client_raises_the_servers_refusal(mask_server):
         Client(f"http://127.0.0.1:{free_port()}").health()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "x.jpg", "--server", "http://127.0.0.1:1", "--model", "faster_rcnn_hrnetv2p_w18"],
+     "--server runs the server's model: leave out --model"),
+    (["predict", "x.jpg", "--server", "http://127.0.0.1:1", "--engine", "ray"], "--server and --engine ray: choose one"),
+    (["predict", "x.jpg"], "required: --model (or --server URL)"),
+    (["serve", "faster_rcnn_hrnetv2p_w18"], "give --checkpoint-path PATH, --pretrained"),
+    (["serve", "x", "--max-upload-mb", "0"], "argument --max-upload-mb: a number above 0, got '0'"),
+])
+def test_cli_refuses_flags_that_cannot_run(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_serve_without_litserve_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "litserve", None)
     with pytest.raises(SystemExit, match=r"pip install 'hrnetdet\[serve\]'"):
