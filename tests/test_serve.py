@@ -226,6 +226,11 @@ def test_api_answers_what_predict_answers(family, request, images):
     assert all(("mask" in d) == (family == "mask") for d in record["detections"])
     assert {d["category_id"] for d in record["detections"]} <= set(client.info()["category_ids"])
     assert_same(as_result(record, family == "mask"), hrnetdet.predict(model, images["a.jpg"]))
+    if family == "box":  # in-memory images travel as lossless PNGs; a list answers a list, in order
+        array = request.getfixturevalue("rgb")
+        both = client.predict([images["b.png"], array])
+        assert [r["input_index"] for r in both] == [0, 1] and both[0]["file_name"] == images["b.png"]
+        assert_same(both[1], hrnetdet.predict(model, array))
     local = hrnetdet.predict(model, images["a.png"], score_thresh=0.016, max_det=5)
     assert_same(client.predict(images["a.png"], score_thresh=0.016, max_det=5), local)
     assert len(local["scores"]) <= 5
