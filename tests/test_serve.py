@@ -1,6 +1,8 @@
 """``hrnetdet serve`` against real servers: subprocesses on 127.0.0.1 and a free port, one per
 model family for the module (a start costs seconds), always stopped. Tiny calibrated W18 models on
-small images; the answers are compared with ``hrnetdet.predict`` in this process."""
+small images; the answers are compared with ``hrnetdet.predict`` in this process. 95 s on the
+2-core machine at load average 10: the two calibrations and the servers' starts (spawned workers
+importing torch) take half of it."""
 import base64
 import concurrent.futures
 import http.client
@@ -149,10 +151,17 @@ def images(tmp_path_factory, rgb) -> Dict[str, str]:
     return paths
 
 
+DETECTIONS = 20  # per image: a mask model's time goes into its masks
+
+
 @pytest.fixture(scope="module")
-def mask_folder(checkpoint) -> str:
-    """conftest's calibrated Mask R-CNN, saved (model.safetensors and config.json)."""
-    return str(checkpoint.parent)
+def mask_folder(model, tmp_path_factory) -> str:
+    """conftest's calibrated Mask R-CNN with its best 20 detections, saved (model.safetensors and config.json)."""
+    from hrnetdet.zoo.checkpoint import save_pretrained
+    folder = tmp_path_factory.mktemp("mask")
+    with hrnetdet.temporary_settings(model, detections_per_img=DETECTIONS):
+        save_pretrained(model, str(folder))
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +170,8 @@ def box_folder(rgb, tmp_path_factory) -> str:
     from hrnetdet.inference import load_image
     from hrnetdet.zoo.checkpoint import save_pretrained
     torch.manual_seed(0)
-    model = calibrate(hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", **PREDICT_SMALL), [load_image(rgb)])
+    model = calibrate(hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", **PREDICT_SMALL,
+                                            box_detections_per_img=DETECTIONS), [load_image(rgb)])
     folder = tmp_path_factory.mktemp("box")
     save_pretrained(model, str(folder))
     return str(folder)
