@@ -391,7 +391,10 @@ def test_500_bad_requests_grow_the_server_by_under_10_percent(mask_server, image
     assert call(mask_server.url, "/health")[0] == 200
 
 
-def test_info_metrics_and_page(mask_server):
+def test_info_metrics_and_page(mask_server, images):
+    jpeg = open(images["a.jpg"], "rb").read()
+    assert call(mask_server.url, "/predict", jpeg, {"X-API-Key": KEY, "Content-Type": "image/jpeg"})[0] == 200
+    assert call(mask_server.url, "/predict", jpeg, {"Content-Type": "image/jpeg"})[0] == 401
     assert call(mask_server.url, "/info")[0] == 401
     status, body, _ = call(mask_server.url, "/info", headers={"X-API-Key": KEY})
     info = json.loads(body)
@@ -411,6 +414,8 @@ def test_info_metrics_and_page(mask_server):
         assert status == 200 and headers["content-type"].startswith("text/html")
     else:
         assert status == 404 and "no web page" in json.loads(body)["error"]
+    status, body, _ = call(mask_server.url, "/static/nothing-here.js")  # the page's assets need no key
+    assert status == 404 and "error" in json.loads(body)
     assert call(mask_server.url, "/nowhere")[0] == 401  # with a key, even a wrong route needs it
     status, body, _ = call(mask_server.url, "/nowhere", headers={"X-API-Key": KEY})
     assert status == 404 and json.loads(body) == {"error": "no such route: /nowhere"}

@@ -186,7 +186,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
                               "the API is at POST /predict")
         return FileResponse(index)
 
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    if os.path.isdir(STATIC):  # the page's files (installed with the package); without them, /static/* is a 404
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
 class ServerError(RuntimeError):
