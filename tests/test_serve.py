@@ -418,7 +418,7 @@ def test_info_metrics_and_page(mask_server, images):
     assert status == 404 and "error" in json.loads(body)
     assert call(mask_server.url, "/nowhere")[0] == 401  # with a key, even a wrong route needs it
     status, body, _ = call(mask_server.url, "/nowhere", headers={"X-API-Key": KEY})
-    assert status == 404 and json.loads(body) == {"error": "no such route: /nowhere"}
+    assert status == 404 and json.loads(body) == {"error": "not found: /nowhere"}
 
 
 def test_predict_with_server_writes_the_files_of_a_local_run(mask_server, mask_folder, images, tmp_path, monkeypatch):

@@ -151,7 +151,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        message = {404: f"no such route: {request.url.path}", 405: f"{request.method} is not allowed on "
+        message = {404: f"not found: {request.url.path}", 405: f"{request.method} is not allowed on "
                    f"{request.url.path}"}.get(e.status_code, str(e.detail))
         return error(e.status_code, message)
 
