@@ -212,6 +212,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="run the dense parts in this runtime, exported once and cached (auto: the fastest "
                         "installed; default: torch)")
     p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
+    p.add_argument("--server", metavar="URL", help="detections from a `hrnetdet serve` server instead of --model "
+                                                   "(same files; its API key from HRNETDET_API_KEY)")
+    next(a for a in p._actions if a.dest == "model").required = False  # --model or --server: checked in main
     p.add_argument("--line-width", type=int, metavar="PX", help="box line width in pictures (default: follows "
                                                                 "each box, within limits)")
     p.add_argument("--label-size", type=int, metavar="PX", help="label text size in pictures (default: follows "
@@ -260,6 +263,49 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     _max_size_arg(p)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a number above 0, got {text!r}")
+    return value
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    """``hrnetdet serve``: the model flags of ``predict`` (MODEL positional), the server's own."""
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + "; with --pretrained or --checkpoint")
+    p.add_argument("--checkpoint-path", type=existing_file, help="a .safetensors or reference .pth file")
+    alias(p, "--checkpoint", "--checkpoint-path")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
+                   help="the published COCO weights of MODEL (or of this tag)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, choices=range(0, 65536), metavar="PORT", help="port (8000)")
+    p.add_argument("--max-batch-size", type=positive_int, default=1,
+                   help="dynamic batching: up to this many queued requests run as one batch (1: none)")
+    p.add_argument("--batch-timeout", type=positive_float, default=0.005, metavar="SECONDS",
+                   help="how long a batch waits to fill (0.005; with --max-batch-size over 1)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="inference worker processes per device, each holding its own copy of the model "
+                        "(1: one model in memory; the HTTP process holds none)")
+    _device_arg(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
+                   help="run the dense parts in this runtime (as predict --backend)")
+    p.add_argument("--fast", action="store_true", help="the inference fast path (optimize_for_inference)")
+    p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="refuse (413) request bodies over this (20)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse (413) images over N pixels, read from the header (default 64 million; 0: no limit)")
+    p.add_argument("--score-thresh", type=float, help="default score threshold (the model's); requests may change it")
+    p.add_argument("--max-det", type=int, metavar="N", help="default detections per image (the model's)")
+    p.add_argument("--api-key", help="require this key (header X-API-Key) on every route but /health and the page; "
+                                     "or set HRNETDET_API_KEY")
+    p.add_argument("--min-size", type=positive_int, help="test resize: shorter side (the model's default: 800)")
+    _max_size_arg(p)
+
+
 COMMANDS: Dict[str, Command] = {
     "train": Command("train or fine-tune a detector on a COCO-format dataset (torchrun for DDP)",
                      _train_args, "hrnetdet.engine.commands:run_train"),
@@ -277,7 +323,11 @@ COMMANDS: Dict[str, Command] = {
                     _push_args, "hrnetdet.zoo.push:run_push"),
     "export": Command("export a model to TorchScript, ONNX or OpenVINO, checked against eager",
                       _export_args, "hrnetdet.inference.commands:run_export"),
+    "serve": Command("serve a model over HTTP: POST /predict with dynamic batching, a web page at /",
+                     _serve_args, "hrnetdet.serve.commands:run_serve"),
 }
+
+REMOTE_PREDICT = "hrnetdet.serve.commands:run_remote_predict"  # predict --server: a server's model
 
 # Errors a user can fix (a missing or wrong file, an unknown name, bad input; CheckpointError is a
 # ValueError; FloatingPointError is a diverged training run): one line, no traceback. Anything else is
@@ -354,16 +404,28 @@ def cli_output(debug: bool) -> Iterator[None]:
             del os.environ["HF_HUB_VERBOSITY"]
 
 
+def _check_weights(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> None:
+    """A command that runs a model is told where its weights are, or (predict) a server to ask."""
+    if getattr(args, "server", None):
+        if args.model or args.checkpoint_path or args.pretrained:
+            subparser.error("--server runs the server's model: leave out --model, --checkpoint-path and --pretrained")
+        if args.engine != "local":
+            subparser.error(f"--server and --engine {args.engine}: choose one")
+    elif args.command == "predict" and not args.model:
+        subparser.error("the following arguments are required: --model (or --server URL)")
+    elif args.command in ("eval", "predict", "serve") and not (args.checkpoint_path or args.pretrained
+                                                               or names_weights(args.model)):
+        subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
+                        "(NAME.tag, a saved or run folder, hf-hub:org/name)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     subparser = args.command_parser
     if unknown:  # refused by the command's parser, whose usage names the command
         subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("eval", "predict") and not (args.checkpoint_path or args.pretrained
-                                                    or names_weights(args.model)):
-        subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
-                        "(NAME.tag, a saved or run folder, hf-hub:org/name)")
+    _check_weights(args, subparser)
     if args.command == "predict":
         _ray_engine(args)
     if COMMANDS[args.command].uses_torch:
@@ -380,7 +442,8 @@ def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
             args.model = saved_model_folder(model)
             if args.model != model:
                 print(f"hrnetdet {args.command}: {model} is a training run: using {args.model}", file=sys.stderr)
-        module, function = COMMANDS[args.command].run.split(":")
+        run_path = REMOTE_PREDICT if getattr(args, "server", None) else COMMANDS[args.command].run
+        module, function = run_path.split(":")
         run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)
     except USER_ERRORS as e:
