@@ -13,7 +13,8 @@ _EXPORTS = {"CheckpointError": "hrnetdet.zoo", "create_model": "hrnetdet.zoo",
             "fit": "hrnetdet.engine.train",
             "optimize_for_inference": "hrnetdet.inference", "predict": "hrnetdet.inference",
             "draw": "hrnetdet.visualize", "set_settings": "hrnetdet.detectors.settings",
-            "temporary_settings": "hrnetdet.detectors.settings", "model_settings": "hrnetdet.detectors.settings"}
+            "temporary_settings": "hrnetdet.detectors.settings", "model_settings": "hrnetdet.detectors.settings",
+            "Client": "hrnetdet.serve.client"}
 
 
 def _factories() -> dict:

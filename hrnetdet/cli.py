@@ -212,6 +212,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="run the dense parts in this runtime, exported once and cached (auto: the fastest "
                         "installed; default: torch)")
     p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
+    p.add_argument("--server", metavar="URL", help="detections from a `hrnetdet serve` server instead of --model "
+                                                   "(same files; its API key from HRNETDET_API_KEY)")
+    next(a for a in p._actions if a.dest == "model").required = False  # --model or --server: checked in main
     p.add_argument("--line-width", type=int, metavar="PX", help="box line width in pictures (default: follows "
                                                                 "each box, within limits)")
     p.add_argument("--label-size", type=int, metavar="PX", help="label text size in pictures (default: follows "
@@ -233,6 +236,39 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     _max_size_arg(p)
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    """``hrnetdet serve``: the model flags of ``predict`` (MODEL positional), the server's own."""
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + "; with --pretrained or --checkpoint")
+    p.add_argument("--checkpoint-path", type=existing_file, help="a .safetensors or reference .pth file")
+    alias(p, "--checkpoint", "--checkpoint-path")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
+                   help="the published COCO weights of MODEL (or of this tag)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--max-batch-size", type=positive_int, default=1,
+                   help="dynamic batching: up to this many queued requests run as one batch (1: none)")
+    p.add_argument("--batch-timeout", type=float, default=0.005, metavar="SECONDS",
+                   help="how long a batch waits to fill (0.005; with --max-batch-size over 1)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="inference worker processes per device, EACH HOLDING ITS OWN COPY OF THE MODEL "
+                        "(1: one model in memory)")
+    _device_arg(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
+                   help="run the dense parts in this runtime (as predict --backend)")
+    p.add_argument("--fast", action="store_true", help="the inference fast path (optimize_for_inference)")
+    p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="refuse (413) request bodies over this (20)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse (413) images over N pixels, read from the header (default 64 million; 0: no limit)")
+    p.add_argument("--score-thresh", type=float, help="default score threshold (the model's); requests may change it")
+    p.add_argument("--max-det", type=int, metavar="N", help="default detections per image (the model's)")
+    p.add_argument("--api-key", help="require this key (header X-API-Key) on every route but /health and the page; "
+                                     "or set HRNETDET_API_KEY")
+    p.add_argument("--min-size", type=positive_int, help="test resize: shorter side (the model's default: 800)")
+    _max_size_arg(p)
+
+
 COMMANDS: Dict[str, Command] = {
     "train": Command("train or fine-tune a detector on a COCO-format dataset (torchrun for DDP)",
                      _train_args, "hrnetdet.engine.commands:run_train"),
@@ -250,7 +286,11 @@ COMMANDS: Dict[str, Command] = {
                     _push_args, "hrnetdet.zoo.push:run_push"),
     "export": Command("export a model to TorchScript, ONNX or OpenVINO, checked against eager",
                       _export_args, "hrnetdet.inference.commands:run_export"),
+    "serve": Command("serve a model over HTTP: POST /predict with dynamic batching, a web page at /",
+                     _serve_args, "hrnetdet.serve.commands:run_serve"),
 }
+
+REMOTE_PREDICT = "hrnetdet.serve.commands:run_remote_predict"  # predict --server: a server's model
 
 # Errors a user can fix (a missing or wrong file, an unknown name, bad input; CheckpointError is a
 # ValueError; FloatingPointError is a diverged training run): one line, no traceback. Anything else is
@@ -333,8 +373,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     subparser = args.command_parser
     if unknown:  # refused by the command's parser, whose usage names the command
         subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("eval", "predict") and not (args.checkpoint_path or args.pretrained
-                                                    or names_weights(args.model)):
+    if getattr(args, "server", None):
+        if args.model or args.checkpoint_path or args.pretrained:
+            subparser.error("--server runs the server's model: leave out --model, --checkpoint-path and --pretrained")
+    elif args.command == "predict" and not args.model:
+        subparser.error("the following arguments are required: --model (or --server URL)")
+    elif args.command in ("eval", "predict", "serve") and not (args.checkpoint_path or args.pretrained
+                                                               or names_weights(args.model)):
         subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
                         "(NAME.tag, a saved or run folder, hf-hub:org/name)")
     if COMMANDS[args.command].uses_torch:
@@ -351,7 +396,8 @@ def _run(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> int:
             args.model = saved_model_folder(model)
             if args.model != model:
                 print(f"hrnetdet {args.command}: {model} is a training run: using {args.model}", file=sys.stderr)
-        module, function = COMMANDS[args.command].run.split(":")
+        run_path = REMOTE_PREDICT if getattr(args, "server", None) else COMMANDS[args.command].run
+        module, function = run_path.split(":")
         run = getattr(importlib.import_module(module), function)
         return int(run(args) or 0)
     except USER_ERRORS as e:

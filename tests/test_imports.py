@@ -21,7 +21,7 @@ PACKAGE_LAYERS = [
     {"zoo"},  # registry, checkpoints, the Hub, create_model
     {"visualize"},
     {"inference"},  # predict, runs over files, slicing, TTA, export, runtimes
-    {"engine", "integrations"},  # training and evaluation; adapters for outside tools (SAHI)
+    {"engine", "integrations", "serve"},  # training and evaluation; adapters for outside tools (SAHI); HTTP serving
     {"demo", "cli", "hrnetdet"},  # entry points (hrnetdet: the package's lazy __init__)
 ]
 

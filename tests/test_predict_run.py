@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hrnetdet.inference.options import PredictOptions
 from test_predict import _run, _write_video
 
 predict_module = importlib.import_module("hrnetdet.inference.predict")
+predict_run = importlib.import_module("hrnetdet.inference.predict_run")
 
 
 @pytest.fixture()
@@ -192,3 +194,37 @@ def test_a_resumed_save_video_run_writes_the_video_whole(reused_model, rgb, chec
     calls.clear()
     assert _run([tmp_path / "clip.mp4"], out, checkpoint, "--save-video") == 0
     assert calls == []  # done whole: nothing to redo
+
+
+class _ElsewhereEngine(predict_run.LocalEngine):
+    """An engine as a server's client or Ray feed the run: results without the decoded image, only
+    its size, and a description of its own."""
+
+    def describe(self):
+        return {**super().describe(), "engine": "elsewhere"}
+
+    def predictions(self, items, options, indices):
+        for res in super().predictions(items, options, indices):
+            image = res.pop("image", None)
+            if image is not None:
+                res["height"], res["width"] = image.shape[-2:]
+            yield res
+
+
+def test_an_engine_elsewhere_writes_what_a_local_run_writes(model, rgb, tmp_path, monkeypatch):
+    monkeypatch.setattr(model.roi_heads, "detections_per_img", 5)
+    _images(tmp_path / "in", rgb, "a.jpg", "b.png")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    paths = sorted(str(p) for p in (tmp_path / "in").iterdir())
+    options = PredictOptions(score_thresh=0.0, num_workers=0)
+    local, elsewhere = tmp_path / "local", tmp_path / "elsewhere"
+    with pytest.warns(predict_run.UnreadableInputWarning):
+        predict_run.run_predict(model, paths, str(local), options, progress=False)
+    with pytest.warns(predict_run.UnreadableInputWarning):
+        counts = predict_run.run_predict(_ElsewhereEngine(model), paths, str(elsewhere), options, progress=False)
+    assert (counts["done"], counts["failed"]) == (2, 1)
+    assert _records(elsewhere) == _records(local) and len(_records(local)) > 0
+    for name in ("a.jpg", "b.jpg"):  # pictures drawn from the files, as the local run drew them
+        assert (elsewhere / name).read_bytes() == (local / name).read_bytes()
+    assert (elsewhere / "failed.txt").read_text() == (local / "failed.txt").read_text()
+    assert json.loads((elsewhere / "run.json").read_text())["settings"]["engine"] == "elsewhere"

@@ -147,31 +147,36 @@ def read_image(path: str, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: i
     cannot be decoded, or its header gives more than ``max_pixels`` pixels (``None``: no limit of
     ours) or a side under ``min_side``: the size is read from the header (PIL reads only that on
     open) before any decoder allocates, whichever decoder then reads the pixels."""
+    with _open_regular(path) as f:
+        return decode_image_file(f, path, max_pixels=max_pixels, min_side=min_side)
+
+
+def decode_image_file(f: BinaryIO, name: Any, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: int = 1) -> Tensor:
+    """``read_image`` of an opened binary file (or an upload in a ``BytesIO``), named ``name`` in errors."""
     from PIL import Image
 
-    with _open_regular(path) as f:
-        by_torchvision = f.read(8).startswith(TORCHVISION_FORMATS) and hasattr(torchvision.io, "decode_image")
-        f.seek(0)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit speaks
-                with Image.open(f) as im:
-                    check_size(path, im.size, max_pixels, min_side)
-                    if not by_torchvision:
-                        return _pil_to_tensor(im)
-            return _torchvision_decode(path, f, max_pixels)
-        except ImageRefused:
-            raise
-        except Image.DecompressionBombError as e:
-            raise _bomb_refusal(path, e, max_pixels) from None
-        except (OSError, RuntimeError, SyntaxError, ValueError, struct.error, EOFError) as e:
-            raise ValueError(f"cannot read {_shown(path)} as an image: {_reason(e)}") from None
+    by_torchvision = f.read(8).startswith(TORCHVISION_FORMATS) and hasattr(torchvision.io, "decode_image")
+    f.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit speaks
+            with Image.open(f) as im:
+                check_size(name, im.size, max_pixels, min_side)
+                if not by_torchvision:
+                    return _pil_to_tensor(im)
+        return _torchvision_decode(name, f, max_pixels)
+    except ImageRefused:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _bomb_refusal(name, e, max_pixels) from None
+    except (OSError, RuntimeError, SyntaxError, ValueError, struct.error, EOFError) as e:
+        raise ValueError(f"cannot read {_shown(name)} as an image: {_reason(e)}") from None
 
 
 def _torchvision_decode(path: Any, f: BinaryIO, max_pixels: Optional[int]) -> Tensor:
     """A JPEG or PNG file through torchvision, read whole: refused first when the file is larger
     than any image within ``max_pixels`` could be (8 bytes a pixel: 16-bit RGBA, plus metadata)."""
-    size = os.fstat(f.fileno()).st_size
+    size = f.seek(0, os.SEEK_END)
     if max_pixels is not None and size > 8 * max_pixels + METADATA_BYTES:
         raise ImageRefused(f"{_shown(path)} holds {size} bytes, more than an image of {_megapixels(max_pixels)} "
                          f"needs (raise it with --max-pixels)")

@@ -3,7 +3,7 @@ results.jsonl, COCO-results JSON and pictures (see ``predict_run``;
 its arguments are in ``hrnetdet/cli.py``)."""
 import argparse
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from .modes import mode_kwargs
 from .options import OptionError, PredictOptions
@@ -27,7 +27,9 @@ def predict_options(args: argparse.Namespace) -> PredictOptions:
         args.command_parser.error(e.cli_message())
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def run_predict(args: argparse.Namespace, engine: Any = None) -> int:
+    """The ``predict`` command; ``engine``: computes the detections instead of a model built from
+    the flags (``predict_run.LocalEngine``'s members: ``hrnetdet predict --server`` gives a server's)."""
     from ..detectors.settings import given_settings
     from ..zoo.factory import create_model
     from ..names import names_weights
@@ -41,15 +43,19 @@ def run_predict(args: argparse.Namespace) -> int:
         predict_run.check_out_holds_no_input(paths, args.out)
     except predict_run.PredictRunError as e:
         raise SystemExit(f"hrnetdet predict: error: {e}") from None
-    model = create_model(args.model, pretrained=args.pretrained or names_weights(args.model),
-                         checkpoint_path=args.checkpoint_path, **given_settings(args))
-    if args.fast or args.backend != "torch":
-        try:
-            optimize_for_inference(model, backend=args.backend)
-        except ImportError as e:  # the backend's package is missing: the message says which extra
-            raise SystemExit(f"hrnetdet predict: error: --backend {args.backend}: {e}") from None
-    weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast, "--backend": args.backend,
-               "--checkpoint": predict_run.input_identity(args.checkpoint_path) if args.checkpoint_path else None}
+    if engine is not None:
+        model, weights = engine, {}
+    else:
+        model = create_model(args.model, pretrained=args.pretrained or names_weights(args.model),
+                             checkpoint_path=args.checkpoint_path, **given_settings(args))
+        if args.fast or args.backend != "torch":
+            try:
+                optimize_for_inference(model, backend=args.backend)
+            except ImportError as e:  # the backend's package is missing: the message says which extra
+                raise SystemExit(f"hrnetdet predict: error: --backend {args.backend}: {e}") from None
+        weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast,
+                   "--backend": args.backend,
+                   "--checkpoint": predict_run.input_identity(args.checkpoint_path) if args.checkpoint_path else None}
     try:
         counts = predict_run.run_predict(model, paths, args.out, options, strict=args.strict, draw=not args.no_draw,
                                          save_video=args.save_video, settings=weights)

@@ -14,6 +14,11 @@ Every file in the folder is created without following a link someone planted the
 the lock through ``open_no_follow`` or ``O_EXCL``, everything else through ``atomic_write``, which
 replaces a link. Names that are not UTF-8 are written with their undecodable bytes as ``\\udcXX``
 escapes (Python's surrogateescape code points; ``os.fsencode`` turns them back into the bytes).
+
+What computes the detections is an *engine*: ``LocalEngine`` runs a detector in this process (a
+model given to ``run_predict`` is wrapped in one); a remote server or a Ray cluster plugs in as
+an object with the same four members (``categories``, ``category_ids``, ``describe``, ``place``,
+``predictions``; see ``LocalEngine``), so every engine writes the same files and resumes the same way.
 """
 import datetime
 import json
@@ -26,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 import torch
 from torch import nn
 
-from ..data.images import to_float
+from ..data.images import read_image, to_float
 from ..data.results import category_ids_of, coco_records
 from ..io import atomic_write, open_no_follow
 from .options import PredictOptions, options_of
@@ -85,14 +90,18 @@ def _key(record: Dict[str, Any]) -> Key:
     return _identity(record), int(record.get("frame_index", -1))
 
 
-def run_settings(model: nn.Module, options: PredictOptions, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The settings that shape a run's results, named by their ``hrnetdet predict`` flags: the
-    model's test scale and the options' ``fingerprint``; ``extra``: what the caller knows beyond
-    the model object (the CLI: model name, weights identity, backend)."""
+def model_settings(model: nn.Module) -> Dict[str, Any]:
+    """What of a detector object shapes its results: its class and test scale."""
     transform = getattr(model, "transform", None)
-    settings = {"model class": type(model).__name__,
-                "--min-size": getattr(transform, "min_size", None), "--max-size": getattr(transform, "max_size", None),
-                **options.fingerprint(), **(extra or {})}
+    return {"model class": type(model).__name__,
+            "--min-size": getattr(transform, "min_size", None), "--max-size": getattr(transform, "max_size", None)}
+
+
+def run_settings(engine: Any, options: PredictOptions, extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The settings that shape a run's results, named by their ``hrnetdet predict`` flags: the
+    engine's ``describe()`` (a local model's test scale) and the options' ``fingerprint``;
+    ``extra``: what the caller knows beyond the engine (the CLI: model name, weights identity, backend)."""
+    settings = {**engine.describe(), **options.fingerprint(), **(extra or {})}
     return json.loads(json.dumps(settings))  # as run.json gives it back (tuples as lists)
 
 
@@ -416,9 +425,41 @@ def _groups(indices: Sequence[int], paths: Sequence[str]) -> Iterator[List[int]]
         yield run
 
 
+class LocalEngine:
+    """Detections computed in this process by ``model``: the engine of a local run.
+
+    An engine's members, which other engines (a server's client, Ray) provide alike:
+    ``categories`` (names of labels 1..K), ``category_ids()`` (the dataset id of each, or None),
+    ``describe()`` (what shapes results beyond the options, for run.json), ``place(options, rank,
+    world)`` (the options this rank runs with, the engine made ready for them) and
+    ``predictions(items, options, indices)``: results as ``iter_predictions(...,
+    with_images=True)`` yields them; a result without ``image`` carries ``height`` and ``width``
+    (its picture is then drawn from the file)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.categories = list(getattr(model, "categories", None) or [])
+
+    def category_ids(self) -> Optional[List[int]]:
+        return category_ids_of(self.model)
+
+    def describe(self) -> Dict[str, Any]:
+        return model_settings(self.model)
+
+    def place(self, options: PredictOptions, rank: int, world: int) -> PredictOptions:
+        options = options.replace(device=_rank_device(self.model, options.device, rank, world))
+        self.model.eval().to(torch.device(options.device))
+        return options
+
+    def predictions(self, items: Sequence[str], options: PredictOptions, indices: Sequence[int]
+                    ) -> Iterator[Dict[str, Any]]:
+        with score_threshold(self.model, options.score_thresh), torch.no_grad():
+            yield from iter_predictions(self.model, items, options, indices=indices, with_images=True)
+
+
 class _Job(NamedTuple):
     """What one rank's share of a run works with, fixed for the run."""
-    model: nn.Module
+    engine: Any
     paths: Sequence[str]
     identities: Sequence[Dict[str, Any]]
     out: str
@@ -435,7 +476,7 @@ class _Run:
     def __init__(self, job: _Job, jsonl: Any, counts: Dict[str, Any], bar: Any):
         self.job, self.jsonl, self.counts, self.bar = job, jsonl, counts, bar
         self.names = picture_names(job.paths)
-        self.category_ids = category_ids_of(job.model)
+        self.category_ids = job.engine.category_ids()
 
     def append(self, rec: Dict[str, Any]) -> None:
         self.jsonl.write((json.dumps(rec) + "\n").encode())
@@ -461,7 +502,12 @@ class _Run:
             return False
         if "frame_index" in res:
             rec.update(frame_index=res["frame_index"], timestamp=res["timestamp"])
-        rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
+        if image is None:  # an engine elsewhere: its size comes with the result, the picture from the file
+            rec["height"], rec["width"] = int(res.pop("height")), int(res.pop("width"))
+            if video is not None or (self.job.draw and "frame_index" not in res):
+                image = read_image(self.job.paths[index], max_pixels=self.job.options.pixel_limit)
+        else:
+            rec["height"], rec["width"] = int(image.shape[-2]), int(image.shape[-1])
         rec["detections"] = [{k: v for k, v in det.items() if k != "image_id"}
                              for det in coco_records(res, 0, self.category_ids)]
         if video is not None:
@@ -483,8 +529,7 @@ class _Run:
         """Record the results of the inputs ``group``; the number of records (frames)."""
         n = 0
         paths = self.job.paths
-        for res in iter_predictions(self.job.model, [paths[i] for i in group], self.job.options, indices=group,
-                                    with_images=True):
+        for res in self.job.engine.predictions([paths[i] for i in group], self.job.options, group):
             if not self.record(res, video) and is_video(paths[res["input_index"]]):
                 raise _VideoFailed()  # no closing record: the video is redone whole by a rerun
             n += 1
@@ -583,8 +628,7 @@ def _predict_share(job: _Job, counts: Dict[str, Any], rank: int, world: int, pro
     bar = tqdm(total=len(mine), unit="input", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         _repair(jsonl, own)
-        with score_threshold(job.model, job.options.score_thresh), torch.no_grad():
-            _Run(job, jsonl, counts, bar).predict_all(mine)
+        _Run(job, jsonl, counts, bar).predict_all(mine)
     finally:
         jsonl.close()
         bar.close()
@@ -606,26 +650,27 @@ def _merge(job: _Job, counts: Dict[str, Any], rank: int, world: int) -> None:
         dist.barrier()
 
 
-def run_predict(model: nn.Module, paths: Sequence[str], out: str, options: Optional[PredictOptions] = None, *,
+def run_predict(model: Any, paths: Sequence[str], out: str, options: Optional[PredictOptions] = None, *,
                 strict: bool = False, draw: bool = True, save_video: bool = False, progress: bool = True,
                 settings: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[int]]:
     """Predict every input of ``paths`` (expanded files, URLs, videos) into the folder ``out``
-    (see the module's docstring) with ``options`` (``PredictOptions``; its fingerprint goes into
-    run.json); ``settings``: what else identifies the results (``run_settings``'s ``extra``).
+    (see the module's docstring) with ``model`` (a detector, or an engine: ``LocalEngine``) and
+    ``options`` (``PredictOptions``; its fingerprint goes into run.json); ``settings``: what else
+    identifies the results (``run_settings``'s ``extra``).
     Returns counts: done (images and frames), skipped (already done), duplicates (inputs listed
     twice), failed, detections, and on rank 0 succeeded (inputs with results in the folder) and
     dropped (inputs of earlier runs not in this one, or changed since: their results are dropped)."""
+    engine = LocalEngine(model) if isinstance(model, nn.Module) else model
     options = options_of(options)
-    options.label_ids(list(getattr(model, "categories", [])))  # an unknown class: refused before any file
+    options.label_ids(engine.categories)  # an unknown class: refused before any file
     rank, world, created_group = distributed_rank()
     _writable_out(paths, out)
-    options = options.replace(device=_rank_device(model, options.device, rank, world))
-    model.eval().to(torch.device(options.device))
+    options = engine.place(options, rank, world)
     counts: Dict[str, Optional[int]] = {"done": 0, "skipped": 0, "duplicates": 0, "failed": 0, "detections": 0,
                                         "succeeded": None, "dropped": None}
     with RunLock(out, rank):
-        check_settings(out, run_settings(model, options, settings))
-        job = _Job(model, paths, [input_identity(p) for p in paths], out, options, strict, draw, save_video)
+        check_settings(out, run_settings(engine, options, settings))
+        job = _Job(engine, paths, [input_identity(p) for p in paths], out, options, strict, draw, save_video)
         _predict_share(job, counts, rank, world, progress)
         _merge(job, counts, rank, world)
     if created_group:
