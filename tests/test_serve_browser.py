@@ -5,11 +5,6 @@ its COCO RLE decoder paints exactly pycocotools' pixels."""
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 import uuid
 
@@ -23,35 +18,12 @@ if not shutil.which(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
 
+from test_serve import KEY, Server  # noqa: E402  (skips without the serve extra)
+
 ARCH = "mask_rcnn_hrnetv2p_w18"
-KEY = "browser-test-key"
 CATEGORIES = ["__background__", "circle", "square", "triangle"]
-SMALL = dict(num_classes=len(CATEGORIES), categories=CATEGORIES, min_size=96, max_size=128, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
-             box_detections_per_img=12)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url, timeout=5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.read()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if _get(url + "/health", timeout=1.0)[0] == 200:
-                return
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.2)
-    raise AssertionError(f"the server did not answer /health within {seconds:.0f} s")
+SMALL = dict(num_classes=len(CATEGORIES), categories=CATEGORIES, min_size=96, max_size=128,
+             rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=12)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +36,8 @@ def image_path(tmp_path_factory, rgb):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, rgb):
     """A calibrated W18 Mask R-CNN (seeded weights; 12 detections with masks on the test image,
-    its class logits sharpened so that their scores spread over 0.4-0.8 as a trained model's do)
-    served by ``hrnetdet serve`` in a subprocess on 127.0.0.1, with an API key; stopped at the end."""
+    its class logits sharpened so that their scores spread over 0.4-0.8 as a trained model's do) served
+    by ``hrnetdet serve`` with an API key, in test_serve's subprocess on 127.0.0.1; stopped at the end."""
     import hrnetdet
     from calibrate import calibrate
     from hrnetdet.inference import load_image
@@ -78,22 +50,9 @@ def server(tmp_path_factory, rgb):
         model.roi_heads.box_predictor.cls_score.bias *= 25
     folder = tmp_path_factory.mktemp("served")
     save_pretrained(model, str(folder))
-    port = _free_port()
-    env = {**os.environ, "HRNETDET_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "hrnetdet.cli", "serve", ARCH, "--checkpoint",
-                             str(folder / "model.safetensors"), "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    server = Server(str(folder), str(tmp_path_factory.mktemp("logs") / "server.log"), "--api-key", KEY)
+    yield server.url
+    server.stop()
 
 
 def _post_image(url: str, path) -> dict:
