@@ -236,6 +236,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     _max_size_arg(p)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a number above 0, got {text!r}")
+    return value
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     """``hrnetdet serve``: the model flags of ``predict`` (MODEL positional), the server's own."""
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP + "; with --pretrained or --checkpoint")
@@ -245,20 +255,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="the published COCO weights of MODEL (or of this tag)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="port (8000)")
+    p.add_argument("--port", type=int, default=8000, choices=range(0, 65536), metavar="PORT", help="port (8000)")
     p.add_argument("--max-batch-size", type=positive_int, default=1,
                    help="dynamic batching: up to this many queued requests run as one batch (1: none)")
-    p.add_argument("--batch-timeout", type=float, default=0.005, metavar="SECONDS",
+    p.add_argument("--batch-timeout", type=positive_float, default=0.005, metavar="SECONDS",
                    help="how long a batch waits to fill (0.005; with --max-batch-size over 1)")
     p.add_argument("--workers", type=positive_int, default=1,
-                   help="inference worker processes per device, EACH HOLDING ITS OWN COPY OF THE MODEL "
-                        "(1: one model in memory)")
+                   help="inference worker processes per device, each holding its own copy of the model "
+                        "(1: one model in memory; the HTTP process holds none)")
     _device_arg(p)
     p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
                    help="run the dense parts in this runtime (as predict --backend)")
     p.add_argument("--fast", action="store_true", help="the inference fast path (optimize_for_inference)")
     p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="refuse (413) request bodies over this (20)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="refuse (413) request bodies over this (20)")
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="refuse (413) images over N pixels, read from the header (default 64 million; 0: no limit)")
     p.add_argument("--score-thresh", type=float, help="default score threshold (the model's); requests may change it")

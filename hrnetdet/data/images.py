@@ -71,6 +71,10 @@ class ImageRefused(ValueError):
     message names the file and why."""
 
 
+class TooManyPixels(ImageRefused):
+    """An image refused for its size: more pixels (or bytes) than the limit allows (a server's 413)."""
+
+
 def _require_regular(path: Any, mode: int) -> None:
     if not stat.S_ISREG(mode):
         raise ImageRefused(f"{_shown(path)} is {_file_kind(mode)}, not a regular file")
@@ -119,14 +123,14 @@ def check_size(path: Any, size: Tuple[int, int], max_pixels: Optional[int], min_
     decoder allocates; an in-memory image's or a video frame's as it comes. Raises ImageRefused."""
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
-        raise ImageRefused(f"{_shown(path)} is {width}x{height} pixels ({_megapixels(width * height)}), over the "
+        raise TooManyPixels(f"{_shown(path)} is {width}x{height} pixels ({_megapixels(width * height)}), over the "
                          f"limit of {_megapixels(max_pixels)} (raise it with --max-pixels)")
     if min(width, height) < min_side:
         raise ImageRefused(f"{_shown(path)} is {width}x{height} pixels; images need at least {min_side} on "
                          f"each side")
 
 
-def _bomb_refusal(path: Any, e: BaseException, max_pixels: Optional[int]) -> ImageRefused:
+def _bomb_refusal(path: Any, e: BaseException, max_pixels: Optional[int]) -> TooManyPixels:
     """PIL's own bomb limit (2x ``PIL.Image.MAX_IMAGE_PIXELS``) fired in its header reader, before we
     saw the size: the refusal in our words, with the pixel count PIL read."""
     from PIL import Image
@@ -137,7 +141,7 @@ def _bomb_refusal(path: Any, e: BaseException, max_pixels: Optional[int]) -> Ima
     limit = (f"the limit of {_megapixels(max_pixels)} (raise it with --max-pixels)"
              if max_pixels is not None and max_pixels < pil_limit
              else f"PIL's own limit of {_megapixels(pil_limit)} (PIL.Image.MAX_IMAGE_PIXELS)")
-    return ImageRefused(f"{_shown(path)} claims {claimed} in its header, over {limit}")
+    return TooManyPixels(f"{_shown(path)} claims {claimed} in its header, over {limit}")
 
 
 def read_image(path: str, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: int = 1) -> Tensor:
@@ -178,7 +182,7 @@ def _torchvision_decode(path: Any, f: BinaryIO, max_pixels: Optional[int]) -> Te
     than any image within ``max_pixels`` could be (8 bytes a pixel: 16-bit RGBA, plus metadata)."""
     size = f.seek(0, os.SEEK_END)
     if max_pixels is not None and size > 8 * max_pixels + METADATA_BYTES:
-        raise ImageRefused(f"{_shown(path)} holds {size} bytes, more than an image of {_megapixels(max_pixels)} "
+        raise TooManyPixels(f"{_shown(path)} holds {size} bytes, more than an image of {_megapixels(max_pixels)} "
                          f"needs (raise it with --max-pixels)")
     f.seek(0)
     data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)

@@ -62,9 +62,9 @@ def decode_masks(records: List[Dict[str, Any]], height: int, width: int) -> Any:
 
     if not records:
         return torch.zeros((0, 1, height, width), dtype=torch.uint8)
-    masks = [mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode("ascii")})
-             for d in records]
-    return torch.from_numpy(np.stack(masks)[:, None].astype(np.uint8))
+    rles = [{"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode("ascii")} for d in records]
+    masks = mask_utils.decode(rles)  # (H, W, N)
+    return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1))[:, None].astype(np.uint8))
 
 
 def as_result(answer: Dict[str, Any], masks: bool) -> Result:

@@ -63,8 +63,8 @@ def run_serve(args: argparse.Namespace) -> int:
                       args.api_key or os.environ.get(API_KEY_ENV) or None, options)
     try:
         run_server(api, service, host=args.host, port=args.port, accelerator=accelerator, devices=devices,
-                   workers=args.workers, report_path=report_path, on_ready=lambda info: print(ready_line(info, args),
-                                                                                                 flush=True))
+                   workers=args.workers, report_path=report_path,
+                   on_ready=lambda info, port: print(ready_line(info, args, port), flush=True))
     except ServerError as e:
         raise SystemExit(f"hrnetdet serve: error: the model could not be loaded: {e}") from None
     finally:
@@ -74,9 +74,9 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def ready_line(info: Dict[str, Any], args: argparse.Namespace) -> str:
+def ready_line(info: Dict[str, Any], args: argparse.Namespace, port: int) -> str:
     key = ", API key required" if args.api_key or os.environ.get(API_KEY_ENV) else ""
-    return (f"hrnetdet serve: {info['model']} on http://{args.host}:{args.port} ({args.workers} worker(s), batches of "
+    return (f"hrnetdet serve: {info['model']} on http://{args.host}:{port} ({args.workers} worker(s), batches of "
             f"up to {args.max_batch_size}{key}); POST /predict, GET /health /info /metrics, the page at /")
 
 

@@ -4,6 +4,7 @@ of one image size and one set of options, each through ``hrnetdet.predict`` itse
 answer never depends on its batch-mates (a batch of mixed sizes would pad every image to the
 largest, which moves detections at the borders), and the API answers what ``predict`` answers."""
 import json
+import logging
 import os
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -96,7 +97,8 @@ class DetectorAPI(ls.LitAPI):
             info = describe(self.model, self.model_spec)
         except Exception as e:  # the server process reports it as the command's one-line error
             atomic_write_text(self.model_spec.report_path, json.dumps({"error": " ".join(str(e).split())
-                                                                  or type(e).__name__}))
+                                                                        or type(e).__name__}))
+            logging.getLogger("litserve.loops").setLevel(logging.CRITICAL)  # not its traceback too
             raise
         self.category_ids = info["category_ids"]
         atomic_write_text(self.model_spec.report_path, json.dumps({"info": info, "pid": os.getpid()}))

@@ -15,8 +15,10 @@ Why these choices (over LitServe's ``LitServer.run``):
 import asyncio
 import hmac
 import json
+import logging
 import os
 import signal
+import socket
 import time
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -214,6 +216,8 @@ def run_server(api: Any, service: Service, *, host: str, port: int, accelerator:
     import uvicorn
     from litserve.server import RegularRequestHandler
 
+    logging.getLogger("litserve").setLevel(logging.WARNING)  # its start and stop notes: ours are one line
+    sock = listening_socket(host, port)  # before the workers start: a taken port is refused at once
     server = ls.LitServer(api, accelerator=accelerator, devices=devices, workers_per_device=workers,
                           timeout=REQUEST_TIMEOUT_S, disable_openapi_url=True)
     add_routes(server.app, service)
@@ -228,9 +232,10 @@ def run_server(api: Any, service: Service, *, host: str, port: int, accelerator:
                                 timeout_graceful_shutdown=GRACEFUL_S)
         uvicorn_server = uvicorn.Server(config)
         signal.signal(signal.SIGTERM, _exit)  # uvicorn drains on SIGTERM, then raises it again: we exit
-        asyncio.run(_serve(uvicorn_server, lambda: on_ready(service.info)))
+        asyncio.run(_serve(uvicorn_server, sock, lambda: on_ready(service.info, sock.getsockname()[1])))
     finally:
         server._perform_graceful_shutdown(manager, {}, "normal")
+        sock.close()
 
 
 REQUEST_TIMEOUT_S = 120  # a request queued longer than this is answered 504
@@ -241,9 +246,22 @@ def _exit(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-async def _serve(uvicorn_server: Any, on_ready: Any) -> None:
-    """uvicorn's serve, with ``on_ready`` called once the socket listens."""
-    task = asyncio.create_task(uvicorn_server.serve())
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound: OSError naming the address when it is taken or not this machine's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+async def _serve(uvicorn_server: Any, sock: socket.socket, on_ready: Any) -> None:
+    """uvicorn's serve on ``sock``, with ``on_ready`` called once it listens."""
+    task = asyncio.create_task(uvicorn_server.serve(sockets=[sock]))
     while not uvicorn_server.started and not task.done():
         await asyncio.sleep(START_POLL_S)
     if uvicorn_server.started:
