@@ -51,6 +51,7 @@ def server(tmp_path_factory, rgb):
     folder = tmp_path_factory.mktemp("served")
     save_pretrained(model, str(folder))
     server = Server(str(folder), str(tmp_path_factory.mktemp("logs") / "server.log"), "--api-key", KEY)
+    server.wait_until_up()
     yield server.url
     server.stop()
 
@@ -134,6 +135,13 @@ def test_the_page_asks_for_the_key_then_draws_and_lists_the_api_detections(serve
     saved = json.loads(open(download.value.path()).read())
     assert saved == [{"file": image_path.name, **expected}]
 
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    page.set_input_files("#files", str(not_an_image))
+    page.wait_for_selector("article.result[data-state=error]")
+    message = page.inner_text("article.result[data-state=error] .error")
+    assert message.startswith("400: ") and "image" in message  # the server's one line, shown on its card
+
     page.reload()  # the key is kept for the session: no second prompt
     page.wait_for_function(f"document.getElementById('model').textContent.includes({ARCH!r})")
     assert page.is_hidden("#key-form")
@@ -166,7 +174,9 @@ def test_the_page_decodes_coco_rle_as_pycocotools(server, page):
     blob = np.zeros((300, 420), np.uint8)
     blob[40:260, 30:400] = 1
     blob[100:120, 50:60] = 0
-    masks.append(blob)
+    tail = np.zeros((800, 1000), np.uint8)
+    tail[:, 950:] = 1  # a first run of 760,000 pixels: five 5-bit groups
+    masks += [blob, tail]
     page.goto(server + "/")
     for mask in masks:
         rle = mask_utils.encode(np.asfortranarray(mask))

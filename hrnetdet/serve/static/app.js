@@ -1,13 +1,20 @@
 // The page at / of `hrnetdet serve`: each chosen image is POSTed to /predict, its detections drawn
 // over it (boxes, COCO-RLE masks, labels) and listed; the score slider filters what the server sent
-// without asking it again. Plain JS, no dependencies, so the page works offline from the wheel.
+// without asking it again. Plain JS, no dependencies, so the page works offline from the wheel; URLs
+// relative to the page, so that it also works behind a proxy that serves the API under a path.
 "use strict";
 
 const KEY_STORAGE = "hrnetdet.apiKey";
 const PARALLEL_REQUESTS = 4; // a few at once let the server batch them
 const MASK_ALPHA = 110; // of 255
-const LABEL_CSS_PX = 13; // label text height on screen, whatever the image's size (see fit)
-const LINE_CSS_PX = 2; // box line width on screen
+// Label text and box lines follow the image's size on screen (not its pixel count): a photo shrunk to
+// a phone's width and a small image enlarged on a desktop both get legible labels (see fit).
+const LABEL_CSS_PX = [11, 16]; // text height in CSS pixels, from a narrow to a wide display
+const LINE_CSS_PX = [1.5, 3];
+
+function onScreen([least, most], cssWidth, perPixel) {
+  return Math.min(most, Math.max(least, cssWidth * perPixel));
+}
 
 const $ = (id) => document.getElementById(id);
 const results = []; // one entry per chosen file, in order
@@ -41,10 +48,11 @@ async function errorText(response) {
 
 async function loadInfo() {
   try {
-    const info = await api("/info");
+    const info = await api("info");
     const kind = info.masks ? "boxes and masks" : "boxes";
     $("model").textContent = `${info.model} · ${(info.categories || []).length} categories · ${kind} · `
       + `${info.backend} · hrnetdet ${info.version}`;
+    $("show-masks").parentElement.hidden = !info.masks;
     $("key-form").hidden = true;
   } catch (e) {
     if (e instanceof Unauthorized) askForKey(sessionStorage.getItem(KEY_STORAGE) ? "That key was refused." : "");
@@ -173,8 +181,8 @@ function maskLayer(result, shown) {
 }
 
 // Sizes the canvas to its displayed size times the screen's pixel ratio (not the image's size), so
-// that lines and labels stay sharp and one size on screen, a small image enlarged or a photo shrunk,
-// on a phone as on a desktop. Returns the canvas pixels per image pixel.
+// that lines and labels are drawn sharp at their size on screen. Returns the canvas pixels per image
+// pixel and the displayed width in CSS pixels.
 function fit(result) {
   const { width, height } = result.response;
   const canvas = result.canvas;
@@ -188,14 +196,16 @@ function fit(result) {
     canvas.width = w;
     canvas.height = h;
   }
-  return w / width;
+  return { f: w / width, cssWidth };
 }
 
 function draw(result) {
-  const f = fit(result);
+  const { f, cssWidth } = fit(result);
   const canvas = result.canvas;
   const ctx = canvas.getContext("2d");
   const ratio = window.devicePixelRatio || 1;
+  const labelPx = onScreen(LABEL_CSS_PX, cssWidth, 1 / 36) * ratio; // 16 px from 576 px wide up
+  const linePx = onScreen(LINE_CSS_PX, cssWidth, 1 / 250) * ratio;
   ctx.imageSmoothingEnabled = true;
   ctx.drawImage(result.bitmap, 0, 0, canvas.width, canvas.height);
   const shown = visible(result);
@@ -203,23 +213,23 @@ function draw(result) {
     ctx.imageSmoothingEnabled = f < 1; // enlarged: each image pixel's mask stays a crisp square
     ctx.drawImage(maskLayer(result, shown), 0, 0, canvas.width, canvas.height);
   }
-  ctx.lineWidth = LINE_CSS_PX * ratio;
-  ctx.font = `600 ${LABEL_CSS_PX * ratio}px system-ui, sans-serif`;
+  ctx.lineWidth = linePx;
+  ctx.font = `600 ${labelPx}px system-ui, sans-serif`;
   ctx.textBaseline = "top";
   for (const d of [...shown].reverse()) { // the best score drawn last, on top
     const { xmin, ymin, xmax, ymax } = d.box;
     const id = labelIdOf(d);
     ctx.strokeStyle = cssColour(id);
     ctx.strokeRect(xmin * f, ymin * f, (xmax - xmin) * f, (ymax - ymin) * f);
-    if ($("show-labels").checked) drawLabel(ctx, `${d.label} ${d.score.toFixed(2)}`, xmin * f, ymin * f, ratio, id);
+    if ($("show-labels").checked) drawLabel(ctx, `${d.label} ${d.score.toFixed(2)}`, xmin * f, ymin * f, labelPx, id);
   }
   fillTable(result, shown);
   result.article.dataset.state = "done";
 }
 
-function drawLabel(ctx, text, x, y, ratio, labelId) {
-  const pad = 3 * ratio;
-  const h = LABEL_CSS_PX * ratio + 2 * pad;
+function drawLabel(ctx, text, x, y, size, labelId) {
+  const pad = size / 5;
+  const h = size + 2 * pad;
   const w = ctx.measureText(text).width + 2 * pad;
   const top = y - h >= 0 ? y - h : y; // above the box, or inside it at the image's top edge
   const left = Math.min(Math.max(0, x), Math.max(0, ctx.canvas.width - w));
@@ -311,7 +321,7 @@ async function detect(result) {
   const decoded = result.bitmap ? Promise.resolve(result.bitmap) : createImageBitmap(result.file);
   decoded.catch(() => {}); // a refusal is reported below, once the server has answered
   try {
-    result.response = await api("/predict", { method: "POST", body });
+    result.response = await api("predict", { method: "POST", body });
   } catch (e) {
     if (e instanceof Unauthorized) {
       waitingForKey.push(result);
