@@ -1,14 +1,16 @@
 """``hrnetdet serve`` under load on loopback, beside ``hrnetdet.predict`` on the same images in the
 same run, and the cost of masks in a response:
 
-- in-process ``hrnetdet.predict``: one image per call (latency) and ``batch_size=8`` (throughput);
 - the server with no batching (``--max-batch-size 1``) and with dynamic batching (``--max-batch-size
-  8``), each at 1 and at 8 concurrent clients (keep-alive connections, raw JPEG bodies, every request
-  checked to answer 200 with detections): requests/s and p50/p95/p99 latency;
-- a 100-detection mask response: its JSON size and encode time with masks as COCO RLE against the
-  naive full-mask JSON lists.
+  8``), each at 1 and at 8 concurrent clients (keep-alive connections, raw JPEG bodies, every answer
+  checked to be a 200 with detections): requests/s and p50/p95/p99 latency;
+- beside each, in the same rounds (a round of the server, a round in-process, as many images each as
+  there are clients, so that a shared machine's load falls on both alike), in-process
+  ``hrnetdet.predict`` on the same files: one image per call at concurrency 1, ``batch_size=8`` at 8;
+- a 100-detection mask response as the server writes it: its JSON size and encode time with masks as
+  COCO RLE against the naive full-mask JSON lists.
 
-    python benchmarks/serve.py [--size 320] [--requests 16] [--threads 1] [--out benchmarks/serve.md]
+    python benchmarks/serve.py [--size 256] [--requests 16] [--threads 1] [--out benchmarks/serve.md]
 
 W18 Faster R-CNN, random weights calibrated (tools/calibrate.py) so that every image carries a full
 set of detections, as a trained model's would; the same thread count for the server and in-process.
@@ -33,6 +35,7 @@ from PIL import Image
 
 import hrnetdet
 from hrnetdet.data.results import mask_rle
+from hrnetdet.serve.responses import predict_response
 from hrnetdet.zoo.checkpoint import save_pretrained
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
@@ -68,23 +71,15 @@ def percentiles(seconds: Sequence[float]) -> Dict[str, float]:
     return {"p50": p50, "p95": p95, "p99": p99}
 
 
-def in_process(model: torch.nn.Module, paths: Sequence[str], batch_size: int) -> Dict[str, float]:
-    """``hrnetdet.predict`` on the files (decoding included, as the server's requests include it):
-    each call's latency at batch 1, or the throughput of one call over all files in batches."""
-    hrnetdet.predict(model, list(paths[:batch_size]), batch_size=batch_size, num_workers=0)  # warm-up
-    if batch_size == 1:
-        seconds = []
-        start = time.perf_counter()
-        for path in paths:
-            t = time.perf_counter()
-            hrnetdet.predict(model, path, num_workers=0)
-            seconds.append(time.perf_counter() - t)
-        return {"rps": len(paths) / (time.perf_counter() - start), **percentiles(seconds)}
-    start = time.perf_counter()
-    results = hrnetdet.predict(model, list(paths), batch_size=batch_size, num_workers=0)
-    wall = time.perf_counter() - start
+def in_process(model: torch.nn.Module, paths: Sequence[str]) -> "tuple[List[float], float]":
+    """``hrnetdet.predict`` on files (decoding included, as the server's requests include it): one
+    call per image when ``paths`` holds one, else one call with ``batch_size=len(paths)``. Each
+    image's latency (its call's time) and the call's wall time."""
+    t = time.perf_counter()
+    results = hrnetdet.predict(model, list(paths), batch_size=len(paths), num_workers=0)
+    wall = time.perf_counter() - t
     assert all(len(r["scores"]) for r in results)
-    return {"rps": len(paths) / wall, "p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    return [wall] * len(paths), wall
 
 
 def free_port() -> int:
@@ -96,12 +91,12 @@ def free_port() -> int:
 class Server:
     """``hrnetdet serve`` in a child process on 127.0.0.1, stopped on exit."""
 
-    def __init__(self, checkpoint: str, threads: int, max_batch_size: int, batch_timeout: float):
+    def __init__(self, folder: str, threads: int, max_batch_size: int, batch_timeout: float):
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.pop("HRNETDET_API_KEY", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hrnetdet.cli", "serve", ARCH, "--checkpoint", checkpoint, "--host", "127.0.0.1",
+            [sys.executable, "-m", "hrnetdet.cli", "serve", folder, "--threads", str(threads), "--host", "127.0.0.1",
              "--port", str(self.port), "--max-batch-size", str(max_batch_size), "--batch-timeout", str(batch_timeout)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -140,12 +135,12 @@ def post(connection: http.client.HTTPConnection, body: bytes) -> float:
     return seconds
 
 
-def load(port: int, bodies: Sequence[bytes], concurrency: int) -> Dict[str, float]:
-    """``concurrency`` clients, each on its own connection, taking the next body until none is
-    left (so at most ``concurrency`` requests are in flight): requests/s and latency percentiles."""
+def load(port: int, bodies: Sequence[bytes], concurrency: int) -> "tuple[List[float], float]":
+    """``concurrency`` clients, each on its own connection (opened before the clock starts: the
+    server closes connections idle for seconds, as they are while the in-process round runs),
+    taking the next body until none is left: each request's latency and the wall time."""
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=600) for _ in range(concurrency)]
-    post(connections[0], bodies[0])  # warm-up: the worker's first batch done
-    for c in connections[1:]:
+    for c in connections:
         c.connect()
     seconds: List[float] = []
     lock = threading.Lock()
@@ -172,12 +167,28 @@ def load(port: int, bodies: Sequence[bytes], concurrency: int) -> Dict[str, floa
         c.close()
     if len(seconds) != len(bodies):
         raise SystemExit(f"{len(bodies) - len(seconds)} requests failed")
-    return {"rps": len(bodies) / wall, **percentiles(seconds)}
+    return seconds, wall
+
+
+def interleaved(model: torch.nn.Module, port: int, paths: Sequence[str], bodies: Sequence[bytes],
+                concurrency: int) -> "tuple[Dict[str, float], Dict[str, float]]":
+    """The server at ``concurrency`` clients and its in-process peer (``predict`` with
+    ``batch_size=concurrency``) in alternating rounds of ``concurrency`` images, so that the load
+    of a shared machine falls on both alike: (in-process figures, server figures)."""
+    load(port, bodies[:concurrency], concurrency)  # warm-up: the worker's first batch, predict's
+    in_process(model, paths[:concurrency])
+    sides = {"local": ([], 0.0), "server": ([], 0.0)}
+    for start in range(0, len(paths), concurrency):
+        for side, (seconds, wall) in (("local", in_process(model, paths[start:start + concurrency])),
+                                      ("server", load(port, bodies[start:start + concurrency], concurrency))):
+            sides[side] = (sides[side][0] + seconds, sides[side][1] + wall)
+    return tuple({"rps": len(seconds) / wall, **percentiles(seconds)} for seconds, wall in sides.values())
 
 
 def mask_response(size: int, n: int = 100, repeats: int = 3) -> Dict[str, float]:
-    """A response of ``n`` detections with size x size masks (ellipses), encoded as JSON with COCO
-    RLE masks, and with each mask as nested lists of 0/1: bytes and the best of ``repeats`` times."""
+    """The server's answer (``serve.responses.predict_response``, then JSON as the server writes it)
+    to ``n`` detections with size x size masks (ellipses), the masks as COCO RLE and as nested lists
+    of 0/1: bytes, and the best of ``repeats`` times from the model's uint8 masks to the JSON text."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:size, :size]
     masks = []
@@ -185,15 +196,15 @@ def mask_response(size: int, n: int = 100, repeats: int = 3) -> Dict[str, float]
         cy, cx = rng.uniform(0, size, 2)
         ry, rx = rng.uniform(size / 20, size / 4, 2)
         masks.append((((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).astype(np.uint8))
-    base = {"label": "thing", "score": 0.5, "category_id": 1, "label_id": 1,
-            "box": {"xmin": 1.0, "ymin": 2.0, "xmax": 3.0, "ymax": 4.0}}
+    result = {"boxes": torch.rand(n, 4) * size, "scores": torch.rand(n), "labels": torch.ones(n, dtype=torch.int64),
+              "names": ["thing"] * n}
     out = {}
     for name, encode in (("rle", mask_rle), ("lists", lambda m: m.tolist())):
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            text = json.dumps({"width": size, "height": size,
-                               "detections": [{**base, "mask": encode(m)} for m in masks]})
+            record = predict_response({**result, "masks": [encode(m) for m in masks]}, size, size, None, True)
+            text = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
             times.append(time.perf_counter() - t)
         out[f"{name}_bytes"], out[f"{name}_ms"] = len(text.encode()), min(times) * 1e3
     return out
@@ -207,14 +218,12 @@ def machine(threads: int) -> str:
 
 
 def row(name: str, m: Dict[str, float]) -> str:
-    def ms(v: float) -> str:
-        return "-" if np.isnan(v) else f"{v:.0f}"
-    return f"| {name} | {m['rps']:.2f} | {ms(m['p50'])} | {ms(m['p95'])} | {ms(m['p99'])} |"
+    return f"| {name} | {m['rps']:.2f} | {m['p50']:.0f} | {m['p95']:.0f} | {m['p99']:.0f} |"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=320, help="image side and model input side (320)")
+    parser.add_argument("--size", type=int, default=256, help="image side and model input side (256)")
     parser.add_argument("--requests", type=int, default=16, help="requests per measured run (16)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process (1)")
     parser.add_argument("--batch-timeout", type=float, default=0.01, help="the batching server's (0.01 s)")
@@ -222,36 +231,36 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lines = ["| run | requests/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
+    ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(tmp, args.requests, args.size)
         bodies = [open(p, "rb").read() for p in paths]
         model = make_model(paths, args.size)
-        save_pretrained(model, os.path.join(tmp, "model"))
-        checkpoint = os.path.join(tmp, "model", "model.safetensors")
-        figures = {"predict, batch 1": in_process(model, paths, 1),
-                   "predict, batch_size=8": in_process(model, paths, 8)}
-        for name in figures:
-            lines.append(row(f"in-process `hrnetdet.predict`, {name.split(', ')[1]}", figures[name]))
-            print(lines[-1], flush=True)
+        folder = os.path.join(tmp, "model")
+        save_pretrained(model, folder)
         for batch in (1, 8):
-            with Server(checkpoint, args.threads, batch, args.batch_timeout) as server:
+            with Server(folder, args.threads, batch, args.batch_timeout) as server:
                 for concurrency in (1, 8):
-                    name = f"server --max-batch-size {batch}, {concurrency} client(s)"
-                    figures[name] = load(server.port, bodies, concurrency)
-                    lines.append(row(f"`hrnetdet serve`, --max-batch-size {batch}, {concurrency} concurrent client(s)",
-                                     figures[name]))
-                    print(lines[-1], flush=True)
-    base1, base8 = figures["predict, batch 1"], figures["predict, batch_size=8"]
-    latency = figures["server --max-batch-size 8, 1 client(s)"]["p50"] / base1["p50"]
-    throughput = figures["server --max-batch-size 8, 8 client(s)"]["rps"] / base8["rps"]
+                    local, served = interleaved(model, server.port, paths, bodies, concurrency)
+                    peer = "one image per call" if concurrency == 1 else f"batch_size={concurrency}"
+                    lines.append(row(f"`hrnetdet serve --max-batch-size {batch}`, {concurrency} concurrent "
+                                     f"client(s)", served))
+                    lines.append(row(f"... in-process `hrnetdet.predict`, {peer}, in the same rounds", local))
+                    print(*lines[-2:], sep="\n", flush=True)
+                    ratios[batch, concurrency] = (served["p50"] / local["p50"], served["rps"] / local["rps"])
+    latency, throughput = ratios[8, 1][0], ratios[8, 8][1]
     masks = mask_response(args.size)
     text = "\n".join([
         f"# `hrnetdet serve` under load ({ARCH}, {args.size}x{args.size} JPEGs, {args.requests} requests per run)",
+        "", "Each server run alternates with its in-process peer in rounds of as many images as clients "
+        "(raw JPEG bodies on kept-alive loopback connections; the in-process side decodes the same files).",
         "", *lines, "",
-        f"- concurrency 1, batching server: p50 {latency:.3f}x in-process predict's "
-        f"(target <= {TARGET_LATENCY}: {'met' if latency <= TARGET_LATENCY else 'MISSED'})",
+        f"- concurrency 1, batching server (`--max-batch-size 8`): p50 {latency:.3f}x in-process predict's "
+        f"(target <= {TARGET_LATENCY}: {'met' if latency <= TARGET_LATENCY else 'MISSED'}); without batching "
+        f"{ratios[1, 1][0]:.3f}x",
         f"- concurrency 8, batching server: {throughput:.3f}x the requests/s of in-process batched predict "
-        f"(target >= {TARGET_THROUGHPUT}: {'met' if throughput >= TARGET_THROUGHPUT else 'MISSED'})",
+        f"(target >= {TARGET_THROUGHPUT}: {'met' if throughput >= TARGET_THROUGHPUT else 'MISSED'}); "
+        f"without batching {ratios[1, 8][1]:.3f}x",
         f"- a 100-detection response with {args.size}x{args.size} masks: COCO RLE {masks['rle_bytes'] / 1024:.0f} KiB, "
         f"encoded in {masks['rle_ms']:.1f} ms; full masks as JSON lists {masks['lists_bytes'] / 1024:.0f} KiB, "
         f"{masks['lists_ms']:.0f} ms ({masks['lists_bytes'] / masks['rle_bytes']:.0f}x the bytes, "
