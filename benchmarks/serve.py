@@ -2,7 +2,7 @@
 same run, and the cost of masks in a response:
 
 - the server with no batching (``--max-batch-size 1``) and with dynamic batching (``--max-batch-size
-  8``), each at 1 and at 8 concurrent clients (keep-alive connections, raw JPEG bodies, every answer
+  8``), each at 1 and at 8 concurrent clients (a connection each, raw JPEG bodies, every answer
   checked to be a 200 with detections): requests/s and p50/p95/p99 latency;
 - beside each, in the same rounds (a round of the server, a round in-process, as many images each as
   there are clients, so that a shared machine's load falls on both alike), in-process
@@ -253,7 +253,7 @@ def main() -> int:
     text = "\n".join([
         f"# `hrnetdet serve` under load ({ARCH}, {args.size}x{args.size} JPEGs, {args.requests} requests per run)",
         "", "Each server run alternates with its in-process peer in rounds of as many images as clients "
-        "(raw JPEG bodies on kept-alive loopback connections; the in-process side decodes the same files).",
+        "(raw JPEG bodies over loopback, each client's connection opened before the round's clock starts; the in-process side decodes the same files).",
         "", *lines, "",
         f"- concurrency 1, batching server (`--max-batch-size 8`): p50 {latency:.3f}x in-process predict's "
         f"(target <= {TARGET_LATENCY}: {'met' if latency <= TARGET_LATENCY else 'MISSED'}); without batching "
