@@ -160,14 +160,14 @@ function visible(result) {
 
 const runs = new WeakMap(); // a detection's decoded mask runs, decoded once
 
-// One layer with every shown mask, rebuilt only when the set of shown masks changes.
+// One layer with every shown mask at the image's size, rebuilt only when the set of shown masks
+// changes: the API sorts detections by score, so the shown ones are the first `shown.length`.
 function maskLayer(result, shown) {
-  const key = `${threshold()}`;
-  if (result.maskKey === key) return result.maskCanvas;
+  if (result.maskCount === shown.length) return result.maskCanvas;
   const { width, height } = result.response;
   const image = new ImageData(width, height);
   for (const d of [...shown].reverse()) { // the best score painted last, on top
-    if (!d.mask) continue;
+    if (!d.mask || d.mask.size[0] !== height || d.mask.size[1] !== width) continue;
     if (!runs.has(d)) runs.set(d, rleCounts(d.mask.counts));
     paintMask(image.data, width, height, runs.get(d), rgbOf(labelIdOf(d)));
   }
@@ -176,7 +176,7 @@ function maskLayer(result, shown) {
   layer.height = height;
   layer.getContext("2d").putImageData(image, 0, 0);
   result.maskCanvas = layer;
-  result.maskKey = key;
+  result.maskCount = shown.length;
   return layer;
 }
 
