@@ -220,6 +220,33 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-size", type=int, metavar="PX", help="label text size in pictures (default: follows "
                                                                 "each box's height, within limits)")
     _mode_args(p)
+    _engine_args(p)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    """Where ``predict`` runs the model: here, or on a Ray cluster's actors (``hrnetdet.integrations.ray``)."""
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="run the model here (local), or on a Ray cluster's actors (ray: pip install "
+                        "'hrnetdet[ray]'; the input files must be readable at their absolute paths there)")
+    p.add_argument("--ray-address", metavar="ADDR", help="with --engine ray: the cluster to join (host:6379, "
+                   "ray://host:10001, auto; default: $RAY_ADDRESS, a Ray started on this machine, else a new one)")
+    p.add_argument("--ray-actors", type=positive_int, metavar="N",
+                   help="with --engine ray: model actors (default: one per CPU of the cluster, per GPU with --device cuda)")
+
+
+def _ray_engine(args: argparse.Namespace) -> None:
+    """``--engine ray``: the engine factory ``commands.run_predict`` calls (imported here: inference
+    imports no integration), or one line saying what is missing; Ray's flags without it are refused."""
+    if args.engine != "ray":
+        for flag, value in (("--ray-address", args.ray_address), ("--ray-actors", args.ray_actors)):
+            if value is not None:
+                args.command_parser.error(f"argument {flag}: needs --engine ray")
+        return
+    try:
+        from .integrations.ray import RayEngine
+    except ImportError as e:
+        raise SystemExit(f"hrnetdet predict: error: --engine ray: {e}") from None
+    args.make_engine = RayEngine.from_args
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -377,21 +404,30 @@ def cli_output(debug: bool) -> Iterator[None]:
             del os.environ["HF_HUB_VERBOSITY"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    subparser = args.command_parser
-    if unknown:  # refused by the command's parser, whose usage names the command
-        subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+def _check_weights(args: argparse.Namespace, subparser: argparse.ArgumentParser) -> None:
+    """A command that runs a model is told where its weights are, or (predict) a server to ask."""
     if getattr(args, "server", None):
         if args.model or args.checkpoint_path or args.pretrained:
             subparser.error("--server runs the server's model: leave out --model, --checkpoint-path and --pretrained")
+        if args.engine != "local":
+            subparser.error(f"--server and --engine {args.engine}: choose one")
     elif args.command == "predict" and not args.model:
         subparser.error("the following arguments are required: --model (or --server URL)")
     elif args.command in ("eval", "predict", "serve") and not (args.checkpoint_path or args.pretrained
                                                                or names_weights(args.model)):
         subparser.error("give --checkpoint-path PATH, --pretrained [TAG], or a --model that brings its weights "
                         "(NAME.tag, a saved or run folder, hf-hub:org/name)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    subparser = args.command_parser
+    if unknown:  # refused by the command's parser, whose usage names the command
+        subparser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _check_weights(args, subparser)
+    if args.command == "predict":
+        _ray_engine(args)
     if COMMANDS[args.command].uses_torch:
         set_num_threads(args.threads)
     args.debug = args.debug or os.environ.get("HRNETDET_DEBUG", "") not in ("", "0")

@@ -14,6 +14,7 @@ image over ``max_pixels`` (``MAX_PIXELS`` by default) or under ``min_side`` is r
 decoder allocates, and a FIFO, socket or device is refused before it is opened. Errors are one
 line naming the file, without the decoders' C++ source paths or object addresses.
 """
+import io
 import os
 import re
 import stat
@@ -152,11 +153,18 @@ def read_image(path: str, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: i
     ours) or a side under ``min_side``: the size is read from the header (PIL reads only that on
     open) before any decoder allocates, whichever decoder then reads the pixels."""
     with _open_regular(path) as f:
-        return decode_image_file(f, path, max_pixels=max_pixels, min_side=min_side)
+        return _decode(path, f, max_pixels, min_side)
 
 
-def decode_image_file(f: BinaryIO, name: Any, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: int = 1) -> Tensor:
-    """``read_image`` of an opened binary file (or an upload in a ``BytesIO``), named ``name`` in errors."""
+def decode_image_bytes(data: bytes, name: str, *, max_pixels: Optional[int] = MAX_PIXELS, min_side: int = 1
+                       ) -> Tensor:
+    """An encoded image (a file's bytes, from object storage or a database) as ``read_image``
+    reads a file, with the same limits and messages; ``name`` (its path or key) labels it in errors."""
+    return _decode(name, io.BytesIO(data), max_pixels, min_side)
+
+
+def _decode(path: Any, f: BinaryIO, max_pixels: Optional[int], min_side: int) -> Tensor:
+    """The image in the open file ``f`` (named ``path`` in errors): see ``read_image``."""
     from PIL import Image
 
     by_torchvision = f.read(8).startswith(TORCHVISION_FORMATS) and hasattr(torchvision.io, "decode_image")
@@ -165,22 +173,22 @@ def decode_image_file(f: BinaryIO, name: Any, *, max_pixels: Optional[int] = MAX
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit speaks
             with Image.open(f) as im:
-                check_size(name, im.size, max_pixels, min_side)
+                check_size(path, im.size, max_pixels, min_side)
                 if not by_torchvision:
                     return _pil_to_tensor(im)
-        return _torchvision_decode(name, f, max_pixels)
+        return _torchvision_decode(path, f, max_pixels)
     except ImageRefused:
         raise
     except Image.DecompressionBombError as e:
-        raise _bomb_refusal(name, e, max_pixels) from None
+        raise _bomb_refusal(path, e, max_pixels) from None
     except (OSError, RuntimeError, SyntaxError, ValueError, struct.error, EOFError) as e:
-        raise ValueError(f"cannot read {_shown(name)} as an image: {_reason(e)}") from None
+        raise ValueError(f"cannot read {_shown(path)} as an image: {_reason(e)}") from None
 
 
 def _torchvision_decode(path: Any, f: BinaryIO, max_pixels: Optional[int]) -> Tensor:
     """A JPEG or PNG file through torchvision, read whole: refused first when the file is larger
     than any image within ``max_pixels`` could be (8 bytes a pixel: 16-bit RGBA, plus metadata)."""
-    size = f.seek(0, os.SEEK_END)
+    size = f.seek(0, io.SEEK_END)
     if max_pixels is not None and size > 8 * max_pixels + METADATA_BYTES:
         raise TooManyPixels(f"{_shown(path)} holds {size} bytes, more than an image of {_megapixels(max_pixels)} "
                          f"needs (raise it with --max-pixels)")

@@ -48,7 +48,10 @@ def run_predict(args: argparse.Namespace, engine: Any = None) -> int:
     else:
         model = create_model(args.model, pretrained=args.pretrained or names_weights(args.model),
                              checkpoint_path=args.checkpoint_path, **given_settings(args))
-        if args.fast or args.backend != "torch":
+        make_engine = getattr(args, "make_engine", None)  # --engine ray: the CLI's (inference imports no integration)
+        if make_engine is not None:
+            model = make_engine(model, args)  # runs the model elsewhere; the copy here says what it is
+        elif args.fast or args.backend != "torch":
             try:
                 optimize_for_inference(model, backend=args.backend)
             except ImportError as e:  # the backend's package is missing: the message says which extra

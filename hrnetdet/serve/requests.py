@@ -6,13 +6,12 @@ import base64
 import binascii
 import email.parser
 import email.policy
-import io
 import json
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import numpy as np
 
-from ..data.images import TooManyPixels, decode_image_file
+from ..data.images import TooManyPixels, decode_image_bytes
 from ..detectors.transform import MIN_IMAGE_SIDE
 from ..inference.options import OptionError, PredictOptions
 
@@ -55,8 +54,8 @@ def accepted_type(content_type: Optional[str]) -> str:
     """The body's media type when the API takes it (checked before the body is read), else 415."""
     kind = media_type(content_type)
     if kind not in BODY_TYPES:
-        shown = f"content type {kind!r}" if kind else "no content type"
-        raise RequestError(415, f"{shown} is not accepted: send one of {', '.join(BODY_TYPES)}")
+        shown = f"content type {kind!r} is" if kind else "a body without a content type is"
+        raise RequestError(415, f"{shown} not accepted: send one of {', '.join(BODY_TYPES)}")
     return kind
 
 
@@ -192,7 +191,7 @@ def decode_upload(data: bytes, max_pixels: Optional[int]) -> np.ndarray:
     if not data:
         raise RequestError(400, "the image is empty (0 bytes)")
     try:
-        image = decode_image_file(io.BytesIO(data), UPLOAD_NAME, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
+        image = decode_image_bytes(data, UPLOAD_NAME, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
     except TooManyPixels as e:
         raise RequestError(413, str(e)) from None
     except ValueError as e:  # not an image, truncated, or a side under the smallest the detectors take

@@ -38,6 +38,7 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 OPEN_ROUTES = ("/health", "/")  # and /static/*: the page must load to ask for the key
 ROUTES = ("/predict", "/health", "/info", "/metrics", "/")
 START_POLL_S = 0.05
+DECODE_SLOTS = 4  # images decoded at once: bounds the memory of many large uploads arriving together
 
 
 class Limits(NamedTuple):
@@ -55,6 +56,7 @@ class Service:
         self.handler: Any = None  # LitServe's request handler: queue, wait, answer
         self.workers: List[Any] = []
         self.worker_status: Any = None
+        self.decoding = asyncio.Semaphore(DECODE_SLOTS)
 
     def authorized(self, request: Request) -> bool:
         if not self.api_key:
@@ -104,7 +106,8 @@ async def answer_predict(service: Service, request: Request) -> Response:
     upload = parse_body(content_type, await read_body(request, limits.max_upload_bytes))
     checked = parse_options(merge_options(dict(request.query_params), upload.options), service.base_options,
                             service.info.get("masks", False))
-    image = await run_in_threadpool(decode_upload, upload.data, limits.max_pixels)
+    async with service.decoding:
+        image = await run_in_threadpool(decode_upload, upload.data, limits.max_pixels)
     try:
         answer = await service.handler.handle_request({"image": image, "options": checked.options,
                                                        "masks": checked.masks}, dict)
@@ -116,8 +119,13 @@ async def answer_predict(service: Service, request: Request) -> Response:
 
 
 def info_record(service: Service) -> Dict[str, Any]:
-    limits = service.limits
-    return {**{k: v for k, v in service.info.items() if k != "min_side"}, "version": __version__,
+    """``GET /info``: the model's description, the server's default options (its --score-thresh and
+    --max-det, else the model's) and the input contract."""
+    limits, base = service.limits, service.base_options
+    defaults = service.info.get("options", {})
+    options = {"score_thresh": defaults.get("score_thresh") if base.score_thresh is None else base.score_thresh,
+               "max_det": defaults.get("max_det") if base.max_det is None else base.max_det}
+    return {**{k: v for k, v in service.info.items() if k != "min_side"}, "options": options, "version": __version__,
             "input": {"formats": list(IMAGE_TYPES), "bodies": ["multipart/form-data (file field 'image')",
                                                               "image/*", "application/json (base64 'image')"],
                       "max_upload_mb": limits.max_upload_bytes / 2 ** 20, "max_pixels": limits.max_pixels or 0,
@@ -143,7 +151,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        message = {404: f"no such route: {request.url.path}", 405: f"{request.method} is not allowed on "
+        message = {404: f"not found: {request.url.path}", 405: f"{request.method} is not allowed on "
                    f"{request.url.path}"}.get(e.status_code, str(e.detail))
         return error(e.status_code, message)
 
@@ -178,14 +186,15 @@ def add_routes(app: FastAPI, service: Service) -> None:
                               "the API is at POST /predict")
         return FileResponse(index)
 
-    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    if os.path.isdir(STATIC):  # the page's files (installed with the package); without them, /static/* is a 404
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
 class ServerError(RuntimeError):
     """The server could not start: a worker failed to build the model (the message says why)."""
 
 
-def wait_for_workers(server: Any, service: Service, report_path: str) -> Dict[str, Any]:
+def wait_for_workers(server: Any, report_path: str) -> Dict[str, Any]:
     """Block until every inference worker has built its model; the model's description from the
     report a worker wrote, or ServerError with the reason one of them gave."""
     from litserve.utils import WorkerSetupStatus
@@ -224,7 +233,7 @@ def run_server(api: Any, service: Service, *, host: str, port: int, accelerator:
     manager = server._init_manager(1)
     server.inference_workers = server.launch_inference_worker(api)
     try:
-        service.info = wait_for_workers(server, service, report_path)
+        service.info = wait_for_workers(server, report_path)
         service.workers, service.worker_status = server.inference_workers, server.workers_setup_status
         service.handler = RegularRequestHandler(api, server)
         server.app.response_queue_id = 0
