@@ -186,7 +186,15 @@ def _quantize_onnxruntime(src: str, dst: str, samples: PartInputs) -> None:
 
 QUANTIZERS: Dict[str, Callable[[str, str, PartInputs], None]] = {
     "openvino": _quantize_openvino, "onnxruntime": _quantize_onnxruntime}
-SUFFIX = {"openvino": ".xml", "onnxruntime": ".int8.onnx"}
+
+
+def _openvino_ir(src: str, dst: str) -> None:
+    ov = require("openvino")
+    ov.save_model(ov.convert_model(src), dst, compress_to_fp16=False)
+
+
+FP32_COPIES: Dict[str, Callable[[str, str], Any]] = {"openvino": _openvino_ir, "onnxruntime": shutil.copyfile}
+SUFFIX = {"openvino": (".xml", ".xml"), "onnxruntime": (".int8.onnx", ".onnx")}  # (quantized, float32)
 
 
 def stays_fp32(name: str) -> bool:
@@ -195,17 +203,18 @@ def stays_fp32(name: str) -> bool:
 
 def quantize_parts(model: nn.Module, fp32_dir: str, out_dir: str, backend: str, images: Sequence[Tensor]) -> None:
     """Write into ``out_dir`` ``fp32_dir``'s graphs (a float32 export of ``model``) quantized for
-    ``backend``, each calibrated on its inputs on ``images``; ``FP32_PARTS`` are copied as they are."""
+    ``backend``, each calibrated on its inputs on ``images``; ``FP32_PARTS`` stay float32."""
     with open(os.path.join(fp32_dir, MANIFEST)) as f:
         manifest = json.load(f)
     capture = capture_model(model)
     for name, entry in manifest["parts"].items():
         src = os.path.join(fp32_dir, entry["file"])
+        entry["file"] = entry["file"][: -len(".onnx")] + SUFFIX[backend][stays_fp32(name)]
+        dst = os.path.join(out_dir, entry["file"])
         if stays_fp32(name):
-            shutil.copy(src, os.path.join(out_dir, entry["file"]))
-            continue
-        entry["file"] = entry["file"][: -len(".onnx")] + SUFFIX[backend]
-        QUANTIZERS[backend](src, os.path.join(out_dir, entry["file"]), PartInputs(capture, name, images))
+            FP32_COPIES[backend](src, dst)
+        else:
+            QUANTIZERS[backend](src, dst, PartInputs(capture, name, images))
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
 
