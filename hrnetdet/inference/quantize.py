@@ -10,9 +10,11 @@ convolution beats them and their transformed weights round worse). Which parts s
 ``FP32_PARTS``, chosen by measurement (docs/EXPORT.md, 'int8'). The quantized graphs are cached by
 weights, calibration set and settings, beside the float32 exports.
 """
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Union
@@ -164,6 +166,17 @@ def _quantize_openvino(src: str, dst: str, samples: PartInputs) -> None:
     ov.save_model(quantized, dst, compress_to_fp16=False)
 
 
+@contextlib.contextmanager
+def _root_logger_at(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def _quantize_onnxruntime(src: str, dst: str, samples: PartInputs) -> None:
     ort = require("onnxruntime")
     from onnxruntime import quantization as q
@@ -179,9 +192,10 @@ def _quantize_onnxruntime(src: str, dst: str, samples: PartInputs) -> None:
             return None if sample is None else dict(zip(names, sample))
 
     # u8 activations, s8 per-channel weights: the x86 VNNI kernels' form.
-    q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                      activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                      calibrate_method=q.CalibrationMethod.MinMax)
+    with _root_logger_at(logging.ERROR):  # its advice on every part (pre-processing, folded biases)
+        q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax)
 
 
 QUANTIZERS: Dict[str, Callable[[str, str, PartInputs], None]] = {
