@@ -11,20 +11,19 @@ convolution beats them and their transformed weights round worse). Which parts s
 weights, calibration set and settings, beside the float32 exports.
 """
 import contextlib
-import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .runtime import (MANIFEST, _tensor_leaves, attach, cache_key, cached_export, cached_folder, default_cache_dir,
-                      require, resolve_backend)
+                      folded_copy, require, resolve_backend)
 from .thresholds import score_threshold
 
 PRECISIONS = ("fp32", "int8")
@@ -152,11 +151,9 @@ class PartInputs:
 
 
 def capture_model(model: nn.Module) -> nn.Module:
-    """A float32 eager copy of ``model`` on the fast path (the same function, faster), whose parts'
-    inputs calibrate the graphs."""
-    from .fast import optimize_for_inference
-
-    return optimize_for_inference(copy.deepcopy(model).eval(), backend="torch")
+    """A float32 eager copy of ``model`` whose parts' inputs calibrate the graphs: the function the
+    graphs were exported from, computed with less work."""
+    return folded_copy(model).eval()
 
 
 def _quantize_openvino(src: str, dst: str, samples: PartInputs) -> None:

@@ -104,6 +104,14 @@ def example_inputs(model: nn.Module, image: Tensor) -> Dict[str, Tuple[tuple, di
     return captured
 
 
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` computing the same function with less work: HRFPN in ``FastHRFPN``'s
+    order and the body's batch norms folded into its convolutions."""
+    model = use_fast_neck(copy.deepcopy(model))
+    fold_batchnorm(model.backbone.body)
+    return model
+
+
 def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool = True,
                  opset: int = 17, winograd: bool = True) -> Dict[str, Any]:
     """Write one ONNX graph per dense part of ``model`` into ``out_dir``, traced on the inputs the
@@ -116,8 +124,7 @@ def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool
     F(4x4, 3x3) (``winograd.py``) unless ``winograd`` is off (the int8 graphs' source: an int8
     convolution beats both, and the Winograd domain's products lose more to int8 rounding)."""
     os.makedirs(out_dir, exist_ok=True)
-    model = use_fast_neck(copy.deepcopy(model))
-    fold_batchnorm(model.backbone.body)
+    model = folded_copy(model)
     parts = dense_parts(model)
     for name in IMAGE_PARTS if winograd else ():
         if name in parts:
