@@ -257,3 +257,28 @@ def test_trained_model_keeps_its_ap(tmp_path):
     ap = evaluate(int8, *val, progress=False)["bbox"]["stats"]["AP"]
     assert fp32 > 0.1  # a model where AP means something
     assert ap >= fp32 - AP_TOLERANCE, (fp32, ap)
+
+
+@pytest.mark.slow
+def test_export_command_int8(rocket, photos, tmp_path, capsys):
+    """``hrnetdet export --int8``: the quantized graphs in the folder, checked against eager when
+    written, loadable by the runtime."""
+    pytest.importorskip("onnxruntime")
+    from torchvision.io import write_png
+    from hrnetdet.zoo.checkpoint import save_pretrained
+
+    save_pretrained(small_model("faster_rcnn", rocket), str(tmp_path / "ckpt"))
+    (tmp_path / "calib").mkdir()
+    for i, image in enumerate(photos):
+        write_png((image * 255).round().to(torch.uint8), str(tmp_path / "calib" / f"{i}.png"))
+    out = tmp_path / "out"
+    assert main(["export", "faster_rcnn_hrnetv2p_w18", "--checkpoint", str(tmp_path / "ckpt" / "model.safetensors"),
+                 "--format", "onnx", "--dynamic", "--out", str(out), "--min-size", "128", "--max-size", "192",
+                 "--int8", "--calibration", str(tmp_path / "calib"), "--calibration-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("check against eager") == 2 and "int8 onnx written" in printed
+    assert_quantized(str(out), "onnxruntime")
+    model = runtime.attach(hrnetdet.create_model(str(out)), str(out), "onnxruntime")
+    image = runtime.generated_image(140, 210, seed=5)
+    with torch.no_grad():
+        assert_contract(model, model([image])[0], image)
