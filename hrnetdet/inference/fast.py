@@ -16,12 +16,13 @@ from torch import nn
 
 from ..neck.hrfpn import use_fast_neck
 from .folding import fold_batchnorm
+from .quantize import DEFAULT_CALIBRATION_SIZE, int8_model
 
 
 def optimize_for_inference(model: nn.Module, *, backend: str = "torch", precision: str = "fp32",
-                           calibration: Any = None, calibration_size: int = 128, fold_bn: bool = True,
-                           channels_last: bool = True, fast_neck: bool = True, compile: bool = False,
-                           cache_dir: str = "") -> nn.Module:
+                           calibration: Any = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
+                           fold_bn: bool = True, channels_last: bool = True, fast_neck: bool = True,
+                           compile: bool = False, cache_dir: str = "") -> nn.Module:
     """Apply the fast path to an hrnetdet detector in place and return it (in eval mode).
 
     ``backend="onnxruntime"`` or ``"openvino"`` (``"auto"``: the faster one installed) instead runs
@@ -44,7 +45,6 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "torch", precisio
             raise ValueError("precision='int8' runs in a runtime: backend='openvino', 'onnxruntime' or 'auto'")
         if calibration is None:
             raise ValueError("precision='int8' needs calibration= images: a folder, a COCO json or a list")
-        from .quantize import int8_model
         return int8_model(model, backend, calibration, cache_dir=cache_dir, calibration_size=calibration_size)
     if backend != "torch":
         from .runtime import runtime_model

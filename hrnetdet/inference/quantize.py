@@ -21,12 +21,12 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from .runtime import (MANIFEST, _tensor_leaves, attach, cache_key, cached_export, cached_folder, default_cache_dir,
                       folded_copy, require, resolve_backend)
 from .thresholds import score_threshold
 
-PRECISIONS = ("fp32", "int8")
 DEFAULT_CALIBRATION_SIZE = 128
 # Parts left in float32, by the last component of their name: the final classification and box
 # regression layers (a few percent of the arithmetic, and their outputs are the scores and boxes).
@@ -134,7 +134,7 @@ class PartInputs:
             captured: List[List[np.ndarray]] = []
 
             def hook(module, args, kwargs):
-                leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+                leaves = tree_leaves((args, kwargs))
                 captured.append([t.detach().float().cpu().contiguous().numpy() for t in _tensor_leaves(leaves)])
                 raise _Reached
 
