@@ -280,3 +280,27 @@ def test_export_command_int8(rocket, photos, tmp_path, capsys):
     image = runtime.generated_image(140, 210, seed=5)
     with torch.no_grad():
         assert_contract(model, model([image])[0], image)
+
+
+def test_eval_command_runs_the_model_in_the_runtime(tmp_path, monkeypatch, capsys):
+    """``hrnetdet eval --backend B --int8 --calibration ...`` hands the flags to
+    ``optimize_for_inference`` and evaluates the model it returns, on the CPU."""
+    from hrnetdet.data import CocoDetection, make_shapes_dataset
+    from hrnetdet.zoo.checkpoint import save_pretrained
+
+    ann, images = make_shapes_dataset(str(tmp_path), "val", 2, sizes=((96, 72),))
+    categories = CocoDetection(ann, images).categories
+    save_pretrained(hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", num_classes=len(categories),
+                                          categories=categories, min_size=64, max_size=96), str(tmp_path / "m"))
+    calls = []
+
+    def recorded(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr("hrnetdet.inference.fast.optimize_for_inference", recorded)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--ann", ann,
+                 "--images", images, "--backend", "openvino", "--int8", "--calibration", ann, images,
+                 "--calibration-size", "8", "--num-workers", "0"]) == 0
+    assert calls == [{"backend": "openvino", "precision": "int8", "calibration": (ann, images), "calibration_size": 8}]
+    assert "AP" in capsys.readouterr().out
