@@ -94,6 +94,7 @@ def _int8_args(p: argparse.ArgumentParser) -> None:
                    "--calibration (with --backend openvino|onnxruntime|auto, or export --format onnx|openvino)")
     p.add_argument("--calibration", nargs="+", metavar="PATH", help="calibration images for --int8: an image "
                    "folder, a COCO json (file names relative to it), or a COCO json and its image folder")
+    # 128: quantize.DEFAULT_CALIBRATION_SIZE (not imported: the parser runs without torch)
     p.add_argument("--calibration-size", type=positive_int, default=128, metavar="N",
                    help="calibrate on the first N images (128)")
 

@@ -114,4 +114,3 @@ def int8_kwargs(args: argparse.Namespace, backend: bool = True) -> Dict[str, Any
         error("--int8 runs in a runtime: add --backend openvino, onnxruntime or auto")
     calibration = args.calibration[0] if len(args.calibration) == 1 else tuple(args.calibration)
     return {"precision": "int8", "calibration": calibration, "calibration_size": args.calibration_size}
-    return 0
