@@ -174,6 +174,25 @@ def _root_logger_at(level: int) -> Iterator[None]:
         root.setLevel(previous)
 
 
+def _identities_as_initializers(path: str):
+    """The ONNX graph at ``path`` with each ``Identity`` of a weight replaced by a copy of the weight.
+
+    The exporter stores equal weights once (two zero biases become one initializer and an
+    ``Identity``); onnxruntime's quantizer leaves a convolution whose bias is not an initializer in
+    float32."""
+    import onnx
+
+    graph = (model := onnx.load(path)).graph
+    weights = {w.name: w for w in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.input[0] in weights]:
+        duplicate = onnx.TensorProto()
+        duplicate.CopyFrom(weights[node.input[0]])
+        duplicate.name = node.output[0]
+        graph.initializer.append(duplicate)
+        graph.node.remove(node)
+    return model
+
+
 def _quantize_onnxruntime(src: str, dst: str, samples: PartInputs) -> None:
     ort = require("onnxruntime")
     from onnxruntime import quantization as q
@@ -190,7 +209,7 @@ def _quantize_onnxruntime(src: str, dst: str, samples: PartInputs) -> None:
 
     # u8 activations, s8 per-channel weights: the x86 VNNI kernels' form.
     with _root_logger_at(logging.ERROR):  # its advice on every part (pre-processing, folded biases)
-        q.quantize_static(src, dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+        q.quantize_static(_identities_as_initializers(src), dst, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=q.CalibrationMethod.MinMax)
 
