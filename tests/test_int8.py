@@ -204,7 +204,10 @@ def test_int8_needs_a_runtime_and_images(rocket):
 ])
 @pytest.mark.parametrize("command", ["predict", "eval", "export"])
 def test_int8_flags_refused_before_the_model_is_built(command, argv, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("hrnetdet.zoo.factory.create_model", lambda *a, **k: pytest.fail("model built"))
+    import hrnetdet.engine.commands  # binds create_model on import: patched there too, and restored
+
+    for where in ("hrnetdet.zoo.factory.create_model", "hrnetdet.engine.commands.create_model"):
+        monkeypatch.setattr(where, lambda *a, **k: pytest.fail("model built"))
     ann = tmp_path / "ann.json"
     ann.write_text("{}")
     weights = ["--checkpoint-path", str(ann)]  # never read: the flags are refused first
