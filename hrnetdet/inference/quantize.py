@@ -31,6 +31,9 @@ DEFAULT_CALIBRATION_SIZE = 128
 # Parts left in float32, by the last component of their name: the final classification and box
 # regression layers (a few percent of the arithmetic, and their outputs are the scores and boxes).
 FP32_PARTS = ("box_predictor", "mask_predictor")
+# Part of the cache key: raised whenever the quantization writes other graphs for the same inputs
+# (2: onnxruntime quantizes the convolutions whose bias the exporter had shared).
+REVISION = 2
 Calibration = Union[str, os.PathLike, Sequence[Any]]
 
 
@@ -260,7 +263,7 @@ def int8_key(model: nn.Module, backend: str, images: Sequence[Tensor]) -> str:
     h = hashlib.sha256(cache_key(model, winograd=False).encode())
     h.update(calibration_hash(images).encode())
     settings = {"backend": backend, "fp32_parts": FP32_PARTS, "capture": "first call, score threshold 0",
-                **_versions(backend)}
+                "revision": REVISION, **_versions(backend)}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return f"int8-{backend}-{h.hexdigest()[:24]}"
 
