@@ -322,3 +322,31 @@ def test_eval_command_runs_the_model_in_the_runtime(tmp_path, monkeypatch, capsy
                  "--calibration-size", "8", "--num-workers", "0"]) == 0
     assert calls == [{"backend": "openvino", "precision": "int8", "calibration": (ann, images), "calibration_size": 8}]
     assert "AP" in capsys.readouterr().out
+
+
+def test_predict_command_int8_records_its_calibration(tmp_path, rgb, checkpoint, home_dir, monkeypatch, capsys):
+    """``hrnetdet predict --backend onnxruntime --int8 --calibration FOLDER`` detects with the int8
+    graphs and records the calibration in run.json, so that a float32 rerun into the folder is refused."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    monkeypatch.setattr(quantize, "FP32_PARTS", quantize.FP32_PARTS + ("backbone",))  # the heads: quick
+    (tmp_path / "calib").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "calib" / "a.png")
+    Image.fromarray(rgb[:, ::-1].copy()).save(tmp_path / "b.png")
+    out = tmp_path / "out"
+    common = [str(tmp_path / "b.png"), "--model", "mask_rcnn_hrnetv2p_w18", "--checkpoint-path", str(checkpoint),
+              "--backend", "onnxruntime", "--out", str(out), "--no-draw", "--num-workers", "0"]
+    assert main(["predict", *common, "--int8", "--calibration", str(tmp_path / "calib")]) == 0
+    assert "1 images or frames" in capsys.readouterr().out
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["--int8"] == {"--calibration": [str(tmp_path / "calib")], "--calibration-size": 128}
+    assert any(f.startswith("int8-onnxruntime-") for f in os.listdir(home_dir / "exports"))
+    with pytest.raises(SystemExit, match="holds results made with --int8"):  # float32 would mix with int8
+        main(["predict", *common])
+
+
+@pytest.fixture
+def home_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HRNETDET_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
