@@ -310,6 +310,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
                    help="run the dense parts in this runtime (as predict --backend)")
     p.add_argument("--fast", action="store_true", help="the inference fast path (optimize_for_inference)")
+    _int8_args(p)
     p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")
     p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="refuse (413) request bodies over this (20)")
     p.add_argument("--max-pixels", type=int, metavar="N",
@@ -427,6 +428,8 @@ def _check_weights(args: argparse.Namespace, subparser: argparse.ArgumentParser)
             subparser.error("--server runs the server's model: leave out --model, --checkpoint-path and --pretrained")
         if args.engine != "local":
             subparser.error(f"--server and --engine {args.engine}: choose one")
+        if args.int8:
+            subparser.error("--int8: a server's model is quantized where it runs (hrnetdet serve --int8)")
     elif args.command == "predict" and not args.model:
         subparser.error("the following arguments are required: --model (or --server URL)")
     elif args.command in ("eval", "predict", "serve") and not (args.checkpoint_path or args.pretrained

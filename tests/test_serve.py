@@ -477,6 +477,10 @@ def test_client_raises_the_servers_refusal(mask_server):
     (["predict", "x.jpg"], "required: --model (or --server URL)"),
     (["serve", "faster_rcnn_hrnetv2p_w18"], "give --checkpoint-path PATH, --pretrained"),
     (["serve", "x", "--max-upload-mb", "0"], "argument --max-upload-mb: a number above 0, got '0'"),
+    (["predict", "x.jpg", "--server", "http://127.0.0.1:1", "--int8", "--calibration", "cal"],
+     "--int8: a server's model is quantized where it runs"),
+    (["serve", "faster_rcnn_hrnetv2p_w18", "--pretrained", "--int8", "--calibration", "cal"],
+     "--int8 runs in a runtime: add --backend"),
 ])
 def test_cli_refuses_flags_that_cannot_run(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

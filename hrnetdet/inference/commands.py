@@ -34,7 +34,7 @@ def run_predict(args: argparse.Namespace, engine: Any = None) -> int:
     from ..zoo.factory import create_model
     from ..names import names_weights
     from . import predict_run
-    from .fast import optimize_for_inference
+    from .loading import load_model
     from .sources import expand_inputs
 
     options = predict_options(args)
@@ -47,14 +47,14 @@ def run_predict(args: argparse.Namespace, engine: Any = None) -> int:
     if engine is not None:
         model, weights = engine, {}
     else:
-        model = create_model(args.model, pretrained=args.pretrained or names_weights(args.model),
-                             checkpoint_path=args.checkpoint_path, **given_settings(args))
         make_engine = getattr(args, "make_engine", None)  # --engine ray: the CLI's (inference imports no integration)
-        if make_engine is not None:
-            model = make_engine(model, args)  # runs the model elsewhere; the copy here says what it is
-        elif args.fast or args.backend != "torch":
+        if make_engine is not None:  # runs the model elsewhere; the copy here says what it is
+            model = make_engine(create_model(args.model, pretrained=args.pretrained or names_weights(args.model),
+                                             checkpoint_path=args.checkpoint_path, **given_settings(args)), args)
+        else:
             try:
-                optimize_for_inference(model, backend=args.backend, **int8)
+                model = load_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path,
+                                   backend=args.backend, fast=args.fast, int8=int8, **given_settings(args))
             except ImportError as e:  # the backend's package is missing: the message says which extra
                 raise SystemExit(f"hrnetdet predict: error: --backend {args.backend}: {e}") from None
         weights = {"--model": args.model, "--pretrained": args.pretrained, "--fast": args.fast,

@@ -40,7 +40,8 @@ from ..data.images import decode_image_bytes
 from ..data.results import category_ids_of
 from ..detectors.settings import given_settings
 from ..detectors.transform import MIN_IMAGE_SIDE
-from ..inference.fast import optimize_for_inference
+from ..inference.commands import int8_kwargs
+from ..inference.loading import load_model
 from ..inference.options import PredictOptions, options_of
 from ..inference.predict import iter_predictions
 from ..inference.predict_run import LocalEngine
@@ -48,7 +49,6 @@ from ..inference.sources import is_url, is_video
 from ..inference.thresholds import set_score_threshold
 from ..names import names_weights
 from ..threads import default_num_threads, set_num_threads
-from ..zoo.factory import create_model
 
 IMAGE_COLUMNS = ("bytes", "image", "path")  # where a row's image is read from, first found first
 PIXEL_COLUMNS = ("bytes", "image")  # dropped from the output: the detections replace them
@@ -58,19 +58,6 @@ COLUMN_TYPES = {"boxes": pa.list_(pa.list_(pa.float32(), 4)), "labels": pa.list_
                 "category_ids": pa.list_(pa.int64()), "scores": pa.list_(pa.float32()),
                 "names": pa.list_(pa.string()), "masks": pa.list_(RLE),
                 "height": pa.int32(), "width": pa.int32(), "error": pa.string()}
-
-
-def load_model(model: str, *, pretrained: Any = False, checkpoint_path: Optional[str] = None,
-               backend: str = "torch", fast: bool = False, **settings: Any) -> nn.Module:
-    """The model ``hrnetdet predict --model`` builds: ``model`` names an architecture (weights from
-    ``pretrained`` or ``checkpoint_path``), a saved or run folder, or ``hf-hub:org/name``;
-    ``settings`` (``min_size``, ...) go to ``create_model``; ``fast`` or a ``backend`` other than
-    torch run it through ``optimize_for_inference``. In eval mode."""
-    built = create_model(model, pretrained=pretrained or names_weights(model), checkpoint_path=checkpoint_path,
-                         **settings)
-    if fast or backend != "torch":
-        optimize_for_inference(built, backend=backend)
-    return built.eval()
 
 
 def actor_threads() -> int:
@@ -98,20 +85,21 @@ class Predictor:
     """``ds.map_batches(Predictor, fn_constructor_args=(model,), fn_constructor_kwargs={...},
     compute=ray.data.ActorPoolStrategy(size=N), num_cpus=1)``: detections of each row's image (the module's
     docstring lists the columns). ``model``, ``pretrained``, ``checkpoint_path``, ``backend``,
-    ``fast`` and ``settings`` (the model's: ``{"min_size": 800}``) build the model as
-    ``load_model``; ``options`` (a ``PredictOptions``) and ``fields`` (its fields as keywords)
-    run it as ``hrnetdet.predict`` does. Masks are always RLE; images are decoded in the actor
+    ``fast``, ``int8`` and ``settings`` (the model's: ``{"min_size": 800}``) build the model as
+    ``hrnetdet.inference.loading.load_model``; ``options`` (a ``PredictOptions``) and ``fields``
+    (its fields as keywords) run it as ``hrnetdet.predict`` does. Masks are always RLE; images are decoded in the actor
     (``num_workers`` 0 unless given: Ray runs the actors in parallel). ``threads``: torch threads
     (default ``actor_threads()``)."""
 
     def __init__(self, model: str, *, pretrained: Any = False, checkpoint_path: Optional[str] = None,
-                 backend: str = "torch", fast: bool = False, settings: Optional[Dict[str, Any]] = None,
-                 options: Optional[PredictOptions] = None, threads: Optional[int] = None, **fields: Any):
+                 backend: str = "torch", fast: bool = False, int8: Optional[Dict[str, Any]] = None,
+                 settings: Optional[Dict[str, Any]] = None, options: Optional[PredictOptions] = None,
+                 threads: Optional[int] = None, **fields: Any):
         options = options_of(options, **fields)
         self.options = options.replace(mask_format="rle", num_workers=options.num_workers or 0)
         self.threads = set_num_threads(threads or actor_threads())
         self.model = load_model(model, pretrained=pretrained, checkpoint_path=checkpoint_path, backend=backend,
-                                fast=fast, **(settings or {}))
+                                fast=fast, int8=int8, **(settings or {}))
         if self.options.device is not None:
             self.model.to(torch.device(self.options.device))
         if self.options.score_thresh is not None:
@@ -217,7 +205,7 @@ class RayEngine:
         spec = {"model": _absolute(args.model) if os.path.isdir(args.model) else args.model,
                 "pretrained": args.pretrained or names_weights(args.model),
                 "checkpoint_path": _absolute(args.checkpoint_path), "backend": args.backend, "fast": args.fast,
-                "settings": given_settings(args)}
+                "int8": _int8_where_actors_run(int8_kwargs(args)), "settings": given_settings(args)}
         return cls(model, spec, address=args.ray_address, actors=args.ray_actors)
 
     def category_ids(self) -> Optional[List[int]]:
@@ -274,3 +262,12 @@ class RayEngine:
 def _absolute(path: Optional[str]) -> Optional[str]:
     """``path`` as the actors must read it: absolute (they do not run in this folder)."""
     return os.path.abspath(path) if path is not None else None
+
+
+def _int8_where_actors_run(int8: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``--int8``'s keywords with the calibration's paths absolute, as the actors read them."""
+    if not int8:
+        return None
+    calibration = int8["calibration"]
+    paths = tuple(_absolute(p) for p in calibration) if isinstance(calibration, tuple) else _absolute(calibration)
+    return {**int8, "calibration": paths}

@@ -41,6 +41,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import torch
 
     from ..detectors.settings import given_settings
+    from ..inference.commands import int8_kwargs
     from ..inference.predict import allow_pixels
     from ..io import private_dir
     from ..threads import default_num_threads
@@ -50,14 +51,15 @@ def run_serve(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     accelerator, devices = accelerator_of(device)
     options = base_options(args)
+    int8 = int8_kwargs(args)
     allow_pixels(options.pixel_limit)
     torch.set_num_threads(1)  # this process reads and decodes requests; the workers run the model
     report_dir = private_dir(tempfile.mkdtemp(prefix="hrnetdet-serve-"))
     report_path = os.path.join(report_dir, "worker.json")
     threads = args.threads or max(1, default_num_threads() // args.workers)
     spec = ModelSpec(model=args.model, checkpoint_path=args.checkpoint_path, pretrained=args.pretrained,
-                     settings=given_settings(args), backend=args.backend, fast=args.fast, half=args.half,
-                     threads=threads, report_path=report_path)
+                     settings=given_settings(args), backend=args.backend, fast=args.fast, int8=int8,
+                     half=args.half, threads=threads, report_path=report_path)
     api = DetectorAPI(spec, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
     service = Service(Limits(int(args.max_upload_mb * 2 ** 20), options.pixel_limit),
                       args.api_key or os.environ.get(API_KEY_ENV) or None, options)

@@ -20,6 +20,7 @@ class ModelSpec(NamedTuple):
     settings: Dict[str, Any]
     backend: str
     fast: bool
+    int8: Dict[str, Any]  # --int8's keywords (empty: float32)
     half: bool
     threads: int
     report_path: str
@@ -27,15 +28,10 @@ class ModelSpec(NamedTuple):
 
 def build_model(spec: ModelSpec, device: str) -> Any:
     """The model of ``spec`` on ``device``, in eval mode, on the fast path or runtime asked for."""
-    from ..inference.fast import optimize_for_inference
-    from ..names import names_weights
-    from ..zoo.factory import create_model
+    from ..inference.loading import load_model
 
-    model = create_model(spec.model, pretrained=spec.pretrained or names_weights(spec.model),
-                         checkpoint_path=spec.checkpoint_path, **spec.settings)
-    if spec.fast or spec.backend != "torch":
-        optimize_for_inference(model, backend=spec.backend)
-    return model.to(device).eval()
+    return load_model(spec.model, pretrained=spec.pretrained, checkpoint_path=spec.checkpoint_path,
+                      backend=spec.backend, fast=spec.fast, int8=spec.int8, **spec.settings).to(device)
 
 
 def describe(model: Any, spec: ModelSpec) -> Dict[str, Any]:
@@ -50,7 +46,7 @@ def describe(model: Any, spec: ModelSpec) -> Dict[str, Any]:
     categories = list(getattr(model, "categories", []))
     return {"model": arch, "family": get_family(arch)[0].name, "categories": categories[1:],
             "category_ids": category_ids_of(model) or list(range(1, len(categories))),
-            "masks": has_masks(model), "backend": spec.backend, "half": spec.half,
+            "masks": has_masks(model), "backend": spec.backend, "int8": bool(spec.int8), "half": spec.half,
             "min_side": getattr(model.transform, "min_image_side", 1),
             "options": {"score_thresh": settings.score_thresh, "max_det": settings.detections_per_img}}
 
