@@ -88,6 +88,16 @@ def _max_size_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=positive_int, help="longer side cap (the model's default: 1333)")
 
 
+def _int8_args(p: argparse.ArgumentParser) -> None:
+    """``--int8`` with its calibration set, for ``predict``, ``eval`` and ``export``."""
+    p.add_argument("--int8", action="store_true", help="int8 graphs quantized after training, calibrated on "
+                   "--calibration (with --backend openvino|onnxruntime|auto, or export --format onnx|openvino)")
+    p.add_argument("--calibration", nargs="+", metavar="PATH", help="calibration images for --int8: an image "
+                   "folder, a COCO json (file names relative to it), or a COCO json and its image folder")
+    p.add_argument("--calibration-size", type=positive_int, default=128, metavar="N",
+                   help="calibrate on the first N images (128)")
+
+
 def _num_workers_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="data loader processes (default 2)")
     alias(p, "--workers", "--num-workers")
@@ -181,6 +191,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
     _num_workers_arg(p)
     _mode_args(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
+                   help="run the dense parts in this runtime on the CPU, exported once and cached (default: torch)")
+    _int8_args(p)
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -217,6 +230,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-size", type=int, metavar="PX", help="label text size in pictures (default: follows "
                                                                 "each box's height, within limits)")
     _mode_args(p)
+    _int8_args(p)
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -229,6 +243,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX/OpenVINO graphs for any image size (default: the padded size of a 480x640 image)")
     p.add_argument("--half", action="store_true", help="OpenVINO: store the weights in float16")
     p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (17)")
+    _int8_args(p)
     p.add_argument("--min-size", type=positive_int, help="test resize: shorter side (the model's default: 800)")
     _max_size_arg(p)
 

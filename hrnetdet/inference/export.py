@@ -19,6 +19,7 @@ from ..detectors import has_masks
 from ..zoo.checkpoint import save_pretrained
 from .thresholds import score_threshold
 from .match import match_detections
+from .quantize import DEFAULT_CALIBRATION_SIZE, calibration_images, quantize_parts
 from .runtime import EXAMPLE_SIZE, MANIFEST, attach, export_parts, generated_image, require
 
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -54,7 +55,8 @@ def _openvino_ir(onnx_dir: str, out_dir: str, half: bool) -> None:
 
 
 def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: bool = False,
-           half: bool = False, opset: int = 17, check: bool = True,
+           half: bool = False, opset: int = 17, check: bool = True, precision: str = "fp32",
+           calibration: Any = None, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
            log: Callable[[str], Any] = print) -> List[Dict[str, float]]:
     """Export ``model`` to ``out_dir`` as ``format`` and, with ``check``, compare the exported
     model's detections with eager's on a generated image at two sizes, logging the matched share.
@@ -66,9 +68,12 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
     ``openvino``: the same graphs as OpenVINO IR; ``half`` stores their weights in float16 (the
     CPU still computes in float32). Every format also gets the model's ``model.safetensors`` and
     ``config.json`` (``save_pretrained``), so the folder names the model wherever a model is named
-    (``create_model(out_dir)``, ``--model OUT``). Returns the match statistics per checked size."""
+    (``create_model(out_dir)``, ``--model OUT``). ``precision="int8"``: ONNX graphs quantized for
+    onnxruntime (QDQ) or OpenVINO IR quantized by NNCF, calibrated on ``calibration`` (as
+    ``optimize_for_inference`` takes it; ``quantize.py``). Returns the match statistics per checked size."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    images = _int8_calibration(format, half, precision, calibration, calibration_size)
     if half and format != "openvino":
         raise ValueError("half: only --format openvino stores float16 weights; onnxruntime's CPU provider "
                          "has no float16 convolutions and eager float16 is slower than float32 on the CPU")
@@ -81,6 +86,11 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
             warnings.simplefilter("ignore")
             if format == "torchscript":
                 torch.jit.script(model).save(os.path.join(tmp, "model.pt"))
+            elif images:
+                with tempfile.TemporaryDirectory() as onnx_dir:
+                    export_parts(model, generated_image(*EXAMPLE_SIZE), onnx_dir, dynamic=dynamic, opset=opset,
+                                 winograd=False)
+                    quantize_parts(model, onnx_dir, tmp, INT8_BACKENDS[format], images)
             elif format == "onnx":
                 export_parts(model, generated_image(*EXAMPLE_SIZE), tmp, dynamic=dynamic, opset=opset)
             else:
@@ -96,6 +106,26 @@ def export(model: nn.Module, out_dir: str, format: str = "onnx", *, dynamic: boo
         if created and not os.listdir(out_dir):
             os.rmdir(out_dir)  # a failed export leaves no folder it made
     return stats
+
+
+INT8_BACKENDS = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+def _int8_calibration(format: str, half: bool, precision: str, calibration: Any, size: int) -> List[Tensor]:
+    """The calibration images of an int8 export (none for float32), loaded before anything is
+    exported; refuses combinations that have no int8 form."""
+    if precision == "fp32":
+        return []
+    if precision != "int8":
+        raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+    if format not in INT8_BACKENDS or half:
+        raise ValueError("int8: --format onnx (onnxruntime QDQ) or openvino (NNCF) only, without --half")
+    if calibration is None:
+        raise ValueError("int8 needs calibration images (--calibration): a folder, a COCO json or a list")
+    require(INT8_BACKENDS[format])
+    if format == "openvino":
+        require("nncf")
+    return calibration_images(calibration, size)
 
 
 def _check(model: nn.Module, export_dir: str, format: str, dynamic: bool,

@@ -9,6 +9,8 @@ additions and ReLUs of HRNet's exchange units), at the price of a compilation on
 each input size. Outputs stay within the parity tolerance of the plain model
 (``tests/test_fast.py``); the model is for inference only afterwards.
 """
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,7 +18,8 @@ from ..neck.hrfpn import use_fast_neck
 from .folding import fold_batchnorm
 
 
-def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn: bool = True,
+def optimize_for_inference(model: nn.Module, *, backend: str = "torch", precision: str = "fp32",
+                           calibration: Any = None, calibration_size: int = 128, fold_bn: bool = True,
                            channels_last: bool = True, fast_neck: bool = True, compile: bool = False,
                            cache_dir: str = "") -> nn.Module:
     """Apply the fast path to an hrnetdet detector in place and return it (in eval mode).
@@ -27,8 +30,22 @@ def optimize_for_inference(model: nn.Module, *, backend: str = "torch", fold_bn:
     the other options do not apply. The returned model's ``runtime`` owns the sessions:
     ``model.runtime.close()`` (or ``with model.runtime:``) releases them, after which the model
     refuses to run.
+    ``precision="int8"`` (with a runtime backend) runs int8 graphs instead, quantized after training
+    (OpenVINO: NNCF; onnxruntime: static QDQ) and calibrated on ``calibration``: an image folder, a
+    COCO json (its ``file_name``s relative to the json's folder), a ``(json, image_folder)`` pair or
+    a list of images; at most ``calibration_size`` of them. The quantized graphs are cached by
+    weights and calibration set (``quantize.py``; what stays float32: docs/EXPORT.md).
     ``compile`` needs a C++ compiler on the CPU (inductor) and takes about 40 s for W18 at
     800x1216 on one core, once per input size; it pays for long runs over same-sized inputs."""
+    if precision not in ("fp32", "int8"):
+        raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+    if precision == "int8":
+        if backend == "torch":
+            raise ValueError("precision='int8' runs in a runtime: backend='openvino', 'onnxruntime' or 'auto'")
+        if calibration is None:
+            raise ValueError("precision='int8' needs calibration= images: a folder, a COCO json or a list")
+        from .quantize import int8_model
+        return int8_model(model, backend, calibration, cache_dir=cache_dir, calibration_size=calibration_size)
     if backend != "torch":
         from .runtime import runtime_model
         return runtime_model(model, backend, cache_dir)

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ IMAGE_PARTS = ("backbone", "rpn.head", "head", "roi_heads.semantic_head")
 ROI_PARTS = ("box_head", "box_predictor", "mask_head", "mask_predictor")
 MANIFEST = "export.json"
 EXAMPLE_SIZE = (480, 640)  # the generated image the graphs are traced on (H, W)
-EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # module -> the pip extra that installs it
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino", "nncf": "int8"}  # module -> the pip extra that installs it
 
 def require(module: str):
     """Import an optional dependency, or say which extra installs it."""
@@ -105,7 +105,7 @@ def example_inputs(model: nn.Module, image: Tensor) -> Dict[str, Tuple[tuple, di
 
 
 def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool = True,
-                 opset: int = 17) -> Dict[str, Any]:
+                 opset: int = 17, winograd: bool = True) -> Dict[str, Any]:
     """Write one ONNX graph per dense part of ``model`` into ``out_dir``, traced on the inputs the
     part sees while the model detects ``image``; returns the manifest (also written as export.json).
 
@@ -113,12 +113,13 @@ def export_parts(model: nn.Module, image: Tensor, out_dir: str, *, dynamic: bool
     else exactly the padded size ``image`` resizes to. The graphs compute the same function with
     less arithmetic (on a copy of ``model``): the neck in ``FastHRFPN``'s order, with the body's batch
     norms folded, and the image parts' convolutions of ``MIN_CHANNELS`` channels or more as Winograd
-    F(4x4, 3x3) (``winograd.py``)."""
+    F(4x4, 3x3) (``winograd.py``) unless ``winograd`` is off (the int8 graphs' source: an int8
+    convolution beats both, and the Winograd domain's products lose more to int8 rounding)."""
     os.makedirs(out_dir, exist_ok=True)
     model = use_fast_neck(copy.deepcopy(model))
     fold_batchnorm(model.backbone.body)
     parts = dense_parts(model)
-    for name in IMAGE_PARTS:
+    for name in IMAGE_PARTS if winograd else ():
         if name in parts:
             use_winograd(parts[name])  # swaps convolutions inside the part: ``parts`` stays valid
     manifest: Dict[str, Any] = {"parts": {}}
@@ -302,7 +303,7 @@ def generated_image(height: int, width: int, seed: int = 0) -> Tensor:
     return image
 
 
-def cache_key(model: nn.Module, opset: int = 17) -> str:
+def cache_key(model: nn.Module, opset: int = 17, winograd: bool = True) -> str:
     """The name of ``model``'s folder in the export cache: a hash of the architecture, the weights'
     bytes, the export settings and the versions of everything that writes or reads the graphs."""
     from ..version import __version__
@@ -311,25 +312,24 @@ def cache_key(model: nn.Module, opset: int = 17) -> str:
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    settings = {"dynamic": True, "opset": opset, "neck": "FastHRFPN", "winograd": MIN_CHANNELS,
+    settings = {"dynamic": True, "opset": opset, "neck": "FastHRFPN", "winograd": MIN_CHANNELS if winograd else None,
                 "hrnetdet": __version__, "torch": torch.__version__}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
-    """The folder holding ``model``'s dynamic graphs, exported once per weights and settings.
+def cached_folder(cache_dir: str, key: str, write: Callable[[str], Any]) -> str:
+    """``cache_dir/key``, made by ``write(folder)`` unless it holds a manifest already.
 
     Written into a private temporary folder and renamed into place, so concurrent processes never
-    see a partial export; when two race, the first rename wins and the other's copy is dropped."""
-    key = cache_key(model, opset)
+    see a partial folder; when two race, the first rename wins and the other's copy is dropped."""
     final = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(final, MANIFEST)):
         return final
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)
     try:
-        export_parts(model, generated_image(*EXAMPLE_SIZE), tmp, dynamic=True, opset=opset)
+        write(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process renamed its copy first
@@ -338,6 +338,13 @@ def cached_export(model: nn.Module, cache_dir: str, opset: int = 17) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cached_export(model: nn.Module, cache_dir: str, opset: int = 17, winograd: bool = True) -> str:
+    """The folder holding ``model``'s dynamic graphs, exported once per weights and settings."""
+    return cached_folder(cache_dir, cache_key(model, opset, winograd),
+                         lambda out: export_parts(model, generated_image(*EXAMPLE_SIZE), out, dynamic=True,
+                                                  opset=opset, winograd=winograd))
 
 
 # ``auto``'s preference on the CPU, the fastest first: in benchmarks/export_results.md OpenVINO beat

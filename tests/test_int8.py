@@ -1,0 +1,215 @@
+"""int8 runtime backends (``optimize_for_inference(..., precision="int8", calibration=...)``): every
+family quantizes and keeps torchvision's contract, the quantized graphs are cached by weights and
+calibration set, and missing packages and bad calibration input are one clear line."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import hrnetdet
+from calibrate import calibrate
+from hrnetdet.cli import main
+from hrnetdet.detectors import has_masks
+from hrnetdet.inference import optimize_for_inference, quantize, runtime
+from hrnetdet.inference.export import export
+
+FAMILIES = [f.name for f in hrnetdet.list_families()]
+SMALL = dict(min_size=128, max_size=192)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+def small_model(family: str, image: torch.Tensor):
+    torch.manual_seed(0)
+    kwargs = dict(SMALL)
+    if family != "fcos":
+        kwargs.update(rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
+    return calibrate(hrnetdet.create_model(f"{family}_hrnetv2p_w18", **kwargs), [image])
+
+
+@pytest.fixture(scope="module")
+def photos(rocket):
+    """Three calibration images of other sizes than the test image."""
+    return [rocket, rocket.flip(-1)[:, :120, :180].contiguous(), runtime.generated_image(150, 200, seed=2)]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("exports"))
+
+
+def assert_contract(model, out, image):
+    assert set(out) == {"boxes", "labels", "scores"} | ({"masks"} if has_masks(model) else set())
+    n = len(out["scores"])
+    assert n > 0  # calibrated weights, score threshold 0: the int8 model still detects
+    assert out["boxes"].shape == (n, 4) and out["boxes"].dtype == torch.float32
+    assert out["labels"].dtype == torch.int64 and out["scores"].dtype == torch.float32
+    height, width = image.shape[-2:]
+    boxes = out["boxes"]
+    assert (boxes >= 0).all() and (boxes[:, 0::2] <= width).all() and (boxes[:, 1::2] <= height).all()
+    if "masks" in out:
+        assert out["masks"].shape == (n, 1, height, width) and out["masks"].dtype == torch.float32
+
+
+def assert_quantized(folder: str, backend: str):
+    """The dense parts' graphs hold int8 arithmetic; the FP32_PARTS hold none."""
+    manifest = json.load(open(os.path.join(folder, runtime.MANIFEST)))
+    marker = b"FakeQuantize" if backend == "openvino" else b"QuantizeLinear"
+    for name, entry in manifest["parts"].items():
+        text = open(os.path.join(folder, entry["file"]), "rb").read()
+        assert (marker in text) != quantize.stays_fp32(name), name
+
+
+FAST_CASES = {("faster_rcnn", "openvino"), ("faster_rcnn", "onnxruntime"), ("mask_rcnn", "onnxruntime")}
+CASES = [(f, b) if (f, b) in FAST_CASES else pytest.param(f, b, marks=pytest.mark.slow)
+         for f in FAMILIES for b in ("onnxruntime", "openvino")]
+
+
+@pytest.mark.parametrize("family,backend", CASES)
+def test_int8_keeps_the_contract(family, backend, rocket, photos, cache_dir):
+    pytest.importorskip(backend)
+    if backend == "openvino":
+        pytest.importorskip("nncf")
+    model = optimize_for_inference(small_model(family, rocket), backend=backend, precision="int8",
+                                   calibration=photos, cache_dir=cache_dir)
+    assert_quantized(model.runtime.export_dir, backend)
+    image = runtime.generated_image(140, 210, seed=5)
+    with torch.no_grad():
+        assert_contract(model, model([image])[0], image)
+
+
+def test_calibration_from_a_folder_and_a_coco_json(photos, tmp_path):
+    from torchvision.io import write_png
+
+    for i, image in enumerate(photos):
+        write_png((image * 255).round().to(torch.uint8), str(tmp_path / f"{i}.png"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    from_folder = quantize.calibration_images(str(tmp_path), limit=2)
+    assert [tuple(x.shape) for x in from_folder] == [tuple(p.shape) for p in photos[:2]]
+    coco = {"images": [{"id": 1, "file_name": "2.png"}, {"id": 2, "file_name": "0.png"}], "categories": []}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    from_json = quantize.calibration_images(str(tmp_path / "ann.json"))
+    assert [tuple(x.shape) for x in from_json] == [tuple(photos[2].shape), tuple(photos[0].shape)]
+    pair = quantize.calibration_images((str(tmp_path / "ann.json"), str(tmp_path)))
+    assert quantize.calibration_hash(pair) == quantize.calibration_hash(from_json)
+
+
+def test_bad_calibration_input_is_one_line_naming_it(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "broken.jpg").write_bytes(b"no jpeg here")
+    (tmp_path / "nothing.json").write_text(json.dumps({"images": [], "categories": []}))
+    cases = {str(empty): "empty", str(tmp_path / "bad.json"): "bad.json: malformed json",
+             str(tmp_path / "nothing.json"): "lists no images",
+             (str(tmp_path / "bad.json"), str(tmp_path / "missing")): "missing",
+             str(tmp_path / "nowhere"): "nowhere"}
+    for calibration, named in cases.items():
+        with pytest.raises(quantize.CalibrationError, match=named) as e:
+            quantize.calibration_images(calibration)
+        assert "\n" not in str(e.value) and str(e.value).startswith("calibration: ")
+    with pytest.raises(quantize.CalibrationError, match="broken.jpg"):
+        quantize.calibration_images([str(tmp_path / "broken.jpg")])
+
+
+def test_int8_graphs_are_cached_by_weights_and_calibration(rocket, photos, cache_dir, monkeypatch):
+    """A second call with the same weights and images reuses the graphs; other images make new ones."""
+    pytest.importorskip("onnxruntime")
+    calls = []
+
+    def link_graphs(model, fp32_dir, out_dir, backend, images):  # the quantizers are tested above
+        calls.append(len(images))
+        for name in os.listdir(fp32_dir):
+            os.link(os.path.join(fp32_dir, name), os.path.join(out_dir, name))
+
+    monkeypatch.setattr(quantize, "quantize_parts", link_graphs)
+    before = set(os.listdir(cache_dir))
+
+    def int8_folder(calibration, **kwargs):
+        model = small_model("faster_rcnn", rocket)
+        return optimize_for_inference(model, backend="onnxruntime", precision="int8", calibration=calibration,
+                                      cache_dir=cache_dir, **kwargs).runtime.export_dir
+
+    first = int8_folder(photos[:2])
+    assert int8_folder(photos[:2]) == first and calls == [2]
+    other = int8_folder(photos[1:])
+    assert other != first and calls == [2, 2]
+    fewer = int8_folder(photos, calibration_size=1)
+    assert fewer not in (first, other) and calls == [2, 2, 1]
+    new = set(os.listdir(cache_dir)) - before  # the three int8 folders (and the float32 source if it was new)
+    assert {os.path.basename(f) for f in (first, other, fewer)} <= new
+    assert all(f.startswith("int8-onnxruntime-") or len(f) == 24 for f in new)  # no temporary folder left
+
+
+@pytest.mark.parametrize("module,backend,extra", [("nncf", "openvino", "int8"),
+                                                  ("onnxruntime", "onnxruntime", "onnx"),
+                                                  ("openvino", "openvino", "openvino")])
+def test_missing_package_names_the_extra(module, backend, extra, photos, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", **SMALL)
+    with pytest.raises(ImportError, match=rf"^{module} is not installed: pip install 'hrnetdet\[{extra}\]'$"):
+        optimize_for_inference(model, backend=backend, precision="int8", calibration=photos)
+    fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    with pytest.raises(SystemExit) as e:
+        main(["export", "faster_rcnn_hrnetv2p_w18", "--format", fmt, "--out", str(tmp_path / "out"),
+              "--int8", "--calibration", str(tmp_path)])
+    assert str(e.value) == (f"hrnetdet export: error: --int8: {module} is not installed: "
+                            f"pip install 'hrnetdet[{extra}]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_int8_needs_a_runtime_and_images(rocket):
+    model = hrnetdet.create_model("faster_rcnn_hrnetv2p_w18", **SMALL)
+    with pytest.raises(ValueError, match="backend='openvino'"):
+        optimize_for_inference(model, precision="int8", calibration=[rocket])
+    with pytest.raises(ValueError, match="calibration="):
+        optimize_for_inference(model, backend="onnxruntime", precision="int8")
+    with pytest.raises(ValueError, match="precision must be"):
+        optimize_for_inference(model, backend="onnxruntime", precision="int4", calibration=[rocket])
+    with pytest.raises(ValueError, match="--format onnx"):
+        export(model, "unused", "torchscript", precision="int8", calibration=[rocket])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--int8"], "--int8 needs --calibration"),
+    (["--calibration", "x"], "--calibration: only with --int8"),
+    (["--int8", "--calibration", "a", "b", "c"], "at most 2 paths"),
+])
+@pytest.mark.parametrize("command", ["predict", "eval", "export"])
+def test_int8_flags_refused_before_the_model_is_built(command, argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hrnetdet.zoo.factory.create_model", lambda *a, **k: pytest.fail("model built"))
+    ann = tmp_path / "ann.json"
+    ann.write_text("{}")
+    weights = ["--checkpoint-path", str(ann)]  # never read: the flags are refused first
+    base = {"predict": ["predict", str(ann), "--model", "faster_rcnn_hrnetv2p_w18", "--backend", "openvino",
+                        "--out", str(tmp_path / "out")] + weights,
+            "eval": ["eval", "--model", "faster_rcnn_hrnetv2p_w18", "--ann", str(ann), "--images", str(tmp_path),
+                     "--backend", "onnxruntime"] + weights,
+            "export": ["export", "faster_rcnn_hrnetv2p_w18", "--format", "onnx", "--out", str(tmp_path / "out")]}
+    with pytest.raises(SystemExit) as e:
+        main(base[command] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_int8_with_backend_torch_is_refused(tmp_path, capsys, checkpoint):
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path), "--model", "mask_rcnn_hrnetv2p_w18", "--checkpoint-path", str(checkpoint),
+              "--int8", "--calibration", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--backend openvino, onnxruntime or auto" in capsys.readouterr().err
+
+
+def test_predict_command_names_an_empty_calibration_folder(tmp_path, rocket, checkpoint):
+    from torchvision.io import write_png
+
+    pytest.importorskip("onnxruntime")
+    write_png((rocket * 255).to(torch.uint8), str(tmp_path / "a.png"))
+    empty = tmp_path / "calib"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(tmp_path / "a.png"), "--model", "mask_rcnn_hrnetv2p_w18", "--checkpoint-path",
+              str(checkpoint), "--backend", "onnxruntime",
+              "--int8", "--calibration", str(empty), "--out", str(tmp_path / "out")])
+    message = str(e.value)
+    assert message.startswith(f"hrnetdet predict: error: calibration: folder '{empty}' holds no images")
+    assert "\n" not in message
