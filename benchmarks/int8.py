@@ -46,7 +46,7 @@ from run import images, keep_freed_memory, provenance  # noqa: E402  (benchmarks
 from hrnetdet import demo  # noqa: E402
 from hrnetdet.data import CocoDetection, make_shapes_dataset  # noqa: E402
 from hrnetdet.engine.evaluate import evaluate  # noqa: E402
-from hrnetdet.inference import optimize_for_inference  # noqa: E402
+from hrnetdet.inference import optimize_for_inference, quantize  # noqa: E402
 from hrnetdet.io import atomic_write_text  # noqa: E402
 from hrnetdet.zoo import create_model  # noqa: E402
 
@@ -139,25 +139,27 @@ def ap_of(model: torch.nn.Module, heldout: Tuple[str, str]) -> Dict[str, float]:
 
 
 def accuracy_rows(name: str, spec: Trained, backends: Sequence[str], sizes: Sequence[int], precision: str,
-                  options: Dict[str, Any], extra_dir: str) -> List[Dict[str, Any]]:
-    """Eager fp32, each backend in fp32, and each backend in ``precision`` per calibration size."""
+                  options: Dict[str, Any], extra_dir: str, label: str = "", with_fp32: bool = True) -> List[Dict[str, Any]]:
+    """Eager fp32, each backend in fp32 (``with_fp32``), and each backend in ``precision`` per
+    calibration size."""
     model = load_trained(spec)
     rows = [dict(model=name, variant="eager fp32", **ap_of(model, spec.heldout))]
     print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as cache_dir:
         for backend in backends:
-            made, seconds = make_variant(model, backend, "fp32", None, cache_dir, {})
-            with made.runtime:
-                rows.append(dict(model=name, variant=f"{backend} fp32", make_s=round(seconds, 1),
-                                 **ap_of(made, spec.heldout)))
-            print(rows[-1], flush=True)
+            if precision == "fp32" or with_fp32:
+                made, seconds = make_variant(model, backend, "fp32", None, cache_dir, {})
+                with made.runtime:
+                    rows.append(dict(model=name, variant=f"{backend} fp32", make_s=round(seconds, 1),
+                                     **ap_of(made, spec.heldout)))
+                print(rows[-1], flush=True)
             if precision == "fp32":
                 continue
             for num in sizes:
                 pictures, from_train = calibration_images(spec, num, extra_dir)
                 made, seconds = make_variant(model, backend, precision, pictures, cache_dir, options)
                 with made.runtime:
-                    rows.append(dict(model=name, variant=f"{backend} {precision}", calibration=num,
+                    rows.append(dict(model=name, variant=f"{backend} {precision}{label}", calibration=num,
                                      from_train=from_train, make_s=round(seconds, 1), **ap_of(made, spec.heldout)))
                 print(rows[-1], flush=True)
     return rows
@@ -335,26 +337,37 @@ def versions() -> str:
     return f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__}{quantizer}"
 
 
+def keep_fp32(parts: Optional[List[str]]) -> str:
+    """Leave ``parts`` (last names: backbone, head, box_head, box_predictor, mask_head,
+    mask_predictor) in float32 for this run, instead of the package's choice; returns a label."""
+    if parts is not None:
+        quantize.FP32_PARTS = tuple(p for p in parts if p != "none")
+    return " (fp32: " + (", ".join(quantize.FP32_PARTS) or "none") + ")"
+
+
 def run_accuracy(args: argparse.Namespace) -> int:
     specs = trained_models(args.runs)
+    label = keep_fp32(args.fp32_parts)
     load_start = os.getloadavg()
     rows: List[Dict[str, Any]] = []
     with OtherLoad() as other:
         for name in args.models:
             rows += accuracy_rows(name, specs[name], args.backends, args.calibration, args.precision, args.options,
-                                  os.path.join(args.runs, "calibration", name.split("_")[0]))
-    with open(os.path.join(args.runs, f"accuracy_{'_'.join(args.models)}.json"), "w") as f:
+                                  os.path.join(args.runs, "calibration", name.split("_")[0]), label,
+                                  not args.skip_fp32_backends)
+    with open(os.path.join(args.runs, f"accuracy_{'_'.join(args.models)}{args.section}.json".replace(" ", "_")), "w") as f:
         json.dump(rows, f, indent=2)
     text = "\n".join([f"### Accuracy: {', '.join(args.models)}", "",
                       provenance(load_start, versions()) + f" Other processes kept {other.cores:.1f} of the "
                       f"{os.cpu_count()} cores busy. CPU: {cpu_features()}.", "", accuracy_table(rows)])
-    write_section(args.out, f"accuracy {' '.join(args.models)}", text)
+    write_section(args.out, f"accuracy {' '.join(args.models)}{args.section}", text)
     return 0
 
 
 def run_speed(args: argparse.Namespace) -> int:
     keep_freed_memory()
     load_start = os.getloadavg()
+    keep_fp32(args.fp32_parts)
     with OtherLoad() as other:
         rows, stages = speed_rows(args.models, args.threads, args.rounds, args.backends, args.precision, args.options,
                                   args.stages)
@@ -366,7 +379,8 @@ def run_speed(args: argparse.Namespace) -> int:
     if stages:
         lines += ["", f"Stages (best of {args.rounds} detections of the first image, wall seconds):", "",
                   stage_table(stages)]
-    write_section(args.out, f"speed {' '.join(args.models)} {' '.join(map(str, args.threads))}", "\n".join(lines))
+    write_section(args.out, f"speed {' '.join(args.models)} {' '.join(map(str, args.threads))}{args.section}",
+                  "\n".join(lines))
     return 0
 
 
@@ -382,10 +396,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="fp32: the backends only (checks the harness without the int8 rows)")
     p.add_argument("--options", type=json.loads, default={},
                    help="more keyword arguments of optimize_for_inference's int8 path, as JSON")
+    p.add_argument("--fp32-parts", nargs="+", default=None,
+                   help="int8 ablation: these parts stay float32 ('none': quantize all) instead of the package's choice")
+    p.add_argument("--skip-fp32-backends", action="store_true", help="accuracy: without the backends' fp32 rows")
     p.add_argument("--threads", nargs="+", type=int, default=[1])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stages", action="store_true", help="speed: also time each variant's stages")
     p.add_argument("--out", default=REPORT)
+    p.add_argument("--section", default="", help="a suffix that keeps this run's section apart from others'")
     args = p.parse_args(argv)
     if args.command == "accuracy":
         args.models = args.models or list(trained_models(args.runs))
