@@ -196,8 +196,9 @@ TOP_STAGES = ("preprocess", "backbone+neck", "RPN", "RoI heads")
 
 
 def stage_times(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> Dict[str, float]:
-    """Best over ``rounds`` detections of each stage's seconds (``STAGES``), the total, and the
-    rest (``postprocess``: the total less the top-level stages: resizing boxes, pasting masks)."""
+    """Best over ``rounds`` detections of each stage's CPU seconds (``STAGES``; the process's, all
+    its threads: on a shared machine wall time mostly measures the wait for a core), the total, and
+    the rest (``postprocess``: the total less the top-level stages: resizing boxes, pasting masks)."""
     modules = dict(model.named_modules())
     spent: Dict[str, float] = {}
     handles = []
@@ -208,10 +209,10 @@ def stage_times(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> Dic
             started: List[float] = []
 
             def before(_m, _i, started=started):
-                started.append(time.perf_counter())
+                started.append(time.process_time())
 
             def after(_m, _i, _o, stage=stage, started=started):
-                spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - started.pop()
+                spent[stage] = spent.get(stage, 0.0) + time.process_time() - started.pop()
 
             handles += [modules[name].register_forward_pre_hook(before), modules[name].register_forward_hook(after)]
     best: Dict[str, float] = {}
@@ -220,9 +221,9 @@ def stage_times(model: torch.nn.Module, image: torch.Tensor, rounds: int) -> Dic
             model([image])  # warm-up
             for _ in range(rounds):
                 spent.clear()
-                start = time.perf_counter()
+                start = time.process_time()
                 model([image])
-                spent["total"] = time.perf_counter() - start
+                spent["total"] = time.process_time() - start
                 spent["postprocess"] = spent["total"] - sum(spent.get(s, 0.0) for s in TOP_STAGES)
                 best = {k: min(v, best.get(k, v)) for k, v in spent.items()}
     finally:
@@ -242,13 +243,16 @@ def stage_table(rows: List[Tuple[str, int, str, Dict[str, float]]]) -> str:
 
 
 def speed_rows(names: List[str], threads: List[int], rounds: int, backends: List[str], precision: str,
-               options: Dict[str, Any], with_stages: bool) -> Tuple[List[str], List[Tuple[str, int, str, Dict]]]:
+               options: Dict[str, Any], with_stages: bool, cache: str = ""
+               ) -> Tuple[List[str], List[Tuple[str, int, str, Dict]]]:
     """export.py's side-by-side timing of eager and the fp32 backends, with each backend in
-    ``precision`` (calibrated on the timing images) beside them; and, optionally, their stages."""
+    ``precision`` (calibrated on the timing images) beside them; and, optionally, their stages.
+    ``cache``: keep the exported and quantized graphs there for a rerun (default: for this run only)."""
     imgs = images(2)
     stages: List[Tuple[str, int, str, Dict[str, float]]] = []
 
-    def measure(name: str, threads: int, cache_dir: str) -> List[str]:
+    def measure(name: str, threads: int, sweep_cache: str) -> List[str]:
+        cache_dir = cache or sweep_cache
         models = variants(name, imgs, backends, cache_dir, False)
         if precision == "int8":
             for backend in backends:
@@ -370,14 +374,14 @@ def run_speed(args: argparse.Namespace) -> int:
     keep_fp32(args.fp32_parts)
     with OtherLoad() as other:
         rows, stages = speed_rows(args.models, args.threads, args.rounds, args.backends, args.precision, args.options,
-                                  args.stages)
+                                  args.stages, args.cache_dir)
     lines = [f"### Speed: {', '.join(args.models)}, {'/'.join(map(str, args.threads))} thread(s)", "",
              provenance(load_start, versions()) + f" Other processes kept {other.cores:.1f} of the {os.cpu_count()} "
              f"cores busy. CPU: {cpu_features()}.", "",
              "| model | threads | variant | CPU s/img | user s/img | wall s/img | CPU ratio | user ratio | wall ratio "
              "| parity |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
     if stages:
-        lines += ["", f"Stages (best of {args.rounds} detections of the first image, wall seconds):", "",
+        lines += ["", f"Stages (best of {args.rounds} detections of the first image, process CPU seconds):", "",
                   stage_table(stages)]
     write_section(args.out, f"speed {' '.join(args.models)} {' '.join(map(str, args.threads))}{args.section}",
                   "\n".join(lines))
@@ -402,6 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", nargs="+", type=int, default=[1])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--stages", action="store_true", help="speed: also time each variant's stages")
+    p.add_argument("--cache-dir", default="", help="speed: keep the graphs here for reruns (default: a temporary one)")
     p.add_argument("--out", default=REPORT)
     p.add_argument("--section", default="", help="a suffix that keeps this run's section apart from others'")
     args = p.parse_args(argv)
