@@ -1,10 +1,14 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from hrnetdet.threads import set_num_threads
+from hrnetdet.threads import default_num_threads, set_num_threads
 
-set_num_threads()  # the CLI's default: one thread per physical core that the load leaves free
+# the CLI's default (one thread per physical core that the load leaves free), shared among the
+# processes of a parallel run (pytest -n N): never more threads than cores
+set_num_threads(max(1, default_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(autouse=True)
