@@ -9,23 +9,14 @@ import pytest
 import torch
 
 import hrnetdet
-from calibrate import calibrate
 from hrnetdet.cli import main
 from hrnetdet.detectors import has_masks
 from hrnetdet.inference import optimize_for_inference, quantize, runtime
 from hrnetdet.inference.export import export
+from test_export import SMALL, small_model  # the export tests' small calibrated models
 
 FAMILIES = [f.name for f in hrnetdet.list_families()]
-SMALL = dict(min_size=128, max_size=192)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-
-
-def small_model(family: str, image: torch.Tensor):
-    torch.manual_seed(0)
-    kwargs = dict(SMALL)
-    if family != "fcos":
-        kwargs.update(rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
-    return calibrate(hrnetdet.create_model(f"{family}_hrnetv2p_w18", **kwargs), [image])
 
 
 @pytest.fixture(scope="module")
