@@ -125,7 +125,7 @@ def check_size(path: Any, size: Tuple[int, int], max_pixels: Optional[int], min_
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise TooManyPixels(f"{_shown(path)} is {width}x{height} pixels ({_megapixels(width * height)}), over the "
-                         f"limit of {_megapixels(max_pixels)} (raise it with --max-pixels)")
+                            f"limit of {_megapixels(max_pixels)} (raise it with --max-pixels)")
     if min(width, height) < min_side:
         raise ImageRefused(f"{_shown(path)} is {width}x{height} pixels; images need at least {min_side} on "
                          f"each side")
@@ -191,7 +191,7 @@ def _torchvision_decode(path: Any, f: BinaryIO, max_pixels: Optional[int]) -> Te
     size = f.seek(0, io.SEEK_END)
     if max_pixels is not None and size > 8 * max_pixels + METADATA_BYTES:
         raise TooManyPixels(f"{_shown(path)} holds {size} bytes, more than an image of {_megapixels(max_pixels)} "
-                         f"needs (raise it with --max-pixels)")
+                            f"needs (raise it with --max-pixels)")
     f.seek(0)
     data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     with warnings.catch_warnings():

@@ -153,16 +153,16 @@ class RemoteEngine:
 
     def __init__(self, client: Client):
         self.client = client
-        info = client.info()
-        self.categories = ["__background__", *info["categories"]]
-        self.masks = bool(info["masks"])
+        self.info = client.info()  # asked once: the server's model does not change under a run
+        self.categories = ["__background__", *self.info["categories"]]
+        self.masks = bool(self.info["masks"])
 
     def category_ids(self) -> Optional[List[int]]:
-        return list(self.client.info()["category_ids"])
+        return list(self.info["category_ids"])
 
     def describe(self) -> Dict[str, Any]:
-        info = self.client.info()
-        return {"server": self.client.url, "server model": info["model"], "server backend": info.get("backend")}
+        return {"server": self.client.url, "server model": self.info["model"],
+                "server backend": self.info.get("backend")}
 
     def place(self, options: Any, rank: int, world: int) -> Any:
         if not options.full_image:
