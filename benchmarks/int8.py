@@ -6,14 +6,15 @@
 accuracy: the trained models under ``--runs``: ``demo_frcnn`` (``python -m hrnetdet.demo --out
 RUNS/demo_frcnn``), ``demo_mask`` (a Mask R-CNN W18 trained the demo's way on the demo's data, in
 RUNS/demo_mask/run) and ``slicing`` (``python benchmarks/slicing.py train --out RUNS/slicing``).
-Each is scored with hrnetdet's evaluator (pycocotools) on its held-out images, eager fp32 first,
-then each backend in fp32 and in int8 calibrated on 32, 128 and 512 images. Calibration images
-come from the model's training split only (a seeded shuffle, so the smaller sets are prefixes of
-the larger); a split smaller than the set is topped up with images generated apart, by the same
-generator with the same settings and another seed (RUNS/calibration/). The demo models are scored
-on the demo's 48 held-out images; the slicing model on held-out 128x128 tiles generated like its
-training tiles (RUNS/slicing/data/heldout_tiles, seed 1001), not on its 3000x2000 scenes (a
-sliced scene takes minutes per variant on this machine).
+Each is scored with pycocotools on the same held-out images: eager fp32 first, then each backend
+in fp32 and in int8 calibrated on 32, 128 and 512 images. The held-out images (``--heldout``, 400)
+are generated apart (RUNS/heldout/) by the generator of the model's training images, with its
+settings and a seed no training or calibration set uses (1002 for the demo's images, 1001 for
+the slicing model's 128x128 tiles: its 3000x2000 scenes take minutes per variant here). Each AP
+change comes with its standard error, from the change on 8 disjoint chunks of those images.
+Calibration images come from the model's training split only (a seeded shuffle, so the smaller
+sets are prefixes of the larger); a split smaller than the set is topped up with images generated
+apart, by the same generator with the same settings and another seed (RUNS/calibration/).
 
 speed: calibrated random weights at 800x1216, as benchmarks/export.py measures the fp32 backends
 (its ``variants`` and ``bench``: alternating rounds, best of each), with the int8 variants beside
@@ -45,7 +46,7 @@ from run import images, keep_freed_memory, provenance  # noqa: E402  (benchmarks
 
 from hrnetdet import demo  # noqa: E402
 from hrnetdet.data import CocoDetection, make_shapes_dataset  # noqa: E402
-from hrnetdet.engine.evaluate import evaluate  # noqa: E402
+from hrnetdet.engine.evaluate import coco_predictions, default_iou_types, run_cocoeval, score  # noqa: E402
 from hrnetdet.inference import optimize_for_inference, quantize  # noqa: E402
 from hrnetdet.io import atomic_write_text  # noqa: E402
 from hrnetdet.zoo import create_model  # noqa: E402
@@ -53,10 +54,12 @@ from hrnetdet.zoo import create_model  # noqa: E402
 REPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8.md")
 BACKENDS = ["openvino", "onnxruntime"]
 CALIBRATION_SIZES = [32, 128, 512]
+ACCURACY_MODELS = ["demo_frcnn", "demo_mask", "slicing"]
 SPEED_MODELS = ["faster_rcnn_hrnetv2p_w18", "mask_rcnn_hrnetv2p_w18", "faster_rcnn_hrnetv2p_w40"]
 INT8_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
               "amx_bf16")
-CALIBRATION_SEED, EXTRA_SEED, HELDOUT_TILES_SEED = 0, 1000, 1001
+CALIBRATION_SEED, EXTRA_SEED, HELDOUT_TILES_SEED, HELDOUT_SEED = 0, 1000, 1001, 1002
+HELDOUT_SIZE, NOISE_CHUNKS = 400, 8
 DEMO_SHAPES = dict(sizes=demo.IMAGE_SIZES, min_radius=10, max_radius=22)
 TILE_SHAPES = dict(sizes=((slicing.TILE, slicing.TILE),), max_objects=8, min_radius=slicing.MIN_RADIUS,
                    max_radius=slicing.MAX_RADIUS)
@@ -74,27 +77,33 @@ class Trained:
     shapes: Dict[str, Any] = field(default_factory=dict)
 
 
-def trained_models(runs: str) -> Dict[str, Trained]:
+def trained_models(runs: str, heldout: int = HELDOUT_SIZE) -> Dict[str, Trained]:
+    """The three trained models, each with ``heldout`` held-out images generated apart (generated once
+    under RUNS/heldout/, by the generator of its training images with its settings and a seed of
+    its own)."""
     demo_data = os.path.join(runs, "demo_frcnn", "data")
-    demo_split = {s: (os.path.join(demo_data, f"{s}.json"), os.path.join(demo_data, s)) for s in ("train", "val")}
+    demo_train = (os.path.join(demo_data, "train.json"), os.path.join(demo_data, "train"))
+    demo_heldout = heldout_set(runs, f"demo_{heldout}", heldout, HELDOUT_SEED, DEMO_SHAPES)
     tiles = os.path.join(runs, "slicing", "data")
     return {
         "demo_frcnn": Trained(demo.ARCH, demo.MODEL_KWARGS, os.path.join(runs, "demo_frcnn", "run"),
-                              demo_split["train"], demo_split["val"], DEMO_SHAPES),
+                              demo_train, demo_heldout, DEMO_SHAPES),
         "demo_mask": Trained("mask_rcnn_hrnetv2p_w18", demo.MODEL_KWARGS, os.path.join(runs, "demo_mask", "run"),
-                             demo_split["train"], demo_split["val"], DEMO_SHAPES),
+                             demo_train, demo_heldout, DEMO_SHAPES),
         "slicing": Trained(slicing.ARCH, slicing.MODEL_KWARGS, os.path.join(runs, "slicing", "run"),
                            (os.path.join(tiles, "train_tiles.json"), os.path.join(tiles, "train_tiles")),
-                           heldout_tiles(tiles), TILE_SHAPES),
+                           heldout_set(runs, f"tiles_{heldout}", heldout, HELDOUT_TILES_SEED, TILE_SHAPES),
+                           TILE_SHAPES),
     }
 
 
-def heldout_tiles(folder: str, num: int = 120) -> Tuple[str, str]:
-    """The slicing model's held-out tiles: its training tiles' generator, another seed."""
-    ann = os.path.join(folder, "heldout_tiles.json")
-    if os.path.isfile(ann) or not os.path.isdir(folder):
-        return ann, os.path.join(folder, "heldout_tiles")
-    return make_shapes_dataset(folder, "heldout_tiles", num, seed=HELDOUT_TILES_SEED, **TILE_SHAPES)
+def heldout_set(runs: str, name: str, num: int, seed: int, shapes: Dict[str, Any]) -> Tuple[str, str]:
+    """``num`` held-out images drawn like a model's training images (``shapes``) with ``seed``."""
+    folder = os.path.join(runs, "heldout")
+    ann = os.path.join(folder, f"{name}.json")
+    if os.path.isfile(ann):
+        return ann, os.path.join(folder, name)
+    return make_shapes_dataset(folder, name, num, seed=seed, **shapes)
 
 
 def load_trained(spec: Trained) -> torch.nn.Module:
@@ -133,25 +142,55 @@ def make_variant(model: torch.nn.Module, backend: str, precision: str, calibrati
     return made, time.perf_counter() - start
 
 
-def ap_of(model: torch.nn.Module, heldout: Tuple[str, str]) -> Dict[str, float]:
-    metrics = evaluate(model, *heldout, progress=False)
-    return {f"{t}_{k}": metrics[t]["stats"][k] for t in ("bbox", "segm") if t in metrics for k in ("AP", "AP50")}
+class HeldOut:
+    """A held-out set's detections scored by pycocotools, and the noise of an AP difference: the
+    standard error of the paired difference (two models' AP on the same images) estimated from
+    ``NOISE_CHUNKS`` disjoint chunks of the images (a seeded split), std(chunk differences)/sqrt(chunks)."""
+
+    def __init__(self, heldout: Tuple[str, str], iou_types: Sequence[str]):
+        self.ds = CocoDetection(*heldout, with_masks=False)
+        self.iou_types = list(iou_types)
+        ids = np.array([int(im["id"]) for im in self.ds.images])
+        order = np.random.default_rng(CALIBRATION_SEED).permutation(len(ids))
+        self.chunks = [ids[order[i::NOISE_CHUNKS]].tolist() for i in range(NOISE_CHUNKS)]
+
+    def detections(self, model: torch.nn.Module) -> List[dict]:
+        return coco_predictions(model, self.ds, progress=False)
+
+    def _ap(self, results: List[dict], iou_type: str, ids: Sequence[int]) -> float:
+        recs = results if iou_type == "bbox" else [r for r in results if "segmentation" in r]
+        ev = run_cocoeval(self.coco, recs, iou_type, ids)
+        return float(ev.stats[0]) if ev is not None else 0.0
+
+    def scores(self, results: List[dict], base: Optional[List[dict]] = None) -> Dict[str, float]:
+        """AP and AP50 per iou type; with ``base`` (the eager fp32 detections), each AP difference's
+        standard error as ``{type}_AP_se``."""
+        metrics, evals = score(self.ds, results, self.iou_types)
+        self.coco = evals["coco"]
+        out = {f"{t}_{k}": metrics[t]["stats"][k] for t in self.iou_types for k in ("AP", "AP50")}
+        for t in self.iou_types if base is not None else ():
+            deltas = [self._ap(results, t, c) - self._ap(base, t, c) for c in self.chunks]
+            out[f"{t}_AP_se"] = float(np.std(deltas, ddof=1) / np.sqrt(len(deltas)))
+        return out
 
 
 def accuracy_rows(name: str, spec: Trained, backends: Sequence[str], sizes: Sequence[int], precision: str,
                   options: Dict[str, Any], extra_dir: str, label: str = "", with_fp32: bool = True) -> List[Dict[str, Any]]:
     """Eager fp32, each backend in fp32 (``with_fp32``), and each backend in ``precision`` per
-    calibration size."""
+    calibration size, on the same held-out images."""
     model = load_trained(spec)
-    rows = [dict(model=name, variant="eager fp32", **ap_of(model, spec.heldout))]
+    heldout = HeldOut(spec.heldout, default_iou_types(model))
+    base = heldout.detections(model)
+    common = dict(model=name, heldout=len(heldout.ds))
+    rows = [dict(common, variant="eager fp32", **heldout.scores(base))]
     print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as cache_dir:
         for backend in backends:
             if precision == "fp32" or with_fp32:
                 made, seconds = make_variant(model, backend, "fp32", None, cache_dir, {})
                 with made.runtime:
-                    rows.append(dict(model=name, variant=f"{backend} fp32", make_s=round(seconds, 1),
-                                     **ap_of(made, spec.heldout)))
+                    rows.append(dict(common, variant=f"{backend} fp32", make_s=round(seconds, 1),
+                                     **heldout.scores(heldout.detections(made), base)))
                 print(rows[-1], flush=True)
             if precision == "fp32":
                 continue
@@ -159,8 +198,9 @@ def accuracy_rows(name: str, spec: Trained, backends: Sequence[str], sizes: Sequ
                 pictures, from_train = calibration_images(spec, num, extra_dir)
                 made, seconds = make_variant(model, backend, precision, pictures, cache_dir, options)
                 with made.runtime:
-                    rows.append(dict(model=name, variant=f"{backend} {precision}{label}", calibration=num,
-                                     from_train=from_train, make_s=round(seconds, 1), **ap_of(made, spec.heldout)))
+                    rows.append(dict(common, variant=f"{backend} {precision}{label}", calibration=num,
+                                     from_train=from_train, make_s=round(seconds, 1),
+                                     **heldout.scores(heldout.detections(made), base)))
                 print(rows[-1], flush=True)
     return rows
 
@@ -173,17 +213,17 @@ def accuracy_table(rows: List[Dict[str, Any]]) -> str:
         if key not in row:
             return "-"
         delta = row[key] - eager[row["model"]][key]
-        return f"{row[key]:.3f}" if row["variant"] == "eager fp32" else f"{row[key]:.3f} ({delta:+.3f})"
+        se = f" ± {row[key + '_se']:.3f}" if key + "_se" in row else ""
+        return f"{row[key]:.3f}" if row["variant"] == "eager fp32" else f"{row[key]:.3f} ({delta:+.3f}{se})"
 
-    lines = ["| model | variant | calibration images (from training split) | bbox AP (change) | bbox AP50 "
-             "| segm AP (change) | segm AP50 | make s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | held-out images | variant | calibration images (from training split) "
+             "| bbox AP (change ± its standard error) | bbox AP50 | segm AP (change ± its standard error) | segm AP50 "
+             "| make s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         calib = f"{r['calibration']} ({r['from_train']})" if "calibration" in r else "-"
-        lines.append(f"| {r['model']} | {r['variant']} | {calib} | {ap(r, 'bbox_AP')} | {r['bbox_AP50']:.3f} "
-                     f"| {ap(r, 'segm_AP')} | {r['segm_AP50']:.3f} | {r.get('make_s', '-')} |"
-                     if "segm_AP" in r else
-                     f"| {r['model']} | {r['variant']} | {calib} | {ap(r, 'bbox_AP')} | {r['bbox_AP50']:.3f} "
-                     f"| - | - | {r.get('make_s', '-')} |")
+        segm = f"{ap(r, 'segm_AP')} | {r['segm_AP50']:.3f}" if "segm_AP" in r else "- | -"
+        lines.append(f"| {r['model']} | {r.get('heldout', '-')} | {r['variant']} | {calib} | {ap(r, 'bbox_AP')} "
+                     f"| {r['bbox_AP50']:.3f} | {segm} | {r.get('make_s', '-')} |")
     return "\n".join(lines)
 
 
@@ -350,7 +390,7 @@ def keep_fp32(parts: Optional[List[str]]) -> str:
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
-    specs = trained_models(args.runs)
+    specs = trained_models(args.runs, args.heldout)
     label = keep_fp32(args.fp32_parts)
     load_start = os.getloadavg()
     rows: List[Dict[str, Any]] = []
@@ -361,7 +401,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
                                   not args.skip_fp32_backends)
     with open(os.path.join(args.runs, f"accuracy_{'_'.join(args.models)}{args.section}.json".replace(" ", "_")), "w") as f:
         json.dump(rows, f, indent=2)
-    text = "\n".join([f"### Accuracy: {', '.join(args.models)}", "",
+    text = "\n".join([f"### Accuracy: {', '.join(args.models)}, {', '.join(args.backends)}{args.section}", "",
                       provenance(load_start, versions()) + f" Other processes kept {other.cores:.1f} of the "
                       f"{os.cpu_count()} cores busy. CPU: {cpu_features()}.", "", accuracy_table(rows)])
     write_section(args.out, f"accuracy {' '.join(args.models)}{args.section}", text)
@@ -395,6 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", nargs="+", default=None,
                    help=f"accuracy: demo_frcnn demo_mask slicing; speed: default {' '.join(SPEED_MODELS)}")
     p.add_argument("--backends", nargs="+", default=BACKENDS)
+    p.add_argument("--heldout", type=int, default=HELDOUT_SIZE, help="accuracy: held-out images per model")
     p.add_argument("--calibration", nargs="+", type=int, default=CALIBRATION_SIZES, help="calibration set sizes")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                    help="fp32: the backends only (checks the harness without the int8 rows)")
@@ -411,7 +452,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--section", default="", help="a suffix that keeps this run's section apart from others'")
     args = p.parse_args(argv)
     if args.command == "accuracy":
-        args.models = args.models or list(trained_models(args.runs))
+        args.models = args.models or ACCURACY_MODELS
         torch.set_num_threads(args.threads[0])
         return run_accuracy(args)
     args.models = args.models or SPEED_MODELS
