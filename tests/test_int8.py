@@ -235,35 +235,43 @@ def test_predict_command_names_an_empty_calibration_folder(tmp_path, rocket, che
     assert "\n" not in message
 
 
-# Measured: on int8bench's demo Faster R-CNN W18 (200 iterations, 48 held-out images, bbox AP
-# 0.248) int8 moved AP by +0.012 (OpenVINO) and -0.013 (onnxruntime); on this test's model (300
-# iterations) by -0.025 (onnxruntime: 0.4425 -> 0.4177). The test allows 0.03.
+# Measured (this test, 200 held-out images, one thread): float32 bbox AP 0.4230, onnxruntime int8
+# 0.4077 (-0.015), OpenVINO int8 0.4153 (-0.008). On 48 held-out images onnxruntime had shown -0.025.
 AP_TOLERANCE = 0.03
 
 
 @pytest.mark.slow
 def test_trained_model_keeps_its_ap(tmp_path):
-    """The demo's recipe for a few hundred iterations, then fp32 and int8 (onnxruntime, calibrated
-    on 32 training images) on the same held-out images."""
-    pytest.importorskip("onnxruntime")
+    """The demo's recipe for a few hundred iterations, then fp32 and int8 (each backend, calibrated
+    on 32 training images) on the same 200 held-out images (on 48, the AP change's noise was about
+    the target's size)."""
+    import copy
+    import importlib.util
+
     from hrnetdet import demo
     from hrnetdet.data import CocoDetection, make_shapes_dataset
     from hrnetdet.engine.evaluate import evaluate
     from hrnetdet.engine.train import fit
 
+    backends = [b for b, needs in (("onnxruntime", ["onnxruntime"]), ("openvino", ["openvino", "nncf"]))
+                if all(importlib.util.find_spec(m) for m in needs)]
+    if not backends:
+        pytest.skip("neither onnxruntime nor openvino+nncf is installed")
     shapes = dict(sizes=demo.IMAGE_SIZES, min_radius=10, max_radius=22)
     train = make_shapes_dataset(str(tmp_path / "data"), "train", 80, seed=0, **shapes)
-    val = make_shapes_dataset(str(tmp_path / "data"), "val", 48, seed=1, **shapes)
+    val = make_shapes_dataset(str(tmp_path / "data"), "val", 200, seed=1, **shapes)
     model, _ = demo.build_model(CocoDetection(*train).categories, seed=0)
-    fit(model, *train, *val, out_dir=str(tmp_path / "run"), iters=300, batch_size=2, lr=0.01, seed=0,
+    fit(model, *train, out_dir=str(tmp_path / "run"), iters=300, batch_size=2, lr=0.01, seed=0,
         checkpoint_every=300, log_every=50)
     fp32 = evaluate(model.eval(), *val, progress=False)["bbox"]["stats"]["AP"]
-    int8 = optimize_for_inference(model, backend="onnxruntime", precision="int8", calibration=train,
-                                  calibration_size=32, cache_dir=str(tmp_path / "exports"))
-    ap = evaluate(int8, *val, progress=False)["bbox"]["stats"]["AP"]
-    print(f"bbox AP: float32 {fp32:.4f}, int8 (onnxruntime) {ap:.4f}")  # with -s: the figure for the tolerance
     assert fp32 > 0.1  # a model where AP means something
-    assert ap >= fp32 - AP_TOLERANCE, (fp32, ap)
+    for backend in backends:
+        int8 = optimize_for_inference(copy.deepcopy(model), backend=backend, precision="int8", calibration=train,
+                                      calibration_size=32, cache_dir=str(tmp_path / "exports"))
+        ap = evaluate(int8, *val, progress=False)["bbox"]["stats"]["AP"]
+        int8.runtime.close()
+        print(f"bbox AP: float32 {fp32:.4f}, int8 ({backend}) {ap:.4f}")  # with -s: the figures for the tolerance
+        assert ap >= fp32 - AP_TOLERANCE, (backend, fp32, ap)
 
 
 @pytest.mark.slow
