@@ -157,19 +157,20 @@ class HeldOut:
     def detections(self, model: torch.nn.Module) -> List[dict]:
         return coco_predictions(model, self.ds, progress=False)
 
-    def _ap(self, results: List[dict], iou_type: str, ids: Sequence[int]) -> float:
+    @staticmethod
+    def _ap(coco: Any, results: List[dict], iou_type: str, ids: Sequence[int]) -> float:
         recs = results if iou_type == "bbox" else [r for r in results if "segmentation" in r]
-        ev = run_cocoeval(self.coco, recs, iou_type, ids)
+        ev = run_cocoeval(coco, recs, iou_type, ids)
         return float(ev.stats[0]) if ev is not None else 0.0
 
     def scores(self, results: List[dict], base: Optional[List[dict]] = None) -> Dict[str, float]:
         """AP and AP50 per iou type; with ``base`` (the eager fp32 detections), each AP difference's
         standard error as ``{type}_AP_se``."""
         metrics, evals = score(self.ds, results, self.iou_types)
-        self.coco = evals["coco"]
         out = {f"{t}_{k}": metrics[t]["stats"][k] for t in self.iou_types for k in ("AP", "AP50")}
         for t in self.iou_types if base is not None else ():
-            deltas = [self._ap(results, t, c) - self._ap(base, t, c) for c in self.chunks]
+            coco = evals["coco"]
+            deltas = [self._ap(coco, results, t, c) - self._ap(coco, base, t, c) for c in self.chunks]
             out[f"{t}_AP_se"] = float(np.std(deltas, ddof=1) / np.sqrt(len(deltas)))
         return out
 
