@@ -88,6 +88,10 @@ def _max_size_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-size", type=positive_int, help="longer side cap (the model's default: 1333)")
 
 
+def _backend_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"], help=help)
+
+
 def _int8_args(p: argparse.ArgumentParser) -> None:
     """``--int8`` with its calibration set, for ``predict``, ``eval`` and ``export``."""
     p.add_argument("--int8", action="store_true", help="int8 graphs quantized after training, calibrated on "
@@ -192,8 +196,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default 1)")
     _num_workers_arg(p)
     _mode_args(p)
-    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
-                   help="run the dense parts in this runtime on the CPU, exported once and cached (default: torch)")
+    _backend_arg(p, "run the dense parts in this runtime on the CPU, exported once and cached (default: torch)")
     _int8_args(p)
 
 
@@ -222,9 +225,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-size", type=positive_int, help="test resize: shorter side (the model's default: 800)")
     _max_size_arg(p)
     p.add_argument("--fast", action="store_true", help="use the inference fast path (optimize_for_inference)")
-    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
-                   help="run the dense parts in this runtime, exported once and cached (auto: the fastest "
-                        "installed; default: torch)")
+    _backend_arg(p, "run the dense parts in this runtime, exported once and cached (auto: the fastest installed; "
+                    "default: torch)")
     p.add_argument("--no-draw", action="store_true", help="write the results only, no pictures")
     p.add_argument("--server", metavar="URL", help="detections from a `hrnetdet serve` server instead of --model "
                                                    "(same files; its API key from HRNETDET_API_KEY)")
@@ -307,8 +309,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="inference worker processes per device, each holding its own copy of the model "
                         "(1: one model in memory; the HTTP process holds none)")
     _device_arg(p)
-    p.add_argument("--backend", default="torch", choices=["torch", "auto", "onnxruntime", "openvino"],
-                   help="run the dense parts in this runtime (as predict --backend)")
+    _backend_arg(p, "run the dense parts in this runtime (as predict --backend)")
     p.add_argument("--fast", action="store_true", help="the inference fast path (optimize_for_inference)")
     _int8_args(p)
     p.add_argument("--half", action="store_true", help="half precision: float16 on CUDA, bfloat16 on the CPU")

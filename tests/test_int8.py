@@ -351,7 +351,7 @@ def test_eval_command_runs_the_model_in_the_runtime(tmp_path, monkeypatch, capsy
         calls.append(kwargs)
         return model
 
-    monkeypatch.setattr("hrnetdet.inference.fast.optimize_for_inference", recorded)
+    monkeypatch.setattr("hrnetdet.inference.loading.optimize_for_inference", recorded)  # eval builds with load_model
     assert main(["eval", "--model", str(tmp_path / "m"), "--ann", ann,
                  "--images", images, "--backend", "openvino", "--int8", "--calibration", ann, images,
                  "--calibration-size", "8", "--num-workers", "0"]) == 0

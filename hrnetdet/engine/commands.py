@@ -8,7 +8,6 @@ from ..data.coco import categories_of, read_annotations
 from ..detectors.settings import given_settings
 from ..inference.commands import int8_kwargs
 from ..inference.modes import mode_kwargs
-from ..names import names_weights
 from ..zoo.factory import create_model
 from .evaluate import evaluate, format_table
 from .train import fit, seed_everything
@@ -33,24 +32,18 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def runtime_model(model, backend: str, int8: dict):
-    """``--backend`` (and ``--int8``): the model's dense parts in a runtime."""
-    from ..inference.fast import optimize_for_inference
-
-    try:
-        return optimize_for_inference(model, backend=backend, **int8)
-    except ImportError as e:  # the backend's package is missing: the message says which extra
-        raise SystemExit(f"hrnetdet eval: error: --backend {backend}: {e}") from None
-
-
 def run_eval(args: argparse.Namespace) -> int:
     import torch
+    from ..inference.loading import load_model
+
     int8 = int8_kwargs(args)  # the flags checked before the model is built
-    model = create_model(args.model, args.pretrained or names_weights(args.model), checkpoint_path=args.checkpoint_path,
-                         **given_settings(args))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.backend != "torch":  # the runtimes run on the CPU
-        model, device = runtime_model(model, args.backend, int8), "cpu"
+    try:
+        model = load_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint_path,
+                           backend=args.backend, int8=int8, **given_settings(args))
+    except ImportError as e:  # the backend's package is missing: the message says which extra
+        raise SystemExit(f"hrnetdet eval: error: --backend {args.backend}: {e}") from None
+    # the runtimes run on the CPU
+    device = "cpu" if args.backend != "torch" else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(model.to(device), args.ann, args.images, out_dir=args.out, device=device,
                        batch_size=args.batch_size, num_workers=args.num_workers, **mode_kwargs(args))
     print(format_table(metrics))

@@ -19,7 +19,7 @@ from ..detectors import has_masks
 from ..zoo.checkpoint import save_pretrained
 from .thresholds import score_threshold
 from .match import match_detections
-from .quantize import DEFAULT_CALIBRATION_SIZE, calibration_images, quantize_parts
+from .quantize import DEFAULT_CALIBRATION_SIZE, calibration_images, quantize_parts, require_quantizer
 from .runtime import EXAMPLE_SIZE, MANIFEST, attach, export_parts, generated_image, require
 
 FORMATS = ("torchscript", "onnx", "openvino")
@@ -122,9 +122,7 @@ def _int8_calibration(format: str, half: bool, precision: str, calibration: Any,
         raise ValueError("int8: --format onnx (onnxruntime QDQ) or openvino (NNCF) only, without --half")
     if calibration is None:
         raise ValueError("int8 needs calibration images (--calibration): a folder, a COCO json or a list")
-    require(INT8_BACKENDS[format])
-    if format == "openvino":
-        require("nncf")
+    require_quantizer(INT8_BACKENDS[format])
     return calibration_images(calibration, size)
 
 

@@ -287,12 +287,18 @@ def cached_int8(model: nn.Module, backend: str, images: Sequence[Tensor], cache_
                          lambda out: quantize_parts(model, fp32_dir, out, backend, images))
 
 
+def require_quantizer(backend: str) -> None:
+    """``backend``'s runtime and quantizer (OpenVINO's: NNCF), or an ImportError naming the extra."""
+    require(backend)
+    if backend == "openvino":
+        require("nncf")
+
+
 def int8_model(model: nn.Module, backend: str, calibration: Calibration, *, cache_dir: str = "",
                calibration_size: int = DEFAULT_CALIBRATION_SIZE) -> nn.Module:
     """``model`` (changed in place) with its dense parts run as int8 graphs by ``backend``."""
     backend = resolve_backend(backend)
-    if backend == "openvino":
-        require("nncf")
+    require_quantizer(backend)
     images = calibration_images(calibration, calibration_size)
     model.eval()
     return attach(model, cached_int8(model, backend, images, cache_dir or default_cache_dir()), backend)
