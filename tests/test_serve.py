@@ -177,6 +177,9 @@ def box_folder(rgb, tmp_path_factory) -> str:
     return str(folder)
 
 
+MASK_FLAGS = ("--api-key", KEY, "--max-upload-mb", str(UPLOAD_MB))
+
+
 @pytest.fixture(scope="module")
 def servers(mask_folder, box_folder, tmp_path_factory):
     """The module's two servers, started together (each start costs seconds), always stopped.
@@ -185,7 +188,7 @@ def servers(mask_folder, box_folder, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     started = {}
     try:
-        started["mask"] = Server(mask_folder, str(logs / "mask.log"), "--api-key", KEY, "--max-upload-mb", str(UPLOAD_MB))
+        started["mask"] = Server(mask_folder, str(logs / "mask.log"), *MASK_FLAGS)
         started["box"] = Server(box_folder, str(logs / "box.log"), "--max-batch-size", "8", "--batch-timeout", "0.05")
         for server in started.values():
             server.wait_until_up()
@@ -195,8 +198,14 @@ def servers(mask_folder, box_folder, tmp_path_factory):
             server.stop()
 
 
-@pytest.fixture(scope="module")
-def mask_server(servers):
+@pytest.fixture
+def mask_server(servers, mask_folder, tmp_path):
+    """The module's mask server, started again if a test before stopped it (the SIGTERM test):
+    the tests pass in any order."""
+    if servers["mask"].proc.poll() is not None:
+        servers["mask"].stop()  # closes its log
+        servers["mask"] = Server(mask_folder, str(tmp_path / "mask.log"), *MASK_FLAGS)
+        servers["mask"].wait_until_up()
     return servers["mask"]
 
 
@@ -496,7 +505,7 @@ def test_serve_without_litserve_names_the_extra(monkeypatch, capsys):
 
 
 def test_sigterm_lets_requests_in_flight_finish(mask_server, images):
-    """Last: it stops the module's mask server. Four requests queue behind one another (batch 1);
+    """It stops the module's mask server (the fixture starts another for a test after it). Four requests queue behind one another (batch 1);
     SIGTERM after the first answer: the others still get theirs, then the server exits 0."""
     client = Client(mask_server.url, api_key=KEY)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
